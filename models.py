@@ -1,0 +1,418 @@
+"""The MoE core, the shared Transformer block, and the task models.
+
+Shapes: B batch, T sequence length, C model width (d_model), E experts, K experts per token (top_k),
+N tokens routed (B*T minus padding), H heads, D head width (C // H).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Configs
+
+@dataclass
+class ModelConfig:
+    """Everything that decides a model's shape and routing; stored in every checkpoint."""
+    vocab_size: int = 4096        # BPE target size (256 bytes + merges + specials); set from the tokenizer
+    max_len: int = 128            # longest sequence, [CLS] and [SEP] included
+    d_model: int = 128
+    n_heads: int = 4
+    num_layers: int = 2           # 0: pooled embeddings -> one MoE layer -> head (the small classifier)
+    d_ff: int = 256               # hidden width of one expert
+    num_experts: int = 8          # 0: dense FFN with the same *active* parameters (hidden = top_k * d_ff)
+    top_k: int = 2
+    moe_layers: str = "all"       # "all", "none", "odd" (1, 3, ...) or a comma list of layer indices
+    noisy_gate: bool = True       # noisy top-k (Shazeer et al. 2017); noise only in training mode
+    norm_topk_prob: bool = True   # renormalise the K router weights to sum to 1 (never for top_k=1)
+    capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * N * K / E) assignments
+    balance_coef: float = 0.01    # Switch-Transformer load-balancing loss weight
+    z_coef: float = 0.001         # router z-loss weight (ST-MoE)
+    dropout: float = 0.1
+    pooling: str = "cls"          # classifier: "cls" or "mean"
+    num_classes: int = 2
+    type_vocab_size: int = 2      # segment embeddings (sentence A / B)
+    causal: bool = False
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.num_experts == 0 or self.moe_layers == "none":
+            return False
+        if self.moe_layers == "all":
+            return True
+        if self.moe_layers == "odd":
+            return i % 2 == 1
+        return str(i) in self.moe_layers.split(",")
+
+
+def config_from_dict(cls, d: dict, where: str = "config"):
+    """Build a dataclass from a dict, failing loudly on an unknown key (a typo must not pass silently)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 so bf16 activations do not lose the mean square
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention on scaled_dot_product_attention: self or cross, causal or not, optional KV cache.
+
+    `key_mask` (B, Tk) is True on real key positions. `cache` is a dict this layer fills with "k" and "v"
+    (B, H, T_past, D); with a cache, a call attends to the past keys plus its own.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.d_model
+        self.n_heads = config.n_heads
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.kv_proj = nn.Linear(C, 2 * C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        self.o_proj.residual_out = True  # scaled init, see init_weights
+        self.dropout = config.dropout
+
+    def forward(self, x, key_mask=None, causal=False, context=None, cache=None):
+        B, T, C = x.shape
+        H = self.n_heads
+        q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        src = x if context is None else context
+        if context is not None and cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]  # cross-attention keys/values are computed once per source
+        else:
+            k, v = self.kv_proj(src).split(C, dim=-1)
+            k = k.view(B, src.size(1), H, C // H).transpose(1, 2)  # (B, H, Tk, D)
+            v = v.view(B, src.size(1), H, C // H).transpose(1, 2)
+            if cache is not None:
+                if context is None and "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        Tk = k.size(2)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask[:, None, None, :Tk].bool()  # (B, 1, 1, Tk)
+        if causal and T > 1:
+            # query t (at absolute position Tk - T + t) sees keys up to its own position
+            causal_mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+            mask = causal_mask if mask is None else mask & causal_mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    """One expert, or the dense FFN: C -> hidden -> C with GELU."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+        self.down.residual_out = True
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class MoEOutput(NamedTuple):
+    aux_loss: torch.Tensor       # balance_coef * balance_loss + z_coef * z_loss (add this to the training loss)
+    balance_loss: torch.Tensor   # unweighted, for logging
+    z_loss: torch.Tensor         # unweighted, for logging
+    expert_counts: torch.Tensor  # (E,) assignments each expert computed (after capacity dropping)
+    dropped: torch.Tensor        # assignments dropped by the capacity limit
+
+
+class MoE(nn.Module):
+    """Sparse mixture-of-experts feed-forward layer (top-k routing, dropless by default).
+
+    Routing, per token x (C,):
+        logits = gate(x)                                   (+ softplus(noise(x)) * N(0, 1) in training, if noisy)
+        probs  = softmax(logits)  in float32               (E,)
+        routing_weights, selected_experts = topk(probs, K) (K,), renormalised to sum 1 when norm_topk_prob
+        y = sum_k routing_weights[k] * experts[selected_experts[k]](x)
+    With K=1 the weight is the raw probability, so the router still receives gradient through y.
+
+    Dispatch: the N*K (token, expert) assignments are sorted by expert, each expert runs once on its
+    contiguous slice, and results are scattered back with index_add. No loop over tokens, and no expert sees a
+    token it was not chosen for. With capacity_factor > 0 each expert keeps its ceil(cf * N * K / E) assignments
+    with the highest router weight; the dropped ones contribute nothing (the residual carries the token).
+
+    Auxiliary losses (returned as values, never stored on the module):
+        balance = E * sum_i f_i * P_i   f_i: share of assignments to expert i (no gradient),
+                                        P_i: mean router probability of expert i (carries gradient) — Switch §2.2
+        z       = mean(logsumexp(logits)^2)                                                          — ST-MoE §3
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, E = config.d_model, config.num_experts
+        self.num_experts, self.top_k = E, config.top_k
+        self.norm_topk_prob = config.norm_topk_prob and config.top_k > 1
+        self.capacity_factor = config.capacity_factor
+        self.balance_coef, self.z_coef = config.balance_coef, config.z_coef
+        self.gate = nn.Linear(C, E, bias=False)
+        self.noise = nn.Linear(C, E, bias=False) if config.noisy_gate else None
+        self.experts = nn.ModuleList(FeedForward(C, config.d_ff) for _ in range(E))
+
+    def route(self, x):
+        """x (N, C) -> router_logits (N, E) fp32, routing_weights (N, K), selected_experts (N, K)."""
+        router_logits = self.gate(x).float()
+        if self.noise is not None and self.training:
+            router_logits = router_logits + torch.randn_like(router_logits) * F.softplus(self.noise(x).float())
+        probs = router_logits.softmax(dim=-1)  # (N, E), float32 for a stable softmax under bf16
+        routing_weights, selected_experts = probs.topk(self.top_k, dim=-1)  # (N, K)
+        if self.norm_topk_prob:
+            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+        return router_logits, probs, routing_weights, selected_experts
+
+    def forward(self, x, mask=None):
+        """x (B, T, C), mask (B, T) True on real tokens -> y (B, T, C), MoEOutput. Padding is not routed."""
+        B, T, C = x.shape
+        E, K = self.num_experts, self.top_k
+        flat = x.reshape(-1, C)  # (B*T, C)
+        rows = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else None
+        if rows is not None:
+            flat = flat[rows]  # (N, C)
+        N = flat.size(0)
+        router_logits, probs, routing_weights, selected_experts = self.route(flat)
+
+        # ---- dispatch: sort the N*K assignments by expert
+        expert_of = selected_experts.reshape(-1)  # (N*K,)
+        weight_of = routing_weights.reshape(-1)  # (N*K,)
+        token_of = torch.arange(N, device=x.device).repeat_interleave(K)  # (N*K,)
+        if self.capacity_factor > 0:
+            # highest router weight first inside each expert, so the capacity cut drops the least wanted
+            by_weight = weight_of.detach().argsort(descending=True, stable=True)
+            order = by_weight[expert_of[by_weight].argsort(stable=True)]
+        else:
+            order = expert_of.argsort(stable=True)
+        counts = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
+        dropped = torch.zeros((), device=x.device, dtype=torch.long)
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * N * K / E)
+            starts = counts.cumsum(0) - counts
+            rank_in_expert = torch.arange(N * K, device=x.device) - starts[expert_of[order]]
+            keep = rank_in_expert < capacity
+            order = order[keep]
+            kept_counts = counts.clamp(max=capacity)
+            dropped = counts.sum() - kept_counts.sum()
+            counts = kept_counts
+        out = torch.zeros_like(flat)
+        for e, idx in enumerate(order.split(counts.tolist())):  # loop over experts, never over tokens
+            if idx.numel() == 0:
+                continue
+            tok = token_of[idx]
+            y = self.experts[e](flat[tok]) * weight_of[idx, None].to(flat.dtype)
+            out.index_add_(0, tok, y.to(out.dtype))
+        if rows is not None:
+            out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
+        out = out.view(B, T, C)
+
+        # ---- auxiliary losses
+        f = torch.bincount(expert_of, minlength=E).float() / max(N * K, 1)  # (E,) share of assignments
+        P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable
+        balance = E * (f * P).sum()
+        z = torch.logsumexp(router_logits, dim=-1).pow(2).mean() if N else router_logits.sum()
+        aux = self.balance_coef * balance + self.z_coef * z
+        return out, MoEOutput(aux, balance.detach(), z.detach(), counts.detach(), dropped)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)) [+ cross-attn] then x + ffn(norm(x)), ffn dense or MoE."""
+
+    def __init__(self, config: ModelConfig, use_moe: bool, cross: bool = False):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model)
+        self.attn = Attention(config)
+        self.cross = Attention(config) if cross else None
+        self.norm_cross = RMSNorm(config.d_model) if cross else None
+        self.norm2 = RMSNorm(config.d_model)
+        # a dense layer gets the active width of an MoE layer (top_k experts): same active parameters
+        self.ffn = MoE(config) if use_moe else FeedForward(config.d_model, config.d_ff * config.top_k)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None):
+        """x (B, T, C); mask (B, T) marks real tokens (for keys, and for routing). Returns x, MoEOutput|None."""
+        self_cache = cache.setdefault("self", {}) if cache is not None else None
+        x = x + self.drop(self.attn(self.norm1(x), key_mask=mask, causal=causal, cache=self_cache))
+        if self.cross is not None:
+            cross_cache = cache.setdefault("cross", {}) if cache is not None else None
+            x = x + self.drop(self.cross(self.norm_cross(x), key_mask=context_mask, context=context,
+                                         cache=cross_cache))
+        h = self.norm2(x)
+        if isinstance(self.ffn, MoE):
+            # with a KV cache, `mask` covers the past keys too; routing uses only this call's positions
+            route_mask = mask[:, -x.size(1):] if mask is not None else None
+            y, stats = self.ffn(h, route_mask)
+        else:
+            y, stats = self.ffn(h), None
+        return x + self.drop(y), stats
+
+
+def sum_aux(stats: list[MoEOutput | None], device) -> tuple[torch.Tensor, dict]:
+    """Total weighted aux loss of all MoE layers, and the unweighted parts + per-layer counts for logging."""
+    stats = [s for s in stats if s is not None]
+    zero = torch.zeros((), device=device)
+    if not stats:
+        return zero, {"balance": 0.0, "z": 0.0, "counts": [], "dropped": 0}
+    aux = sum(s.aux_loss for s in stats)
+    return aux, {
+        "balance": float(sum(s.balance_loss for s in stats)) / len(stats),
+        "z": float(sum(s.z_loss for s in stats)) / len(stats),
+        "counts": [s.expert_counts for s in stats],
+        "dropped": int(sum(s.dropped for s in stats)),
+    }
+
+
+def init_weights(model: nn.Module, num_layers: int):
+    """std 0.02 normal init; projections into the residual stream scaled by 1/sqrt(2 * layers) (GPT-2)."""
+    resid_std = 0.02 / math.sqrt(2 * max(num_layers, 1))
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=resid_std if getattr(m, "residual_out", False) else 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
+    """(total, active): active counts only top_k of the experts of each MoE layer (plus the router)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            inactive += per_expert * (m.num_experts - m.top_k)
+    return total, total - inactive
+
+
+# -----------------------------------------------------------------------------
+# Classifier (MiniBERT-MoE)
+
+class Classifier(nn.Module):
+    """Token + position + segment embeddings, N pre-norm blocks, [CLS] or mean pooling, a linear head.
+
+    With num_layers=0 it is the small model: mean of the token embeddings -> one MoE (or dense) layer -> head.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C = config.d_model
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Embedding(config.max_len, C) if config.num_layers else None
+        self.seg_emb = nn.Embedding(config.type_vocab_size, C) if config.num_layers else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.num_layers))
+        if config.num_layers == 0:
+            # the pooled model: one feed-forward layer over the pooled embedding, residual like a block
+            self.pooled_ffn = Block(config, config.num_experts > 0).ffn
+        self.norm = RMSNorm(C)
+        self.head = nn.Linear(C, config.num_classes)
+        init_weights(self, config.num_layers)
+
+    def encode(self, input_ids, attention_mask, token_type_ids=None):
+        """input_ids, attention_mask (B, T) -> hidden states (B, T, C) after the final norm, MoE stats."""
+        B, T = input_ids.shape
+        mask = attention_mask.bool()
+        x = self.tok_emb(input_ids) + self.pos_emb(torch.arange(T, device=input_ids.device))[None]  # (B, T, C)
+        if token_type_ids is not None:
+            x = x + self.seg_emb(token_type_ids)
+        x = self.drop(x)
+        stats = []
+        for block in self.blocks:
+            x, s = block(x, mask=mask)
+            stats.append(s)
+        return self.norm(x), stats
+
+    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, label_smoothing=0.0):
+        """input_ids, attention_mask (B, T) -> logits (B, classes), loss (CE + aux) or None, info dict."""
+        mask = attention_mask.bool()
+        if self.config.num_layers:
+            x, stats = self.encode(input_ids, attention_mask, token_type_ids)
+            pooled = x[:, 0] if self.config.pooling == "cls" else masked_mean(x, mask)
+        else:
+            stats = []
+            pooled = self.drop(masked_mean(self.tok_emb(input_ids), mask))  # (B, C)
+            h = pooled[:, None]  # (B, 1, C): one "token" per text for the MoE
+            if isinstance(self.pooled_ffn, MoE):
+                y, s = self.pooled_ffn(h)
+                stats.append(s)
+            else:
+                y = self.pooled_ffn(h)
+            pooled = self.norm(pooled + y[:, 0])
+        logits = self.head(self.drop(pooled)).float()  # (B, classes)
+        return logits, *self._loss(logits, labels, stats, label_smoothing)
+
+    def mlm(self, input_ids, attention_mask, labels, label_smoothing=0.0):
+        """Masked-LM pretraining of the encoder (BERT): predict the original token where labels != -100.
+
+        The output layer is the token embedding (tied), so pretraining adds no parameters to the classifier.
+        """
+        if not self.config.num_layers:
+            raise ValueError("masked-LM pretraining needs num_layers > 0")
+        x, stats = self.encode(input_ids, attention_mask)
+        picked = labels != -100
+        logits = (x[picked] @ self.tok_emb.weight.t()).float()  # (masked tokens, vocab)
+        return logits, *self._loss(logits, labels[picked], stats, label_smoothing)
+
+    @staticmethod
+    def _loss(logits, labels, stats, label_smoothing):
+        aux, info = sum_aux(stats, logits.device)
+        if labels is None:
+            return None, info
+        ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        info["ce"] = float(ce.detach())
+        return ce + aux, info
+
+
+class MaskedLM(nn.Module):
+    """View of a Classifier whose forward is the masked-LM objective, so the one training loop can run it."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids, attention_mask, labels, label_smoothing=0.0):
+        return self.classifier.mlm(input_ids, attention_mask, labels, label_smoothing)
+
+
+def masked_mean(x, mask):
+    """x (B, T, C), mask (B, T) -> (B, C) mean over real tokens."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def build_model(task: str, config: ModelConfig) -> nn.Module:
+    if task == "cls":
+        return Classifier(config)
+    raise ValueError(f"unknown task {task!r}")

@@ -1,0 +1,118 @@
+"""PNG plots: loss curves, expert heatmaps, confusion matrices, comparisons. Headless (Agg backend)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], window: int = 10) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    if len(v) < window:
+        return v
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def loss_curve(rows: list[dict], path: str, title: str, quality_keys=("val_acc", "val_f1")) -> str:
+    """Left: train loss (per logged step, smoothed) and val loss against step. Right: val quality metrics."""
+    train = [r for r in rows if "train_loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    has_quality = any(k in r for r in evals for k in quality_keys)
+    fig, axes = plt.subplots(1, 2 if has_quality else 1, figsize=(11 if has_quality else 6, 4))
+    ax = axes[0] if has_quality else axes
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["train_loss"] for r in train], color="tab:blue", alpha=0.25, lw=0.8)
+        sm = _smooth([r["train_loss"] for r in train])
+        ax.plot(steps[len(steps) - len(sm):], sm, color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
+                label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (cross-entropy + aux)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if has_quality:
+        ax2 = axes[1]
+        for k in quality_keys:
+            pts = [(r["step"], r[k]) for r in evals if k in r]
+            if pts:
+                ax2.plot(*zip(*pts), "o-", label=k.replace("_", " "))
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("score")
+        ax2.set_title("validation quality")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    return _save(fig, path)
+
+
+def _heatmap(ax, matrix: np.ndarray, ylabels: list[str], title: str, ylabel: str):
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
+    E = matrix.shape[1]
+    ax.set_xticks(range(E), [str(e) for e in range(E)])
+    ax.set_yticks(range(len(ylabels)), ylabels)
+    ax.set_xlabel("expert")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if matrix.size <= 200:
+        for i in range(matrix.shape[0]):
+            for j in range(E):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] < matrix.max() * 0.6 else "black")
+    plt.colorbar(im, ax=ax, fraction=0.046, label="share of tokens")
+
+
+def expert_heatmap(layer_counts: np.ndarray, path: str, class_counts: np.ndarray | None = None,
+                   class_names: list[str] | None = None, title: str = "expert load") -> str:
+    """Per MoE layer x expert share of routed tokens; optionally per class x expert (summed over layers)."""
+    layer_share = layer_counts / np.maximum(layer_counts.sum(1, keepdims=True), 1)
+    panels = 2 if class_counts is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 1.2 + 0.5 * max(len(layer_share), 3)))
+    axes = np.atleast_1d(axes)
+    _heatmap(axes[0], layer_share, [f"MoE layer {i}" for i in range(len(layer_share))],
+             f"{title}: tokens per expert", "layer")
+    if class_counts is not None:
+        class_share = class_counts / np.maximum(class_counts.sum(1, keepdims=True), 1)
+        _heatmap(axes[1], class_share, class_names, "tokens per expert by true class (all layers)", "class")
+    return _save(fig, path)
+
+
+def confusion_matrix_png(cm: np.ndarray, names: list[str], path: str, title: str = "confusion matrix") -> str:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 1 + 0.8 * len(names)))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def compare_curves(runs: dict[str, list[dict]], path: str, key: str = "val_acc") -> str:
+    """One line per variant: a validation metric against training seconds (equal wall-clock comparison)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rows in runs.items():
+        pts = [(r["time"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=name)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(f"{key.replace('_', ' ')} against wall-clock")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

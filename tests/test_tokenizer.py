@@ -1,0 +1,115 @@
+import regex
+import pytest
+from collections import Counter
+
+from data import people_daily_paragraphs
+from tokenizer import (SPLIT_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, merge_chunk, render_token,
+                       train_bpe)
+
+CASES = ["", "我", "我爱编程", "今天天气很好！😀👍", "Hello 世界, GPT-4 与 MoE 模型 2024 年",
+         "<|pad|><|bos|> 特殊 <|mask|>", "  多 空格\n换行\t制表 ", "é ü ß ñ", "\x00\x01"]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return people_daily_paragraphs()[:400]
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    return BPETokenizer.train(corpus, 700)
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_bpe_roundtrip(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_char_roundtrip_on_seen_chars(corpus, text):
+    tok = CharTokenizer.train(corpus + CASES)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_unknown_maps_to_unk(corpus):
+    tok = CharTokenizer.train(corpus)
+    ids = tok.encode("我🦄")
+    assert ids[1] == tok.special_tokens["<|unk|>"]
+
+
+def test_special_token_text_is_ordinary_text(bpe):
+    ids = bpe.encode("<|pad|>")
+    assert bpe.pad_id not in ids and len(ids) > 1
+    assert set(bpe.special_tokens.values()).isdisjoint(bpe.encode("<|bos|><|eos|><|mask|>"))
+
+
+def test_bpe_compresses_chinese(bpe, corpus):
+    text = "".join(corpus[-50:])
+    assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 2  # CJK is 3 bytes a character
+    assert bpe.n_vocab == 700
+
+
+def naive_bpe(texts, num_merges):
+    """Reference trainer: recount every pair after every merge (quadratic, fine for a few hundred lines)."""
+    chunks = Counter()
+    for t in texts:
+        chunks.update(regex.findall(SPLIT_PATTERN, t))
+    words, freqs = [list(c.encode()) for c in chunks], list(chunks.values())
+    token_bytes = [bytes([i]) for i in range(256)]
+    merges = []
+    while len(merges) < num_merges:
+        counts = Counter()
+        for w, f in zip(words, freqs):
+            for p in zip(w, w[1:]):
+                counts[p] += f
+        counts = {p: c for p, c in counts.items() if token_bytes[p[0]] + token_bytes[p[1]] not in token_bytes}
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < 2:
+            break
+        merges.append(best)
+        token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
+        words = [merge_chunk(w, best, len(token_bytes) - 1, Counter(), 1) for w in words]
+    return merges
+
+
+def test_incremental_training_equals_naive_recount(corpus):
+    texts = corpus[:60]
+    assert train_bpe(texts, 256 + 5 + 150) == naive_bpe(texts, 150)
+
+
+def test_merge_chunk_known_answer():
+    deltas = Counter()
+    assert merge_chunk([1, 2, 3, 1, 2], (1, 2), 9, deltas, 1) == [9, 3, 9]
+    assert {k: v for k, v in deltas.items() if v} == {(2, 3): -1, (9, 3): 1, (3, 1): -1, (3, 9): 1}
+    assert merge_chunk([5, 5, 5], (5, 5), 7, Counter(), 1) == [7, 5]
+
+
+def test_known_answer_first_merges():
+    # "aaab" x3: the pair (a, a) is the most frequent; then (aa, a) or (aa, b) from what is left
+    merges = train_bpe(["aaab aaab aaab"], 256 + 5 + 2)
+    assert merges[0] == (ord("a"), ord("a"))
+
+
+def test_save_load_and_readable_vocab(bpe, tmp_path):
+    path = str(tmp_path / "tok.json")
+    bpe.save(path)
+    loaded = Tokenizer.load(path)
+    for text in CASES:
+        assert loaded.encode(text) == bpe.encode(text)
+    vocab = (tmp_path / "tok.vocab").read_text(encoding="utf-8")
+    assert "中国" in vocab or "人民" in vocab  # merged Chinese tokens show as characters, not byte soup
+    assert "<|pad|>" in vocab
+
+
+def test_render_token():
+    assert render_token("中".encode()) == "中"
+    assert render_token("中".encode()[:2]) == "\\xe4\\xb8"
+
+
+def test_pad_batch_truncates_and_masks(bpe):
+    ids, mask = bpe.pad_batch([[5, 6, 7, 8, 9], [5]], max_len=4)
+    assert ids[0] == [bpe.bos_id, 5, 6, bpe.eos_id]
+    assert ids[1] == [bpe.bos_id, 5, bpe.eos_id, bpe.pad_id]
+    assert mask == [[1, 1, 1, 1], [1, 1, 1, 0]]

@@ -1,0 +1,314 @@
+"""Byte-level BPE trained here, served by tiktoken; and a character-level tokenizer with the same interface.
+
+Training (`train_bpe`) follows GPT-2/GPT-4: split text into chunks with a regex, count each distinct chunk once,
+then repeatedly merge the most frequent adjacent pair of tokens. It is not quadratic: pair counts are kept in a
+dict and updated only for the chunks that contain the merged pair, and the best pair comes from a lazy max-heap.
+
+Encoding and decoding go through a `tiktoken.Encoding` built from the learned ranks (token id == merge rank), so
+encoding runs at tiktoken's speed. Special tokens are numbered after the ranks and are never produced from
+ordinary text: `encode` treats "<|pad|>" typed by a user as the characters it is made of.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections import Counter
+from typing import Iterable
+
+import regex
+import tiktoken
+
+FORMAT_VERSION = 1
+# GPT-4 (cl100k) split pattern: letters, numbers in groups of up to 3, punctuation runs, whitespace.
+# Chinese has no spaces, so a run of Han characters is one chunk; merges then learn characters and words.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|unk|>")
+# BERT-style names for the same ids: the classifier reads [CLS] = bos and [SEP] = eos.
+
+
+# -----------------------------------------------------------------------------
+# BPE training
+
+def merge_chunk(ids: list[int], pair: tuple[int, int], new_id: int, deltas: Counter, weight: int) -> list[int]:
+    """Replace every occurrence of `pair` in ids by new_id, left to right.
+
+    Adds to `deltas` the change in the counts of the neighbouring pairs (times `weight`, the chunk's frequency),
+    so the caller never recounts the chunk: merge_chunk([1, 2, 3, 1, 2], (1, 2), 9, d, 1) -> [9, 3, 9] with
+    d == {(2, 3): -1, (9, 3): +1, (3, 1): -1, (3, 9): +1}.
+    """
+    a, b = pair
+    out: list[int] = []
+    i, n = 0, len(ids)
+    while True:
+        try:
+            j = ids.index(a, i)  # C-speed scan to the next candidate
+        except ValueError:
+            out.extend(ids[i:])
+            return out
+        if j + 1 < n and ids[j + 1] == b:
+            out.extend(ids[i:j])
+            if out:  # left neighbour, already in its merged form
+                deltas[(out[-1], a)] -= weight
+                deltas[(out[-1], new_id)] += weight
+            if j + 2 < n:
+                deltas[(b, ids[j + 2])] -= weight
+                deltas[(new_id, ids[j + 2])] += weight
+            out.append(new_id)
+            i = j + 2
+        else:
+            out.extend(ids[i:j + 1])
+            i = j + 1
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> list[tuple[int, int]]:
+    """Learn `vocab_size - 256 - len(SPECIAL_TOKENS)` merges; merge i creates token 256 + i.
+
+    Returns the merges in order. Work per merge is proportional to the chunks that contain the merged pair,
+    not to the corpus: counts change only next to the merge sites.
+    """
+    num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if num_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    split = regex.compile(SPLIT_PATTERN)
+    chunk_counts: Counter = Counter()
+    for text in texts:
+        chunk_counts.update(split.findall(text))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+
+    pair_counts: Counter = Counter()
+    where: dict[tuple[int, int], set[int]] = {}  # pair -> chunks that contain it (may hold stale entries)
+    for w, (ids, f) in enumerate(zip(words, freqs)):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += f
+            where.setdefault(pair, set()).add(w)
+    # max-heap by count, ties broken by the smaller pair; stale entries are skipped when popped
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[int, int]] = []
+    token_bytes = [bytes([i]) for i in range(256)]
+    known = set(token_bytes)  # tiktoken maps bytes -> rank, so two merges must never make the same bytes
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=num_merges, desc="bpe merges", unit="merge")
+    while len(merges) < num_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue  # stale entry
+        if -neg < 2:
+            break  # nothing repeats any more: further merges would only memorise single chunks
+        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
+        del pair_counts[pair]
+        if merged in known:  # e.g. (a, bc) after (ab, c): tiktoken already reaches these bytes
+            continue
+        new_id = len(token_bytes)
+        merges.append(pair)
+        token_bytes.append(merged)
+        known.add(merged)
+        deltas: Counter = Counter()
+        for w in where.pop(pair, ()):
+            local: Counter = Counter()
+            words[w] = merge_chunk(words[w], pair, new_id, local, freqs[w])
+            for p, d in local.items():
+                if d > 0:  # a pair this chunk gained
+                    where.setdefault(p, set()).add(w)
+            deltas.update(local)
+        for p, d in deltas.items():
+            if p == pair or d == 0:
+                continue
+            c = pair_counts[p] + d
+            if c > 0:
+                pair_counts[p] = c
+                heapq.heappush(heap, (-c, p))
+            else:
+                pair_counts.pop(p, None)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return merges
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+class Tokenizer:
+    """Common interface: encode/decode, batch encoding with truncation, padding and attention masks."""
+
+    kind = "base"
+    special_tokens: dict[str, int]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_tokens["<|pad|>"]
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens["<|eos|>"]
+
+    @property
+    def mask_id(self) -> int:
+        return self.special_tokens["<|mask|>"]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def pad_batch(self, seqs: list[list[int]], max_len: int, add_special: bool = True):
+        """Truncate to max_len (counting [CLS]/[SEP] when add_special) and right-pad.
+
+        Returns (input_ids, attention_mask) as lists of lists; mask is 1 on real tokens.
+        """
+        keep = max_len - 2 if add_special else max_len
+        rows = [([self.bos_id] + s[:keep] + [self.eos_id]) if add_special else s[:keep] for s in seqs]
+        width = max((len(r) for r in rows), default=0)
+        ids = [r + [self.pad_id] * (width - len(r)) for r in rows]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+        return ids, mask
+
+    def save(self, path: str) -> None:
+        """Write `path` (versioned JSON) and `path` with .vocab (one token a line, readable)."""
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+        os.replace(tmp, path)
+        with open(os.path.splitext(path)[0] + ".vocab", "w", encoding="utf-8") as f:
+            f.write(self.vocab_listing())
+
+    @staticmethod
+    def load(path: str) -> "Tokenizer":
+        with open(path, encoding="utf-8") as f:
+            return tokenizer_from_dict(json.load(f))
+
+
+def render_token(b: bytes) -> str:
+    """Readable form of a token's bytes: the UTF-8 text where valid, else the bytes as \\xNN escapes."""
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"\\x{x:02x}" for x in b)
+    return s.encode("unicode_escape").decode("ascii") if not s.isprintable() else s
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, merges: list[tuple[int, int]]):
+        self.merges = [tuple(m) for m in merges]
+        vocab = {i: bytes([i]) for i in range(256)}
+        for i, (a, b) in enumerate(self.merges):
+            vocab[256 + i] = vocab[a] + vocab[b]
+        self.vocab = vocab
+        n = len(vocab)
+        self.special_tokens = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+        # token id == merge rank, which is exactly the merge order tiktoken applies
+        self.enc = tiktoken.Encoding(
+            name="moe-bpe",
+            pat_str=SPLIT_PATTERN,
+            mergeable_ranks={b: i for i, b in vocab.items()},
+            special_tokens=self.special_tokens,
+        )
+        self.n_vocab = n + len(SPECIAL_TOKENS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False) -> "BPETokenizer":
+        return cls(train_bpe(texts, vocab_size, progress=progress))
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)  # specials in user text stay text
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [i for i in ids if i < len(self.vocab)]  # specials carry no text
+        return self.enc.decode(ids, errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"version": FORMAT_VERSION, "kind": self.kind, "pat_str": SPLIT_PATTERN,
+                "merges": [list(m) for m in self.merges], "special_tokens": list(SPECIAL_TOKENS)}
+
+    def vocab_listing(self) -> str:
+        lines = [f"{i}\t{render_token(self.vocab[i])}" for i in range(256, len(self.vocab))]
+        lines += [f"{i}\t{s}" for s, i in self.special_tokens.items()]
+        return "\n".join(lines) + "\n"
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in training; unseen characters map to <|unk|>."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.n_vocab = len(self.chars) + len(SPECIAL_TOKENS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, progress: bool = False) -> "CharTokenizer":
+        counts: Counter = Counter()
+        for t in texts:
+            counts.update(t)
+        chars = [c for c, _ in counts.most_common(None if vocab_size is None else vocab_size - len(SPECIAL_TOKENS))]
+        return cls(sorted(chars))
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.special_tokens["<|unk|>"]
+        return [self.stoi.get(c, unk) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids if i < len(self.chars))
+
+    def to_dict(self) -> dict:
+        return {"version": FORMAT_VERSION, "kind": self.kind, "chars": self.chars,
+                "special_tokens": list(SPECIAL_TOKENS)}
+
+    def vocab_listing(self) -> str:
+        return "".join(f"{i}\t{render_token(c.encode())}\n" for i, c in enumerate(self.chars))
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    if d.get("version") != FORMAT_VERSION:
+        raise ValueError(f"tokenizer format version {d.get('version')!r} is not {FORMAT_VERSION}")
+    if tuple(d["special_tokens"]) != SPECIAL_TOKENS:
+        raise ValueError("tokenizer special tokens differ from this version's")
+    if d["kind"] == "bpe":
+        return BPETokenizer([tuple(m) for m in d["merges"]])
+    if d["kind"] == "char":
+        return CharTokenizer(d["chars"])
+    raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size, progress=progress)
+    if kind == "char":
+        return CharTokenizer.train(texts, None)
+    raise ValueError(f"unknown tokenizer {kind!r} (choose bpe or char)")
+
+
+def load_or_train(kind: str, texts: list[str], vocab_size: int, cache_path: str | None = None,
+                  progress: bool = True) -> Tokenizer:
+    """Train a tokenizer on `texts`, or reuse the one cached at `cache_path` (built-in corpora only)."""
+    if cache_path and os.path.exists(cache_path):
+        return Tokenizer.load(cache_path)
+    tok = train_tokenizer(kind, texts, vocab_size, progress=progress)
+    if cache_path:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        tok.save(cache_path)
+    return tok
