@@ -4,6 +4,8 @@
     python bench.py --only moe           # MoE layer vs dense FFN with the same active parameters
     python bench.py --only train         # training tokens/s per preset, on real batches
     python bench.py --only infer         # single-text latency p50/p99 and batch throughput of a checkpoint
+    python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
+    python bench.py --only generate      # LM generation tokens/s with and without the KV cache
 """
 from __future__ import annotations
 
@@ -56,44 +58,105 @@ def bench_moe(tokens: int = 4096, d: int = 256, hidden: int = 1024, experts: int
 
 
 def bench_train(presets: list[str], steps: int = 20) -> dict:
-    """Training tokens/s of the classifier presets on real review batches (after 3 warm-up steps)."""
-    import random
-    from types import SimpleNamespace
+    """Training tokens/s of task:preset pairs on real batches (after 3 warm-up steps); for MoE presets also the
+    share of step time spent in the MoE layers (the step re-timed with every MoE layer replaced by a no-op)."""
+    import os
     import main as cli
-    from data import reviews_splits, encode_texts, DATASET_DIR
-    from models import build_model
-    from task_cls import batch_stream
+    from data import DATASET_DIR, encode_texts, news_splits, reviews_splits
+    from models import MoE, build_model
     from tokenizer import load_or_train
     from trainer import autocast, param_groups
-    import os
-    out = {}
-    splits = reviews_splits(quiet=True)
-    for preset in presets:
-        args = SimpleNamespace(**{k: None for k in ("epochs", "max_steps", "time_budget", "batch_size", "lr",
-                                                    "num_experts", "top_k", "num_layers", "dtype", "seed")}, set=[])
-        _, mcfg, tcfg = cli.resolve_config("cls", preset, args)
-        tok = load_or_train(tcfg.tokenizer, list(splits["train"].text), mcfg.vocab_size,
-                            os.path.join(DATASET_DIR, "reviews", f"{tcfg.tokenizer}_{mcfg.vocab_size}.json"),
-                            progress=False)
-        mcfg.vocab_size = tok.n_vocab
-        model = build_model("cls", mcfg)
-        opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
-        seqs = encode_texts(tok, list(splits["train"].text))
-        labels = [random.Random(0).randint(0, 1) for _ in seqs]
-        batches = batch_stream(tok, seqs, labels, mcfg.max_len, tcfg.batch_size, 0, torch.device("cpu"))
+    import task_cls
+    import task_lm
+
+    class NoFFN(torch.nn.Module):
+        def forward(self, h):
+            return torch.zeros_like(h)
+
+    def tokens_per_s(model, batches, dtype):
+        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
         model.train()
         n_tokens, t0 = 0, 0.0
         for i in range(steps + 3):
             if i == 3:
                 n_tokens, t0 = 0, time.perf_counter()
             batch = next(batches)
-            with autocast(torch.device("cpu"), tcfg.dtype):
+            with autocast(torch.device("cpu"), dtype):
                 _, loss, _ = model(**batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            n_tokens += int(batch["attention_mask"].sum())
-        out[f"train_tokens_per_s_{preset}"] = n_tokens / (time.perf_counter() - t0)
+            n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["idx"].numel()
+        return n_tokens / (time.perf_counter() - t0)
+
+    out = {}
+    cpu = torch.device("cpu")
+    for item in presets:
+        task, preset = item.split(":")
+        _, mcfg, tcfg = cli.resolve_config(task, preset)
+        texts = list(reviews_splits(quiet=True)["train"].text) if task == "cls" else news_splits(quiet=True)["train"]
+        folder = "reviews" if task == "cls" else "news"
+        tok = load_or_train(tcfg.tokenizer, texts, mcfg.vocab_size,
+                            os.path.join(DATASET_DIR, folder, f"{tcfg.tokenizer}_{mcfg.vocab_size}.json"),
+                            progress=False)
+        mcfg.vocab_size, mcfg.causal = tok.n_vocab, task == "lm"
+
+        def batches():
+            if task == "cls":
+                seqs = encode_texts(tok, texts)
+                return task_cls.batch_stream(tok, seqs, [i % 2 for i in range(len(seqs))], mcfg.max_len,
+                                             tcfg.batch_size, 0, cpu)
+            return task_lm.random_batches(task_lm.Stream(tok, texts), mcfg.max_len, tcfg.batch_size, 0, cpu)
+
+        torch.manual_seed(0)
+        model = build_model(task, mcfg)
+        tps = tokens_per_s(model, batches(), tcfg.dtype)
+        out[f"train_tokens_per_s_{task}_{preset}"] = tps
+        blocks = getattr(model, "blocks", [])
+        if any(isinstance(b.ffn, MoE) for b in blocks):
+            for b in blocks:
+                if isinstance(b.ffn, MoE):
+                    b.ffn = NoFFN()
+            without = tokens_per_s(model, batches(), tcfg.dtype)
+            out[f"moe_time_share_{task}_{preset}"] = 1 - tps / without
+    return out
+
+
+def bench_tokenizer(vocab_size: int = 8192) -> dict:
+    """Time to train an 8k byte-level BPE on the review training split and on People's Daily; encode speed."""
+    from data import people_daily_paragraphs, reviews_splits
+    from tokenizer import BPETokenizer
+    out = {}
+    for name, texts in (("reviews", list(reviews_splits(quiet=True)["train"].text)),
+                        ("news", people_daily_paragraphs())):
+        t0 = time.perf_counter()
+        tok = BPETokenizer.train(texts, vocab_size)
+        out[f"bpe{vocab_size}_train_s_{name}"] = time.perf_counter() - t0
+        joined = "\n".join(texts)
+        t0 = time.perf_counter()
+        ids = tok.encode(joined)
+        out[f"encode_MB_per_s_{name}"] = len(joined.encode()) / 1e6 / (time.perf_counter() - t0)
+        out[f"chars_per_token_{name}"] = len(joined) / len(ids)
+    return out
+
+
+def bench_generate(lengths=(256, 1024)) -> dict:
+    """Generation tokens/s with and without the KV cache, for the default LM shape with a window that holds
+    the whole generation (random weights: speed does not depend on them; greedy, so both paths do equal work)."""
+    import main as cli
+    from models import LanguageModel
+    _, mcfg, _ = cli.resolve_config("lm", "default")
+    mcfg.max_len, mcfg.causal = max(lengths) + 16, True
+    torch.manual_seed(0)
+    model = LanguageModel(mcfg).eval()
+    prompt = torch.randint(0, mcfg.vocab_size, (1, 8))
+    out = {}
+    for n in lengths:
+        for cached in (True, False):
+            t0 = time.perf_counter()
+            got = sum(1 for _ in model.generate(prompt, n, temperature=0, use_cache=cached))
+            out[f"generate_tok_s_{n}_{'cache' if cached else 'nocache'}"] = got / (time.perf_counter() - t0)
+        out[f"generate_cache_speedup_{n}"] = out[f"generate_tok_s_{n}_cache"] / out[f"generate_tok_s_{n}_nocache"]
     return out
 
 
@@ -120,8 +183,9 @@ def bench_infer(checkpoint: str, n: int = 200) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("moe", "train", "infer"), help="run one benchmark")
-    ap.add_argument("--presets", default="tiny,default", help="presets for the training benchmark")
+    ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate"), help="run one benchmark")
+    ap.add_argument("--presets", default="cls:tiny,cls:default,lm:default",
+                    help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     args = ap.parse_args(argv)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -129,6 +193,10 @@ def main(argv=None) -> int:
         results.update(bench_moe())
     if args.only in (None, "train"):
         results.update(bench_train(args.presets.split(",")))
+    if args.only in (None, "tokenizer"):
+        results.update(bench_tokenizer())
+    if args.only in (None, "generate"):
+        results.update(bench_generate())
     if args.only in (None, "infer"):
         import os
         if os.path.exists(args.checkpoint):

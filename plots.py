@@ -38,7 +38,7 @@ def loss_curve(rows: list[dict], path: str, title: str, quality_keys=("val_acc",
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
                 label="val loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (cross-entropy + aux)")
+    ax.set_ylabel("loss (train: CE + aux; val: CE)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -84,6 +84,41 @@ def expert_heatmap(layer_counts: np.ndarray, path: str, class_counts: np.ndarray
     if class_counts is not None:
         class_share = class_counts / np.maximum(class_counts.sum(1, keepdims=True), 1)
         _heatmap(axes[1], class_share, class_names, "tokens per expert by true class (all layers)", "class")
+    return _save(fig, path)
+
+
+def _cjk_font() -> str | None:
+    """A font that has Chinese glyphs, if one is installed (matplotlib's default DejaVu has none)."""
+    from matplotlib import font_manager
+    wanted = ("Noto Sans CJK", "Noto Serif CJK", "WenQuanYi", "Source Han", "SimHei", "Microsoft YaHei",
+              "PingFang", "Heiti", "AR PL")
+    for f in font_manager.fontManager.ttflist:
+        if any(w in f.name for w in wanted):
+            return f.name
+    return None
+
+
+def lm_expert_heatmap(layer_share: np.ndarray, tokens: list[str], token_experts: np.ndarray, path: str) -> str:
+    """Top: layer x expert share of tokens, averaged over training. Bottom: for one sample sentence, the
+    top-1 expert of every token in every MoE layer (colour = expert id)."""
+    font = _cjk_font()
+    L, E = layer_share.shape
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.32 * len(tokens) + 2), 2.5 + 0.45 * L * 2),
+                             gridspec_kw={"height_ratios": [L + 1, L + 1]})
+    _heatmap(axes[0], layer_share, [f"MoE layer {i}" for i in range(L)], "share of tokens per expert over training",
+             "layer")
+    ax = axes[1]
+    cmap = plt.get_cmap("tab10" if E <= 10 else "tab20", E)
+    im = ax.imshow(token_experts, aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5)
+    if font:
+        ax.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") for t in tokens], fontfamily=font, fontsize=8)
+        ax.set_xlabel("token of a test sentence")
+    else:  # no CJK font: label positions (install fonts-noto-cjk to see the characters)
+        ax.set_xticks(range(len(tokens)))
+        ax.set_xlabel("token position in a test sentence (install a CJK font, e.g. fonts-noto-cjk, for text)")
+    ax.set_yticks(range(L), [f"MoE layer {i}" for i in range(L)])
+    ax.set_title("top-1 expert chosen for each token")
+    plt.colorbar(im, ax=ax, ticks=range(E), fraction=0.046, label="expert")
     return _save(fig, path)
 
 

@@ -14,9 +14,9 @@ import plots
 from data import (DATASET_DIR, DataError, atomic_write_csv, collate_cls, column, encode_texts,
                   length_bucketed_batches, label_names, read_table, reviews_splits, user_splits)
 from models import ModelConfig, build_model, count_params
-from tokenizer import load_or_train, tokenizer_from_dict
-from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, save_checkpoint,
-                     seed_everything)
+from tokenizer import load_or_train
+from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
+                     save_checkpoint, seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -40,7 +40,7 @@ def encode_split(tokenizer, df, names: list[str], where: str):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, device, dtype: str) -> dict:
-    """Loss, accuracy, macro-F1, predictions; expert counts per MoE layer and per true class (all layers)."""
+    """Loss, accuracy, macro-F1; expert counts per MoE layer and per true class (summed over layers)."""
     from sklearn.metrics import accuracy_score, f1_score
     model.eval()
     num_classes = cfg.num_classes
@@ -53,8 +53,8 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
             rows = [idx[j] for j in batch_idx]
             batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device)
             with autocast(device, dtype):
-                logits, loss, info = model(**batch)
-            loss_sum += float(loss) * len(rows)
+                logits, _, info = model(**batch)
+            loss_sum += info["ce"] * len(rows)  # cross-entropy only: comparable with and without MoE
             preds[rows] = logits.argmax(-1).cpu().numpy()
             if info["counts"]:
                 counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
@@ -65,7 +65,7 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
                 class_counts[c] += counts.sum(0)
     y = np.asarray(labels)
     return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
-            "val_f1": float(f1_score(y, preds, average="macro")), "_preds": preds,
+            "val_f1": float(f1_score(y, preds, average="macro")),
             "_layer_counts": layer_counts, "_class_counts": class_counts}
 
 
@@ -221,17 +221,11 @@ class Predictor:
     """A loaded checkpoint: tokenizer + model + label names, ready for batches of raw text."""
 
     def __init__(self, path: str, device):
-        ckpt = load_checkpoint(path, TRAIN_HINT)
-        if ckpt.get("task") != "cls":
-            raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a classifier")
-        self.config = ModelConfig(**ckpt["model_config"])
-        self.tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        self.model, self.tokenizer, ckpt = load_trained(path, "cls", TRAIN_HINT, device)
+        self.config = self.model.config
         self.names = list(ckpt["label_names"])
         self.dtype = ckpt["train_config"].get("dtype", "fp32")
         self.device = device
-        self.model = build_model("cls", self.config).to(device)
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.model.eval()
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -308,31 +302,10 @@ def tfidf_baseline(splits) -> dict:
 
 def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     """Train the MoE model and its dense twin (same active parameters, same budget); add the TF-IDF baseline."""
-    import copy
-    base_dir = args.out_dir
-    results, curves = {}, {}
-    variants = {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)}
-    for name, cfg in variants.items():
-        a = copy.copy(args)
-        a.out_dir = os.path.join(base_dir, name)
-        a.checkpoint = os.path.join(base_dir, name, "model.pt")
-        if not args.quiet:
-            print(f"== {name} ==", file=sys.stderr)
-        results[name] = train(cfg, train_cfg, a, device)
-        curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))
-    splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, True)
-    results["tfidf_svm"] = tfidf_baseline(splits)
-    lines = ["| model | params total | params active | train s | val acc | val F1 | test acc | test F1 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r.get('params_total', '-')} | {r.get('params_active', '-')} | "
-                     f"{r['train_seconds']:.0f} | {r['val_acc']:.4f} | {r['val_f1']:.4f} | "
-                     f"{r['test_acc']:.4f} | {r['test_f1']:.4f} |")
-    table = "\n".join(lines)
-    with open(os.path.join(base_dir, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    print(table, file=sys.stderr)
-    png = plots.compare_curves(curves, os.path.join(base_dir, "compare.png"), "val_acc")
-    return {"task": "cls", "compare_table": os.path.join(base_dir, "compare.md"), "compare_plot": png,
-            **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()
-               if k in ("test_acc", "test_f1", "val_acc", "params_active", "train_seconds")}}
+    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
+                                     train_cfg, args, device)
+    results["tfidf_svm"] = tfidf_baseline(load_splits(args.data, args.text_col, args.label_col, train_cfg.seed,
+                                                      True))
+    table = markdown_table(results, ["params_total", "params_active", "pretrain_seconds", "train_seconds",
+                                     "val_acc", "val_f1", "test_acc", "test_f1"])
+    return write_comparison(table, curves, args.out_dir, "val_acc", results)

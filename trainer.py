@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -116,6 +117,19 @@ def load_checkpoint(path: str, train_hint: str) -> dict:
     return ckpt
 
 
+def load_trained(path: str, task: str, train_hint: str, device):
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of `task`."""
+    from data import DataError
+    from models import ModelConfig, build_model
+    from tokenizer import tokenizer_from_dict
+    ckpt = load_checkpoint(path, train_hint)
+    if ckpt.get("task") != task:
+        raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
+    model = build_model(task, ModelConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+
+
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -181,7 +195,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         optimizer.step()
         step += 1
-        tokens_since += int(batch["attention_mask"].sum())
+        tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["idx"].numel()
 
         if step % cfg.log_every == 0 or step == total_steps:
             now = time.time()
@@ -211,3 +225,44 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 on_best(metrics)
     bar.close()
     return {**best, "steps": step, "train_seconds": time.time() - t0}
+
+
+def train_variants(train_fn, variants: dict, train_cfg: TrainConfig, args, device) -> tuple[dict, dict]:
+    """Run a task's train() once per model-config variant, each in <out_dir>/<name>/ with its own checkpoint.
+
+    Returns ({name: summary}, {name: metrics-log rows}) for the comparison table and plot.
+    """
+    import copy
+    results, curves = {}, {}
+    for name, cfg in variants.items():
+        a = copy.copy(args)
+        a.out_dir = os.path.join(args.out_dir, name)
+        a.checkpoint = os.path.join(args.out_dir, name, "model.pt")
+        if not args.quiet:
+            print(f"== {name} ==", file=sys.stderr)
+        results[name] = train_fn(cfg, train_cfg, a, device)
+        curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))
+    return results, curves
+
+
+def markdown_table(results: dict, columns: list[str]) -> str:
+    """| model | col ... | rows from {name: {col: value}}; floats to 4 places, missing as '-'."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
+        return "-" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for name, r in results.items()]
+    return "\n".join(lines)
+
+
+def write_comparison(table: str, curves: dict, out_dir: str, key: str, results: dict) -> dict:
+    """Save the table as compare.md, plot `key` against wall-clock as compare.png; return the summary dict."""
+    import plots
+    with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(table, file=sys.stderr)
+    png = plots.compare_curves(curves, os.path.join(out_dir, "compare.png"), key)
+    return {"compare_table": os.path.join(out_dir, "compare.md"), "compare_plot": png,
+            **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()
+               if isinstance(v, (int, float)) and not k.startswith("_")}}

@@ -46,7 +46,8 @@ def test_train_writes_checkpoint_plots_and_summary(trained):
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3  # it learned
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5  # it learned
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
     assert val[-1]["val_loss"] < 0.693  # below chance-level cross-entropy on the real validation split
     assert summary["val_acc"] > 0.6
     assert all(len(r["expert_load"]) == 1 and abs(sum(r["expert_load"][0]) - 1) < 1e-5
@@ -132,15 +133,15 @@ def bad(tmp_path, name, content: bytes):
     ("no_rows", "no rows"),
 ])
 def test_bad_training_data(tmp_path, case, expect):
-    path = {
-        "missing": str(tmp_path / "nope.csv"),
-        "format": bad(tmp_path, "d.xlsx", b"x"),
-        "column": bad(tmp_path, "d.csv", "review,label\n好,1\n".encode()),
-        "empty": bad(tmp_path, "d.csv", b""),
-        "one_class": bad(tmp_path, "d.csv", "text,label\n好,1\n很好,1\n不错,1\n".encode()),
-        "non_utf8": bad(tmp_path, "d.csv", "text,label\n好,1\n".encode("gbk")),
-        "no_rows": bad(tmp_path, "d.csv", b"text,label\n"),
-    }[case]
+    contents = {
+        "format": ("d.xlsx", b"x"),
+        "column": ("d.csv", "review,label\n好,1\n".encode()),
+        "empty": ("d.csv", b""),
+        "one_class": ("d.csv", "text,label\n好,1\n很好,1\n不错,1\n".encode()),
+        "non_utf8": ("d.csv", "text,label\n好,1\n".encode("gbk")),
+        "no_rows": ("d.csv", b"text,label\n"),
+    }
+    path = str(tmp_path / "nope.csv") if case == "missing" else bad(tmp_path, *contents[case])
     ckpt = tmp_path / "m.pt"
     proc = run_main("--train", "--preset", "tiny", "--data", path, "--checkpoint", str(ckpt), check=False)
     assert proc.returncode == 2

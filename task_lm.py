@@ -1,0 +1,221 @@
+"""The language-model task: People's Daily (or your text) -> tokenizer -> noisy top-k MoE decoder; generate, eval."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+import plots
+from data import DATASET_DIR, DataError, news_splits, read_text_lines
+from models import MoE, ModelConfig, build_model, count_params
+from tokenizer import load_or_train
+from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
+                     save_checkpoint, seed_everything, train_variants, write_comparison)
+
+TRAIN_HINT = "python main.py --train --task lm"
+EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
+
+
+# -----------------------------------------------------------------------------
+# Data: one token stream per split, paragraphs separated by <|eos|>
+
+def load_splits(data: str | None, text_col: str, quiet: bool) -> dict:
+    if not data:
+        return news_splits(quiet=quiet)
+    lines = read_text_lines(data, text_col)
+    if len(lines) < 20:
+        raise DataError(f"{data}: only {len(lines)} non-empty lines; need at least 20 to split 90/5/5 by line")
+    a, b = int(len(lines) * 0.9), int(len(lines) * 0.95)
+    return {"train": lines[:a], "val": lines[a:b], "test": lines[b:]}
+
+
+class Stream:
+    """A split as one long tensor of token ids, with its character count (for bits per character)."""
+
+    def __init__(self, tokenizer, paragraphs: list[str]):
+        ids = []
+        for seq in tokenizer.encode_batch(paragraphs):
+            ids += seq + [tokenizer.eos_id]
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.chars = sum(len(p) + 1 for p in paragraphs)  # + 1: the paragraph break the eos stands for
+
+    def windows(self, starts, T: int, device):
+        x = torch.stack([self.ids[i:i + T] for i in starts])  # (B, T)
+        y = torch.stack([self.ids[i + 1:i + T + 1] for i in starts])
+        return {"idx": x.to(device), "targets": y.to(device)}
+
+
+def random_batches(stream: Stream, T: int, B: int, seed: int, device):
+    """Endless batches of random contiguous windows of T tokens (targets shifted by one)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = len(stream.ids) - T - 1
+    if hi <= 0:
+        raise DataError(f"training text has {len(stream.ids)} tokens, fewer than one window of {T + 1}")
+    while True:
+        yield stream.windows(torch.randint(0, hi, (B,), generator=g).tolist(), T, device)
+
+
+@torch.no_grad()
+def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batches: int = EVAL_BATCHES) -> dict:
+    """Mean loss over fixed, evenly spaced windows (no dropout, no router noise), and bits per character."""
+    model.eval()
+    hi = len(stream.ids) - T - 1
+    if hi <= 0:
+        raise DataError(f"held-out text has {len(stream.ids)} tokens, fewer than one window of {T + 1}")
+    n = min(max_batches * B, max(hi // T, 1))
+    starts = np.linspace(0, hi, n).astype(int).tolist()
+    total, counts = 0.0, None
+    for i in range(0, n, B):
+        batch = stream.windows(starts[i:i + B], T, device)
+        with autocast(device, dtype):
+            _, _, info = model(**batch)
+        total += info["ce"] * len(starts[i:i + B])
+        c = torch.stack(info["counts"]).cpu().numpy() if info["counts"] else None
+        counts = c if counts is None else counts + c
+    loss = total / n
+    bpc = loss * (len(stream.ids) / stream.chars) / math.log(2)  # nats per token -> bits per character
+    return {"val_loss": loss, "val_bpc": bpc, "_layer_counts": counts}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    t_start = time.time()
+    seed_everything(train_cfg.seed)
+    splits = load_splits(args.data, args.text_col, args.quiet)
+    cache = None if args.data else os.path.join(DATASET_DIR, "news",
+                                                  f"{train_cfg.tokenizer}_{model_cfg.vocab_size}.json")
+    tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
+                              progress=not args.quiet)
+    model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, causal=True)
+    streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
+    model = build_model("lm", model_cfg).to(device)
+    total, active = count_params(model, model_cfg)
+    os.makedirs(args.out_dir, exist_ok=True)
+    T, B = model_cfg.max_len, train_cfg.batch_size
+    if not args.quiet:
+        sizes = "/".join(f"{len(streams[s].ids):,}" for s in ("train", "val", "test"))
+        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
+              f"{tokenizer.n_vocab}; train/val/test tokens {sizes}", file=sys.stderr)
+
+    def payload(metrics: dict) -> dict:
+        return {"task": "lm", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
+                "tokenizer": tokenizer.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"))
+    steps_per_epoch = max(len(streams["train"].ids) // (T * B), 1)
+    best = fit(model, train_cfg, random_batches(streams["train"], T, B, train_cfg.seed, device), steps_per_epoch,
+               evaluate=lambda: evaluate(model, streams["val"], T, B, device, train_cfg.dtype),
+               select="-val_loss", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
+               device=device, log=log, quiet=args.quiet)
+
+    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
+    model.load_state_dict(ckpt["state_dict"])
+    test = evaluate(model, streams["test"], T, B, device, train_cfg.dtype)
+    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
+               "test_loss": test["val_loss"], "test_bpc": test["val_bpc"]}
+    ckpt["metrics"] = metrics
+    save_checkpoint(args.checkpoint, ckpt)
+
+    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"),
+                                f"MoE language model ({'dense' if not model_cfg.num_experts else 'MoE'})",
+                                quality_keys=("val_bpc",))
+    heat_png = None
+    loads = [r["expert_load"] for r in log.rows if r.get("expert_load")]
+    if loads:
+        sample = splits["test"][0][:40]
+        heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, tokenizer, sample),
+                                           os.path.join(args.out_dir, "expert_heatmap.png"))
+    return {"task": "lm", "checkpoint": args.checkpoint, "out_dir": args.out_dir, "loss_curve": loss_png,
+            "expert_heatmap": heat_png, "params_total": total, "params_active": active,
+            "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
+            "train_seconds": round(best["train_seconds"], 1), "wall_seconds": round(time.time() - t_start, 1),
+            "tokens_per_s": round(np.mean([r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:] or [0])),
+            "val_loss": best.get("val_loss"), "val_bpc": best.get("val_bpc"),
+            "test_loss": test["val_loss"], "test_bpc": test["val_bpc"]}
+
+
+@torch.no_grad()
+def routing_trace(model, tokenizer, text: str):
+    """For one sentence: the token strings and the top-1 expert of each token in each MoE layer (L, T)."""
+    ids = tokenizer.encode(text)[: model.config.max_len]
+    captured = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append((mod, inp[0])))
+             for m in model.modules() if isinstance(m, MoE)]
+    model.eval()
+    try:
+        model(torch.tensor([ids], device=model.tok_emb.weight.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = [mod.route(x.reshape(-1, x.size(-1)))[3][:, 0].cpu().numpy() for mod, x in captured]
+    return [tokenizer.decode([i]) for i in ids], np.stack(experts)
+
+
+# -----------------------------------------------------------------------------
+# Using a trained LM
+
+def generate(args, device) -> dict:
+    """Sample --num_samples continuations of --prompt, printing text as it is produced."""
+    model, tokenizer, ckpt = load_trained(args.checkpoint, "lm", TRAIN_HINT, device)
+    prompt = args.prompt or ""
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # eos = "a paragraph starts here"
+    limit = model.config.max_len - 1
+    if len(ids) > limit:
+        print(f"note: prompt is {len(ids)} tokens; keeping the last {limit} (the context window)", file=sys.stderr)
+        ids = ids[-limit:]
+    gen = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 1337)
+    samples = []
+    t0, n_tokens = time.time(), 0
+    for s in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {s + 1}", flush=True)
+        print(prompt, end="", flush=True)
+        out, shown = [], ""
+        for tok in model.generate(torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
+                                  args.sample_top_k, args.top_p, eos_id=tokenizer.eos_id, generator=gen):
+            n_tokens += 1
+            if tok == tokenizer.eos_id:
+                break
+            out.append(tok)
+            text = tokenizer.decode(out)
+            if not text.endswith("\ufffd"):  # wait for the rest of a character split across tokens
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        print(flush=True)
+        samples.append(prompt + tokenizer.decode(out))
+    path = os.path.join(args.out_dir, "generated_text.txt")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n\n".join(samples) + "\n")
+    os.replace(path + ".tmp", path)
+    seconds = time.time() - t0
+    return {"task": "lm", "output": path, "samples": len(samples), "new_tokens": n_tokens,
+            "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+
+
+def eval_file(args, device) -> dict:
+    """Loss and bits per character of a trained LM on any text file (all of it, in windows)."""
+    model, tokenizer, ckpt = load_trained(args.checkpoint, "lm", TRAIN_HINT, device)
+    stream = Stream(tokenizer, read_text_lines(args.input, args.text_col))
+    T = model.config.max_len
+    res = evaluate(model, stream, T, 16, device, ckpt["train_config"].get("dtype", "fp32"), max_batches=10 ** 9)
+    return {"task": "lm", "input": args.input, "tokens": len(stream.ids), "chars": stream.chars,
+            "loss": res["val_loss"], "bpc": res["val_bpc"]}
+
+
+def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    """MoE vs the dense model with the same active parameters, same wall-clock budget, on the same split."""
+    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
+                                     train_cfg, args, device)
+    table = markdown_table(results, ["params_total", "params_active", "steps", "train_seconds", "tokens_per_s",
+                                     "val_loss", "val_bpc", "test_loss", "test_bpc"])
+    return write_comparison(table, curves, args.out_dir, "val_loss", results)

@@ -1,0 +1,153 @@
+"""The language model: KV cache, sampling filters, determinism, and main.py end to end on the tiny preset."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from models import LanguageModel, ModelConfig, filter_logits, sample_next
+from test_cli import run_main
+
+
+def tiny_lm(**kw):
+    base = dict(vocab_size=64, max_len=24, d_model=32, n_heads=2, num_layers=2, d_ff=32, num_experts=4, top_k=2,
+                dropout=0.0, noisy_gate=True, causal=True)
+    base.update(kw)
+    return LanguageModel(ModelConfig(**base)).eval()
+
+
+@pytest.mark.parametrize("moe_layers", ["all", "odd"])
+def test_cached_decoding_equals_full_forward(moe_layers):
+    torch.manual_seed(0)
+    model = tiny_lm(moe_layers=moe_layers)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        full, _, _ = model(idx)
+        caches = [{} for _ in model.blocks]
+        prefix, _, _ = model(idx[:, :7], caches=caches)  # prefill, then one token at a time
+        steps = [prefix]
+        for t in range(7, 20):
+            out, _, _ = model(idx[:, t:t + 1], caches=caches)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_and_uncached_generation_agree():
+    torch.manual_seed(0)
+    model = tiny_lm()
+    prompt = torch.randint(0, 64, (1, 5))
+    a = list(model.generate(prompt, 40, temperature=0))  # runs past max_len: exercises the window re-encode
+    b = list(model.generate(prompt, 40, temperature=0, use_cache=False))
+    assert a == b and len(a) == 40
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))[0].tolist()
+    assert kept == [True, True, False, False, False]
+    # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is needed too; 0.1 and 0.05 are cut
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8))[0].tolist()
+    assert kept == [True, True, True, False, False]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.5))[0].tolist()
+    assert kept == [True, False, False, False, False]
+    # shuffled order: the filter follows probability, not position
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    kept = torch.isfinite(filter_logits(logits[:, perm], top_p=0.8))[0].tolist()
+    assert kept == [False, True, False, True, True]
+    assert sample_next(logits, 0.0, 0, 1.0).item() == 0  # temperature 0 is greedy
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_same_seed_same_text():
+    model = tiny_lm()
+    prompt = torch.tensor([[1, 2, 3]])
+    runs = [list(model.generate(prompt, 30, 1.0, 0, 0.9, generator=torch.Generator().manual_seed(s)))
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.fixture(scope="module")
+def trained_lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    ckpt, out = str(d / "lm.pt"), str(d / "run")
+    proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out)
+    return ckpt, out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
+    ckpt, out, summary = trained_lm
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.5
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0]
+    assert summary["val_loss"] == min(val)
+    assert 0 < summary["test_bpc"] < summary["test_loss"] / math.log(2) * 3  # at most 3 tokens a character
+    for png in ("loss_curve.png", "expert_heatmap.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 10_000
+    data = torch.load(ckpt, weights_only=True)
+    assert data["task"] == "lm" and data["model_config"]["causal"] is True
+
+
+def test_generate_through_main(trained_lm, tmp_path):
+    ckpt, _, _ = trained_lm
+    args = ("--generate", "--checkpoint", ckpt, "--out_dir", str(tmp_path), "--prompt", "中国", "--max_new_tokens",
+            "20", "--seed", "3")
+    first = run_main(*args)
+    text = (tmp_path / "generated_text.txt").read_text(encoding="utf-8")
+    assert text.startswith("中国") and len(text.strip()) > 2
+    assert first.stdout.startswith("中国")
+    assert run_main(*args).stdout == first.stdout  # same seed, same text
+    greedy = run_main(*args, "--temperature", "0", "--num_samples", "2").stdout
+    samples = greedy.split("--- sample ")[1:]
+    assert len(samples) == 2 and samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]
+
+
+def test_long_prompt_is_cropped(trained_lm, tmp_path):
+    ckpt, _, _ = trained_lm
+    proc = run_main("--generate", "--checkpoint", ckpt, "--out_dir", str(tmp_path), "--prompt", "人民" * 200,
+                    "--max_new_tokens", "5")
+    assert "keeping the last" in proc.stderr
+
+
+def test_eval_on_a_text_file(trained_lm, tmp_path):
+    ckpt, _, _ = trained_lm
+    src = tmp_path / "held_out.txt"
+    src.write_text("新华社北京一月一日电。\n" * 30, encoding="utf-8")
+    res = json.loads(run_main("--eval", "--task", "lm", "--checkpoint", ckpt, "--input", str(src)).stdout)
+    assert res["chars"] == 30 * len("新华社北京一月一日电。\n")
+    assert math.isfinite(res["loss"]) and res["bpc"] == pytest.approx(
+        res["loss"] * res["tokens"] / res["chars"] / math.log(2))
+
+
+def test_char_tokenizer_and_user_text(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(f"第{i}天，我们一起学习混合专家模型。" for i in range(200)), encoding="utf-8")
+    ckpt = str(tmp_path / "m.pt")
+    proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--data", str(src), "--tokenizer", "char",
+                    "--checkpoint", ckpt, "--out_dir", str(tmp_path / "run"), "--max_steps", "10")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokenizer"] == "char"
+    assert torch.load(ckpt, weights_only=True)["tokenizer"]["kind"] == "char"
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"", "file is empty"),
+    (b"\x00\x01\x02binary\x00", "binary"),
+    ("只有一行\n".encode(), "need at least 20"),
+    ("\xff\xfe".encode("latin-1"), "not UTF-8"),
+])
+def test_bad_lm_data(tmp_path, content, expect):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(content)
+    proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--data", str(src),
+                    "--checkpoint", str(tmp_path / "m.pt"), check=False)
+    assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_missing_lm_checkpoint_says_how_to_train():
+    proc = run_main("--generate", "--checkpoint", "/nonexistent/lm.pt", check=False)
+    assert proc.returncode == 2 and "python main.py --train --task lm" in proc.stderr
