@@ -20,7 +20,7 @@ import torch
 from models import FeedForward, MoE, ModelConfig
 
 
-def timed(fn, warmup: int = 2, repeat: int = 5) -> float:
+def timed(fn, warmup: int = 3, repeat: int = 10) -> float:
     """Median seconds of fn() after warm-up."""
     for _ in range(warmup):
         fn()

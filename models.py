@@ -209,36 +209,33 @@ class MoE(nn.Module):
         expert_of = selected_experts.reshape(-1)  # (N*K,)
         weight_of = routing_weights.reshape(-1)  # (N*K,)
         token_of = torch.arange(N, device=x.device).repeat_interleave(K)  # (N*K,)
+        wanted = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
+        counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
         if self.capacity_factor > 0:
             # highest router weight first inside each expert, so the capacity cut drops the least wanted
             by_weight = weight_of.detach().argsort(descending=True, stable=True)
             order = by_weight[expert_of[by_weight].argsort(stable=True)]
+            capacity = math.ceil(self.capacity_factor * N * K / E)
+            starts = wanted.cumsum(0) - wanted
+            rank_in_expert = torch.arange(N * K, device=x.device) - starts[expert_of[order]]
+            order = order[rank_in_expert < capacity]
+            counts = wanted.clamp(max=capacity)
+            dropped = wanted.sum() - counts.sum()
         else:
             order = expert_of.argsort(stable=True)
-        counts = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
-        dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        if self.capacity_factor > 0:
-            capacity = math.ceil(self.capacity_factor * N * K / E)
-            starts = counts.cumsum(0) - counts
-            rank_in_expert = torch.arange(N * K, device=x.device) - starts[expert_of[order]]
-            keep = rank_in_expert < capacity
-            order = order[keep]
-            kept_counts = counts.clamp(max=capacity)
-            dropped = counts.sum() - kept_counts.sum()
-            counts = kept_counts
-        tok_sorted = token_of[order]  # (M,) the token of each kept assignment, grouped by expert
-        x_sorted = flat[tok_sorted]  # (M, C): one gather for all experts
-        outs = [self.experts[e](chunk)  # loop over experts, never over tokens
-                for e, chunk in enumerate(x_sorted.split(counts.tolist())) if chunk.size(0)]
-        y = torch.cat(outs) if outs else x_sorted
-        y = y * weight_of[order, None].to(y.dtype)  # (M, C) weighted by the router
-        out = torch.zeros_like(flat).index_add_(0, tok_sorted, y.to(flat.dtype))  # one scatter back
+        out = torch.zeros_like(flat)
+        for e, idx in enumerate(order.split(counts.tolist())):  # loop over experts, never over tokens
+            if idx.numel() == 0:
+                continue
+            tok = token_of[idx]  # the tokens routed to expert e
+            y = self.experts[e](flat[tok]) * weight_of[idx, None].to(flat.dtype)
+            out.index_add_(0, tok, y.to(out.dtype))  # scatter back, weighted by the router
         if rows is not None:
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
 
         # ---- auxiliary losses
-        f = torch.bincount(expert_of, minlength=E).float() / max(N * K, 1)  # (E,) share of assignments
+        f = wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
         P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable
         balance = E * (f * P).sum()
         z = torch.logsumexp(router_logits, dim=-1).pow(2).mean() if N else router_logits.sum()
