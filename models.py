@@ -6,7 +6,7 @@ N tokens routed (B*T minus padding), H heads, D head width (C // H).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -56,15 +56,6 @@ class ModelConfig:
         if self.moe_layers == "odd":
             return i % 2 == 1
         return str(i) in self.moe_layers.split(",")
-
-
-def config_from_dict(cls, d: dict, where: str = "config"):
-    """Build a dataclass from a dict, failing loudly on an unknown key (a typo must not pass silently)."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    return cls(**d)
 
 
 # -----------------------------------------------------------------------------

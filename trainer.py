@@ -210,6 +210,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", aux=f"{info['balance']:.3f}", lr=f"{lr:.1e}",
                             tok_s=f"{tok_s:,.0f}")
         bar.update(1)
+        if cfg.time_budget and step % 20 == 0:  # show the steps the clock will allow, not the step cap
+            bar.total = min(total_steps, max(step, int(step * cfg.time_budget / max(time.time() - t0, 1e-9))))
 
         budget_done = cfg.time_budget and time.time() - t0 >= cfg.time_budget
         if step % eval_every == 0 or step == total_steps or budget_done:
