@@ -69,17 +69,15 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
         raise DataError(f"held-out text has {len(stream.ids)} tokens, fewer than one window of {T + 1}")
     n = min(max_batches * B, max(hi // T, 1))
     starts = np.linspace(0, hi, n).astype(int).tolist()
-    total, counts = 0.0, None
+    total = 0.0
     for i in range(0, n, B):
         batch = stream.windows(starts[i:i + B], T, device)
         with autocast(device, dtype):
             _, _, info = model(**batch)
         total += info["ce"] * len(starts[i:i + B])
-        c = torch.stack(info["counts"]).cpu().numpy() if info["counts"] else None
-        counts = c if counts is None else counts + c
     loss = total / n
     bpc = loss * (len(stream.ids) / stream.chars) / math.log(2)  # nats per token -> bits per character
-    return {"val_loss": loss, "val_bpc": bpc, "_layer_counts": counts}
+    return {"val_loss": loss, "val_bpc": bpc}
 
 
 # -----------------------------------------------------------------------------
