@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -60,9 +61,8 @@ def bench_moe(tokens: int = 4096, d: int = 256, hidden: int = 1024, experts: int
 def bench_train(presets: list[str], steps: int = 20) -> dict:
     """Training tokens/s of task:preset pairs on real batches (after 3 warm-up steps); for MoE presets also the
     share of step time spent in the MoE layers (the step re-timed with every MoE layer replaced by a no-op)."""
-    import os
     import main as cli
-    from data import DATASET_DIR, encode_texts, news_splits, reviews_splits
+    from data import encode_texts, news_splits, reviews_splits, tokenizer_cache
     from models import MoE, build_model
     from tokenizer import load_or_train
     from trainer import autocast, param_groups
@@ -95,9 +95,8 @@ def bench_train(presets: list[str], steps: int = 20) -> dict:
         task, preset = item.split(":")
         _, mcfg, tcfg = cli.resolve_config(task, preset)
         texts = list(reviews_splits(quiet=True)["train"].text) if task == "cls" else news_splits(quiet=True)["train"]
-        folder = "reviews" if task == "cls" else "news"
         tok = load_or_train(tcfg.tokenizer, texts, mcfg.vocab_size,
-                            os.path.join(DATASET_DIR, folder, f"{tcfg.tokenizer}_{mcfg.vocab_size}.json"),
+                            tokenizer_cache("reviews" if task == "cls" else "news", tcfg.tokenizer, mcfg.vocab_size),
                             progress=False)
         mcfg.vocab_size, mcfg.causal = tok.n_vocab, task == "lm"
 
@@ -198,7 +197,6 @@ def main(argv=None) -> int:
     if args.only in (None, "generate"):
         results.update(bench_generate())
     if args.only in (None, "infer"):
-        import os
         if os.path.exists(args.checkpoint):
             results.update(bench_infer(args.checkpoint))
         else:

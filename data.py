@@ -124,6 +124,19 @@ def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:
     return {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in paths.items()}
 
 
+def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
+    """Where the tokenizer trained on a built-in corpus ("reviews" or "news") is cached."""
+    return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def atomic_write_csv(df: pd.DataFrame, path: str) -> None:
     tmp = path + ".tmp"
     df.to_csv(tmp, index=False)
@@ -256,10 +269,7 @@ def news_splits(quiet: bool = False) -> dict:
         splits = {"train": paras[:a], "val": paras[a:b], "test": paras[b:]}
         os.makedirs(out_dir, exist_ok=True)
         for s, lines in splits.items():
-            tmp = paths[s] + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-            os.replace(tmp, paths[s])
+            atomic_write_text("\n".join(lines) + "\n", paths[s])
         if not quiet:
             sizes = ", ".join(f"{s} {len(v)} paragraphs" for s, v in splits.items())
             print(f"prepared the People's Daily corpus into {out_dir} ({sizes})", file=sys.stderr)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import plots
-from data import (DATASET_DIR, DataError, atomic_write_csv, collate_cls, column, encode_texts,
-                  length_bucketed_batches, label_names, read_table, reviews_splits, user_splits)
+from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts,
+                  length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
 from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
@@ -144,8 +144,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     quiet = args.quiet
     splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, quiet)
     names = label_names(splits["train"].label)
-    cache = None if args.data else os.path.join(DATASET_DIR, "reviews",
-                                                  f"{train_cfg.tokenizer}_{model_cfg.vocab_size}.json")
+    cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
     t_tok = time.time()
     tokenizer = load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
                               progress=not quiet)

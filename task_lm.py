@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import plots
-from data import DATASET_DIR, DataError, news_splits, read_text_lines
+from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
 from models import MoE, ModelConfig, build_model, count_params
 from tokenizer import load_or_train
 from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
@@ -87,8 +87,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     t_start = time.time()
     seed_everything(train_cfg.seed)
     splits = load_splits(args.data, args.text_col, args.quiet)
-    cache = None if args.data else os.path.join(DATASET_DIR, "news",
-                                                  f"{train_cfg.tokenizer}_{model_cfg.vocab_size}.json")
+    cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
     tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
                               progress=not args.quiet)
     model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, causal=True)
@@ -192,9 +191,7 @@ def generate(args, device) -> dict:
         samples.append(prompt + tokenizer.decode(out))
     path = os.path.join(args.out_dir, "generated_text.txt")
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n\n".join(samples) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write_text("\n\n".join(samples) + "\n", path)
     seconds = time.time() - t0
     return {"task": "lm", "output": path, "samples": len(samples), "new_tokens": n_tokens,
             "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}

@@ -248,7 +248,7 @@ def train_variants(train_fn, variants: dict, train_cfg: TrainConfig, args, devic
 
 
 def markdown_table(results: dict, columns: list[str]) -> str:
-    """| model | col ... | rows from {name: {col: value}}; floats to 4 places, missing as '-'."""
+    """| model | col ... | rows from {name: {col: value}}; small floats to 4 places, large to 1, missing as '-'."""
     def cell(v):
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
