@@ -6,6 +6,7 @@
     python bench.py --only infer         # single-text latency p50/p99 and batch throughput of a checkpoint
     python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
+    python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
 """
 from __future__ import annotations
 
@@ -180,12 +181,90 @@ def bench_infer(checkpoint: str, n: int = 200) -> dict:
             "batch_texts_per_s": len(texts) / batch_s, "infer_checkpoint": checkpoint}
 
 
+def pinyin2hanzi(source: str, engine: str, params) -> str:
+    """Convert one pinyin sentence with the Pinyin2Hanzi package (DAG or HMM).
+
+    It takes runs of syllables only: punctuation, digits and Latin text are copied through, as our model must
+    do too. Its syllable table spells the ü-finals after j/q/x/y as "ve" (jve, yve), so those are respelled.
+    A run it cannot convert as a whole is split in halves; a lone unknown syllable stays as pinyin.
+    """
+    import re
+    from Pinyin2Hanzi import dag, viterbi
+
+    def run(syllables):
+        try:
+            r = dag(params, tuple(syllables), path_num=1) if engine == "dag" else \
+                viterbi(hmm_params=params, observations=tuple(syllables), path_num=1)
+        except KeyError:
+            r = []
+        if r:
+            return "".join(r[0].path)
+        if len(syllables) == 1:
+            return syllables[0]
+        half = len(syllables) // 2
+        return run(syllables[:half]) + run(syllables[half:])
+
+    out, syllables = [], []
+    for tok in source.split(" ") + [""]:
+        if re.fullmatch(r"[a-z]+", tok):
+            syllables.append(re.sub(r"^([jqxy])ue$", r"\1ve", tok))
+            continue
+        if syllables:
+            out.append(run(syllables))
+            syllables = []
+        out.append(tok)
+    return "".join(out)
+
+
+def bench_pinyin(checkpoint: str, hmm_sentences: int = 200) -> dict:
+    """Character accuracy / exact match / sentences per second on the pinyin test split: our seq2seq checkpoint
+    (greedy and beam 4) vs Pinyin2Hanzi's DAG (all sentences) and HMM (the first `hmm_sentences`: it is slow)."""
+    try:
+        from Pinyin2Hanzi import DefaultDagParams, DefaultHmmParams
+    except ImportError:
+        raise SystemExit("the pinyin benchmark needs the baseline engine: pip install Pinyin2Hanzi")
+    from data import pinyin_splits
+    from task_s2s import convert, score, source_ids
+    from trainer import load_trained
+    test = pinyin_splits(quiet=True)["test"]
+    sources, targets = list(test.source), list(test.target)
+    out = {"pinyin_test_sentences": len(test)}
+
+    def measure(name, fn, n):
+        t = time.perf_counter()
+        preds = fn(sources[:n])
+        seconds = time.perf_counter() - t
+        s = score(preds, targets[:n])
+        out.update({f"{name}_char_acc": s["char_acc"], f"{name}_exact_match": s["exact_match"],
+                    f"{name}_sentences_per_s": n / seconds})
+
+    dag_params, hmm_params = DefaultDagParams(), DefaultHmmParams()
+    measure("pinyin2hanzi_dag", lambda xs: [pinyin2hanzi(x, "dag", dag_params) for x in xs], len(test))
+    measure(f"pinyin2hanzi_hmm_first{hmm_sentences}", lambda xs: [pinyin2hanzi(x, "hmm", hmm_params) for x in xs], hmm_sentences)
+    if not os.path.exists(checkpoint):
+        print(f"(skipping the model: no {checkpoint}; train with python main.py --train --task seq2seq)",
+              file=sys.stderr)
+        return out
+    device = torch.device("cpu")
+    model, tok, ckpt = load_trained(checkpoint, "seq2seq", "", device)
+    dtype = ckpt["train_config"].get("dtype", "fp32")
+    for beam in (1, 4):
+        measure(f"model_beam{beam}", lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len),
+                                                        device, dtype, beam=beam), len(test))
+    for beam in (1, 4):  # the model on the HMM's subset too, for a like-for-like row
+        measure(f"model_beam{beam}_first{hmm_sentences}", lambda xs: convert(
+            model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam), hmm_sentences)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate"), help="run one benchmark")
+    ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "pinyin"),
+                    help="run one benchmark")
     ap.add_argument("--presets", default="cls:tiny,cls:default,lm:default",
                     help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
+    ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")
     args = ap.parse_args(argv)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.only in (None, "moe"):
@@ -202,6 +281,8 @@ def main(argv=None) -> int:
         else:
             print(f"(skipping inference: no {args.checkpoint}; train with python main.py --train --task cls)",
                   file=sys.stderr)
+    if args.only == "pinyin":  # not in the default set: it needs the Pinyin2Hanzi package
+        results.update(bench_pinyin(args.seq2seq_checkpoint))
     width = max(map(len, results))
     for k, v in results.items():
         print(f"{k:<{width}}  {v:,.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

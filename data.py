@@ -296,3 +296,76 @@ def read_text_lines(path: str, text_col: str = "text") -> list[str]:
     if not lines:
         raise DataError(f"{path}: no text")
     return lines
+
+
+# -----------------------------------------------------------------------------
+# Source -> target pairs (seq2seq): pinyin -> characters from People's Daily, or the user's pairs
+
+SENTENCE_END = "。！？；"
+PAIR_COLUMNS = (("source", "target"), ("question", "answer"))
+
+
+def split_sentences(paragraph: str, min_chars: int = 4, max_chars: int = 64) -> list[str]:
+    """Sentences ending in 。！？； (a closing quote stays with its sentence), min_chars..max_chars long."""
+    import re
+    parts = re.findall(rf"[^{SENTENCE_END}]+(?:[{SENTENCE_END}]+[”’」』）]*)?", paragraph)
+    return [s.strip() for s in parts if min_chars <= len(s.strip()) <= max_chars]
+
+
+def to_pinyin(sentence: str) -> str:
+    """Toneless pinyin, syllables separated by spaces; punctuation, digits and Latin text kept as they are.
+
+    pypinyin resolves polyphones by phrase (重庆 -> chong qing, 行长 -> hang zhang); ü is written v.
+    """
+    try:
+        from pypinyin import lazy_pinyin
+    except ImportError:
+        raise DataError("the pinyin task needs pypinyin: pip install pypinyin") from None
+    return " ".join(p.strip() for p in lazy_pinyin(sentence) if p.strip())
+
+
+def pinyin_splits(quiet: bool = False) -> dict:
+    """(source pinyin, target characters) pairs from the LM task's paragraph split, so no sentence is in two
+    splits; cached in dataset/pinyin/<split>.tsv. Returns {split: DataFrame[source, target]}."""
+    out_dir = os.path.join(DATASET_DIR, "pinyin")
+    paths = {s: os.path.join(out_dir, f"{s}.tsv") for s in SPLITS}
+    if not all(os.path.exists(p) for p in paths.values()):
+        from tqdm import tqdm
+        paragraphs = news_splits(quiet=quiet)
+        os.makedirs(out_dir, exist_ok=True)
+        for s in SPLITS:
+            targets = [t for p in paragraphs[s] for t in split_sentences(p)]
+            sources = [to_pinyin(t) for t in tqdm(targets, desc=f"pinyin {s}", disable=quiet, unit="sent")]
+            df = pd.DataFrame({"source": sources, "target": targets})
+            tmp = paths[s] + ".tmp"
+            df.to_csv(tmp, sep="\t", index=False, quoting=3)
+            os.replace(tmp, paths[s])
+        if not quiet:
+            print(f"prepared pinyin -> characters pairs into {out_dir}", file=sys.stderr)
+    return {s: pair_frame(p) for s, p in paths.items()}
+
+
+def pair_frame(path: str) -> pd.DataFrame:
+    """A table's source/target (or question/answer) columns as a DataFrame[source, target]; no empty side."""
+    df = read_table(path)
+    cols = next((c for c in PAIR_COLUMNS if set(c) <= set(df.columns)), None)
+    if cols is None:
+        have = ", ".join(map(str, df.columns))
+        raise DataError(f"{path}: need columns source and target (or question and answer); columns: {have}")
+    out = pd.DataFrame({"source": df[cols[0]].astype(str).str.strip(), "target": df[cols[1]].astype(str).str.strip()})
+    for side, name in zip(("source", "target"), cols):
+        empty = out.index[(out[side] == "") | (out[side] == "nan")]
+        if len(empty):
+            raise DataError(f"{path}: row {empty[0] + 1} has an empty {name!r} ({len(empty)} such rows)")
+    return out
+
+
+def user_pair_splits(path: str, seed: int) -> dict:
+    """The user's pairs, shuffled with a fixed seed and split 90/5/5 (train/val/test)."""
+    df = pair_frame(path)
+    if len(df) < 20:
+        raise DataError(f"{path}: only {len(df)} pairs; need at least 20 to split 90/5/5")
+    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    a, b = int(len(df) * 0.9), int(len(df) * 0.95)
+    return {"train": df[:a].reset_index(drop=True), "val": df[a:b].reset_index(drop=True),
+            "test": df[b:].reset_index(drop=True)}

@@ -6,7 +6,9 @@
     python main.py --train --task lm                  train the noisy top-k MoE language model
     python main.py --generate --prompt "新华社北京"     sample text from it (KV cache)
     python main.py --eval --task lm --input my.txt    its loss and bits per character on a text file
-    python main.py --compare --task cls|lm            MoE vs dense at the same active params and budget
+    python main.py --train --task seq2seq             train the encoder-decoder MoE: pinyin -> characters
+    python main.py --infer --task seq2seq --text "wo ai bian cheng"    convert one text (--beam 4 for beam search)
+    python main.py --compare --task cls|lm|seq2seq    MoE vs dense at the same active params and budget
 
 Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--epochs ... and --set key=value).
 """
@@ -19,7 +21,7 @@ import sys
 from dataclasses import asdict, fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("cls", "lm")
+TASKS = ("cls", "lm", "seq2seq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("mode (pick one)").add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train a model for --task and save a checkpoint")
-    mode.add_argument("--infer", action="store_true", help="classify one --text with a trained checkpoint")
+    mode.add_argument("--infer", action="store_true",
+                      help="classify (cls) or convert (seq2seq) one --text with a trained checkpoint")
     mode.add_argument("--classify", action="store_true",
-                      help="label every row of --input; scores the predictions when the file has labels")
+                      help="label (cls) or convert (seq2seq) every row of --input; scores the predictions when "
+                           "the file has labels (targets)")
     mode.add_argument("--compare", action="store_true",
                       help="train MoE and dense (same active params, same budget; cls adds the TF-IDF baseline); "
                            "writes compare.md and compare.png")
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("what and where")
     g.add_argument("--task", choices=TASKS, default=None,
-                   help="cls: sentiment classification (default); lm: language model (default for --generate)")
+                   help="cls: sentiment classification (default); lm: language model (default for --generate); "
+                        "seq2seq: encoder-decoder, pinyin -> characters by default")
     g.add_argument("--preset", default=None, help="named preset in configs.json (default: the task's 'default')")
     g.add_argument("--checkpoint", default=None, help="model file written by --train, read by the other modes "
                                                        "(default checkpoints/<task>.pt)")
@@ -48,17 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None,
                    help="your own data. cls: a csv/tsv/jsonl/parquet file (split 80/10/10) or a directory with train, "
                         "val (or dev) and test files; lm: a UTF-8 text file, one paragraph a line, or a table's "
-                        "--text_col (split 90/5/5 in order)")
+                        "--text_col (split 90/5/5 in order); seq2seq: a csv/tsv/jsonl/parquet file with source and "
+                        "target (or question and answer) columns (shuffled, split 90/5/5)")
     g.add_argument("--text_col", default="text", help="text column of --data/--input (default text)")
     g.add_argument("--label_col", default="label", help="label column of --data/--input (default label)")
     g.add_argument("--text", default=None, help="--infer: the text to classify")
     g.add_argument("--input", default=None, help="--classify: the file to label; --eval: the text file to score")
     g.add_argument("--output", default=None, help="--classify: predictions CSV (default <out_dir>/predictions.csv)")
     g.add_argument("--json", action="store_true", help="--infer: print one JSON object instead of a table")
-    g.add_argument("--tokenizer", choices=("bpe", "char"), help="--train: byte-level BPE (default) or characters")
+    g.add_argument("--tokenizer", choices=("bpe", "bpe_hanzi", "char"),
+                   help="--train: byte-level BPE (default for cls, lm); bpe_hanzi: BPE that never merges across Han "
+                        "characters, one token per character (default for seq2seq); char: one id per character")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
+    g.add_argument("--resume", action="store_true",
+                   help="--train (lm, seq2seq): continue the interrupted run from <checkpoint>.last.pt with its "
+                        "optimizer, schedule, scaler, step, RNG and data position")
 
     h = p.add_argument_group("config overrides (win over the preset)")
     h.add_argument("--epochs", type=int)
@@ -70,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top_k", type=int, help="experts per token; with --generate: sample from the K likeliest "
                                              "tokens only (0: all)")
     h.add_argument("--num_layers", type=int, help="0 gives the pooled-embedding -> MoE -> head model")
-    h.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16 runs under autocast")
+    h.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="bf16: autocast (CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
     h.add_argument("--seed", type=int)
     gen = p.add_argument_group("generation (--generate)")
     gen.add_argument("--prompt", default="", help="text to continue (cropped to the context window)")
@@ -78,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     gen.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
     gen.add_argument("--num_samples", type=int, default=1)
+    s2s = p.add_argument_group("seq2seq decoding (--infer/--classify --task seq2seq)")
+    s2s.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    s2s.add_argument("--length_penalty", type=float, default=1.0,
+                     help="beam score = log-probability / length ** length_penalty")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ModelConfig/TrainConfig field, e.g. --set d_model=256 --set noisy_gate=false")
     return p
@@ -145,18 +161,23 @@ def resolve_config(task: str, preset_name: str | None, args=None):
 def run(args) -> int:
     import task_cls
     import task_lm
+    import task_s2s
     from data import DataError
     from trainer import pick_device
 
     args.task = args.task or ("lm" if args.generate or args.eval else "cls")
-    task = {"cls": task_cls, "lm": task_lm}[args.task]
+    task = {"cls": task_cls, "lm": task_lm, "seq2seq": task_s2s}[args.task]
     args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
     args.out_dir = args.out_dir or os.path.join("runs", args.task)
     device = pick_device(args.device)
     if args.task == "lm" and (args.infer or args.classify):
         raise DataError("--infer and --classify are for --task cls; use --generate or --eval with --task lm")
-    if args.task == "cls" and (args.generate or args.eval):
+    if args.task != "lm" and (args.generate or args.eval):
         raise DataError("--generate and --eval are for --task lm")
+    if args.resume and (args.task == "cls" or not args.train):
+        raise DataError("--resume works with --train --task lm or seq2seq (the classifier's runs are short)")
+    if args.beam < 1:
+        raise DataError(f"--beam {args.beam}: must be >= 1")
 
     if args.train or args.compare:
         preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
@@ -166,6 +187,9 @@ def run(args) -> int:
                   file=sys.stderr)
         summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
         print(json.dumps(summary, ensure_ascii=False))
+    elif args.infer and args.task == "seq2seq":
+        result = task_s2s.infer(args, device)
+        print(json.dumps(result, ensure_ascii=False) if args.json else result["pred"])
     elif args.infer:
         result = task_cls.infer(args, device)
         if args.json:
@@ -177,7 +201,7 @@ def run(args) -> int:
     elif args.classify:
         if not args.input:
             raise DataError("--classify needs --input FILE")
-        print(json.dumps(task_cls.classify(args, device), ensure_ascii=False))
+        print(json.dumps(task.classify(args, device), ensure_ascii=False))
     elif args.generate:
         if args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
             raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, temperature >= 0")
@@ -201,7 +225,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last best checkpoint (if any) is intact", file=sys.stderr)
+        print("interrupted; the best checkpoint so far (if any) is intact", file=sys.stderr)
         return 130
 
 

@@ -39,6 +39,9 @@ class ModelConfig:
     num_classes: int = 2
     type_vocab_size: int = 2      # segment embeddings (sentence A / B)
     causal: bool = False
+    decoder_layers: int = 0       # seq2seq: decoder depth (0: same as num_layers, the encoder depth)
+    rope: bool = False            # seq2seq: rotary positions in self- and cross-attention instead of position
+                                  # tables, so "target t looks at source t" is one relative pattern to learn
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -89,11 +92,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(C, C, bias=False)
         self.o_proj.residual_out = True  # scaled init, see init_weights
         self.dropout = config.dropout
+        self.rope = config.rope
 
-    def forward(self, x, key_mask=None, causal=False, context=None, cache=None):
+    def forward(self, x, key_mask=None, causal=False, context=None, cache=None, pos=None):
+        """`pos` (T,): absolute positions of the queries, needed with rope (keys of a context sit at 0..S-1)."""
         B, T, C = x.shape
         H = self.n_heads
         q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        if self.rope:
+            q = apply_rope(q, pos)
         src = x if context is None else context
         if context is not None and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]  # cross-attention keys/values are computed once per source
@@ -101,6 +108,8 @@ class Attention(nn.Module):
             k, v = self.kv_proj(src).split(C, dim=-1)
             k = k.view(B, src.size(1), H, C // H).transpose(1, 2)  # (B, H, Tk, D)
             v = v.view(B, src.size(1), H, C // H).transpose(1, 2)
+            if self.rope:
+                k = apply_rope(k, pos if context is None else torch.arange(src.size(1), device=x.device))
             if cache is not None:
                 if context is None and "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
@@ -119,6 +128,16 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
+
+
+def apply_rope(x, pos):
+    """Rotary position embedding (RoFormer): rotate channel pairs of x (B, H, T, D) by angles pos * freq."""
+    half = x.size(-1) // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (D/2,)
+    angles = pos.float()[:, None] * freqs[None]  # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -248,14 +267,15 @@ class Block(nn.Module):
         self.ffn = MoE(config) if use_moe else FeedForward(config.d_model, config.d_ff * config.top_k)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None):
-        """x (B, T, C); mask (B, T) marks real tokens (for keys, and for routing). Returns x, MoEOutput|None."""
+    def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None, pos=None):
+        """x (B, T, C); mask (B, T) marks real tokens (for keys, and for routing); pos (T,) positions (rope).
+        Returns x, MoEOutput|None."""
         self_cache = cache.setdefault("self", {}) if cache is not None else None
-        x = x + self.drop(self.attn(self.norm1(x), key_mask=mask, causal=causal, cache=self_cache))
+        x = x + self.drop(self.attn(self.norm1(x), key_mask=mask, causal=causal, cache=self_cache, pos=pos))
         if self.cross is not None:
             cross_cache = cache.setdefault("cross", {}) if cache is not None else None
             x = x + self.drop(self.cross(self.norm_cross(x), key_mask=context_mask, context=context,
-                                         cache=cross_cache))
+                                         cache=cross_cache, pos=pos))
         h = self.norm2(x)
         if isinstance(self.ffn, MoE):
             # with a KV cache, `mask` covers the past keys too; routing uses only this call's positions
@@ -279,6 +299,22 @@ def sum_aux(stats: list[MoEOutput | None], device) -> tuple[torch.Tensor, dict]:
         "counts": [s.expert_counts for s in stats],
         "dropped": int(sum(s.dropped for s in stats)),
     }
+
+
+def run_blocks(blocks: nn.ModuleList, x, checkpointing: bool = False, caches=None, **kwargs):
+    """Run a stack of Blocks -> (x, [MoEOutput|None per block]).
+
+    With `checkpointing` in training, each block's activations are recomputed in the backward pass instead of
+    kept (torch.utils.checkpoint; the RNG state is replayed, so dropout and router noise match).
+    """
+    stats = []
+    for i, block in enumerate(blocks):
+        if checkpointing and block.training and caches is None:
+            x, s = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
+        else:
+            x, s = block(x, cache=caches[i] if caches is not None else None, **kwargs)
+        stats.append(s)
+    return x, stats
 
 
 def init_weights(model: nn.Module, num_layers: int):
@@ -312,6 +348,7 @@ class Classifier(nn.Module):
 
     With num_layers=0 it is the small model: mean of the token embeddings -> one MoE (or dense) layer -> head.
     """
+    grad_checkpoint = False  # set by the trainer (TrainConfig.grad_checkpoint)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -336,11 +373,7 @@ class Classifier(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb(torch.arange(T, device=input_ids.device))[None]  # (B, T, C)
         if token_type_ids is not None:
             x = x + self.seg_emb(token_type_ids)
-        x = self.drop(x)
-        stats = []
-        for block in self.blocks:
-            x, s = block(x, mask=mask)
-            stats.append(s)
+        x, stats = run_blocks(self.blocks, self.drop(x), self.grad_checkpoint, mask=mask)
         return self.norm(x), stats
 
     def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, label_smoothing=0.0):
@@ -406,6 +439,7 @@ def masked_mean(x, mask):
 
 class LanguageModel(nn.Module):
     """GPT-style decoder: token + position embeddings, causal pre-norm blocks, tied output embedding."""
+    grad_checkpoint = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -429,10 +463,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than max_len={self.config.max_len}")
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos)[None])  # (B, T, C)
-        stats = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, causal=True, cache=caches[i] if caches is not None else None)
-            stats.append(s)
+        x, stats = run_blocks(self.blocks, x, self.grad_checkpoint, caches, causal=True)
         logits = (self.norm(x) @ self.tok_emb.weight.t()).float()  # (B, T, V), tied embedding
         aux, info = sum_aux(stats, idx.device)
         loss = None
@@ -471,6 +502,158 @@ class LanguageModel(nn.Module):
                 logits, _, _ = self(seq)
 
 
+# -----------------------------------------------------------------------------
+# Seq2seq (encoder-decoder, MoE in both stacks)
+
+class Seq2Seq(nn.Module):
+    """Encoder (bidirectional, padding mask) + decoder (causal self-attention with KV cache, cross-attention to
+    the encoder). One tokenizer for both sides, so one token embedding: it is shared by the encoder, the decoder
+    and the output layer (tied). Which layers of each stack are MoE follows `moe_layers`, by index in the stack.
+    """
+    grad_checkpoint = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C, n_dec = config.d_model, config.decoder_layers or config.num_layers
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.enc_pos = None if config.rope else nn.Embedding(config.max_len, C)
+        self.dec_pos = None if config.rope else nn.Embedding(config.max_len, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.num_layers))
+        self.decoder = nn.ModuleList(Block(config, config.is_moe_layer(i), cross=True) for i in range(n_dec))
+        self.enc_norm = RMSNorm(C)
+        self.dec_norm = RMSNorm(C)
+        init_weights(self, config.num_layers + n_dec)
+
+    def encode(self, input_ids, attention_mask):
+        """input_ids, attention_mask (B, S) -> memory (B, S, C), MoE stats."""
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.tok_emb(input_ids) + (self.enc_pos(pos)[None] if self.enc_pos is not None else 0)
+        x, stats = run_blocks(self.encoder, self.drop(x), self.grad_checkpoint, mask=attention_mask.bool(), pos=pos)
+        return self.enc_norm(x), stats
+
+    def decode(self, decoder_input_ids, memory, attention_mask, decoder_attention_mask=None, caches=None):
+        """decoder_input_ids (B, T) continuing the cached prefix -> logits (B, T, V), MoE stats."""
+        T = decoder_input_ids.size(1)
+        past = caches[0]["self"]["k"].size(2) if caches and caches[0].get("self") else 0
+        if past + T > self.config.max_len:
+            raise ValueError(f"target of {past + T} tokens is longer than max_len={self.config.max_len}")
+        pos = torch.arange(past, past + T, device=decoder_input_ids.device)
+        x = self.tok_emb(decoder_input_ids) + (self.dec_pos(pos)[None] if self.dec_pos is not None else 0)
+        mask = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
+        x, stats = run_blocks(self.decoder, self.drop(x), self.grad_checkpoint, caches, mask=mask, causal=True,
+                              context=memory, context_mask=attention_mask.bool(), pos=pos)
+        return (self.dec_norm(x) @ self.tok_emb.weight.t()).float(), stats  # tied output layer
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None, labels=None,
+                label_smoothing=0.0):
+        """Teacher forcing. labels (B, T): the next target token, -100 on padding -> logits, loss, info."""
+        memory, enc_stats = self.encode(input_ids, attention_mask)
+        logits, dec_stats = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+        aux, info = sum_aux(enc_stats + dec_stats, logits.device)
+        loss = None
+        if labels is not None:
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                                 label_smoothing=label_smoothing)
+            info["ce"] = float(ce.detach())
+            loss = ce + aux
+        return logits, loss, info
+
+    def _start(self, input_ids, attention_mask, bos_id: int, use_cache: bool):
+        memory, _ = self.encode(input_ids, attention_mask)
+        tokens = torch.full((input_ids.size(0), 1), bos_id, dtype=torch.long, device=input_ids.device)
+        return memory, tokens, [{} for _ in self.decoder] if use_cache else None
+
+    def _next_logprobs(self, tokens, memory, attention_mask, caches):
+        """Log-probabilities of the next token (B, V): with caches only the newest token is fed."""
+        logits, _ = self.decode(tokens[:, -1:] if caches is not None else tokens, memory, attention_mask,
+                                caches=caches)
+        return logits[:, -1].log_softmax(-1)
+
+    @torch.no_grad()
+    def greedy(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
+               use_cache: bool = True) -> list[list[int]]:
+        """Batched greedy decoding -> one list of target ids per source (without bos/eos).
+
+        The encoder runs once; the cross-attention keys/values are computed on the first step and cached."""
+        self.eval()
+        max_new_tokens = min(max_new_tokens, self.config.max_len - 1)
+        memory, tokens, caches = self._start(input_ids, attention_mask, bos_id, use_cache)
+        done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            nxt = self._next_logprobs(tokens, memory, attention_mask, caches).argmax(-1)  # (B,)
+            nxt = nxt.masked_fill(done, eos_id)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done |= nxt == eos_id
+            if done.all():
+                break
+        return [strip_eos(row, eos_id) for row in tokens[:, 1:].tolist()]
+
+    @torch.no_grad()
+    def beam_search(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
+                    beam_size: int = 4, length_penalty: float = 1.0) -> list[list[int]]:
+        """Batched beam search with the KV cache -> the best hypothesis per source (without bos/eos).
+
+        A hypothesis' score is its summed log-probability / length ** length_penalty. Each source keeps
+        `beam_size` live beams; a source is done once it has `beam_size` finished hypotheses (early stopping).
+        """
+        self.eval()
+        B, W = input_ids.size(0), beam_size
+        max_new_tokens = min(max_new_tokens, self.config.max_len - 1)
+        memory, tokens, caches = self._start(input_ids.repeat_interleave(W, 0),
+                                             attention_mask.repeat_interleave(W, 0), bos_id, True)
+        mask = attention_mask.repeat_interleave(W, 0)  # (B*W, S): beams of one source are adjacent
+        scores = torch.zeros(B, W, device=tokens.device)
+        scores[:, 1:] = float("-inf")  # all beams start as the same "<bos>": expand only the first
+        finished = [[] for _ in range(B)]  # (normalised score, ids) per source
+        done = [False] * B
+        for _ in range(max_new_tokens):
+            logp = self._next_logprobs(tokens, memory, mask, caches)  # (B*W, V)
+            V = logp.size(-1)
+            cand = (scores.view(-1, 1) + logp).view(B, W * V)
+            top_scores, top_idx = cand.topk(2 * W, dim=-1)  # 2W: enough to refill W beams after eos picks
+            new_scores = torch.full((B, W), float("-inf"), device=tokens.device)
+            new_from = torch.arange(W, device=tokens.device).repeat(B, 1)  # (B, W) beam each new one extends
+            new_tok = torch.full((B, W), eos_id, dtype=torch.long, device=tokens.device)
+            for b in range(B):
+                if done[b]:
+                    continue
+                k = 0
+                for s, i in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                    if s == float("-inf"):
+                        break
+                    beam, tok = divmod(i, V)
+                    if tok == eos_id:
+                        seq = tokens[b * W + beam, 1:].tolist()
+                        finished[b].append((s / (len(seq) + 1) ** length_penalty, seq))
+                    else:
+                        new_scores[b, k], new_from[b, k], new_tok[b, k] = s, beam, tok
+                        k += 1
+                        if k == W:
+                            break
+                done[b] = len(finished[b]) >= W
+            if all(done):
+                break
+            rows = (torch.arange(B, device=tokens.device)[:, None] * W + new_from).view(-1)  # (B*W,)
+            tokens = torch.cat([tokens[rows], new_tok.view(-1, 1)], dim=1)
+            for cache in caches:  # reorder the self-attention cache; cross K/V are the same for a source's beams
+                cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][rows], cache["self"]["v"][rows]
+            scores = new_scores
+        out = []
+        for b in range(B):
+            if not finished[b]:  # ran out of length: rank the live beams the same way
+                L = tokens.size(1) - 1
+                finished[b] = [(float(scores[b, w]) / L ** length_penalty, tokens[b * W + w, 1:].tolist())
+                               for w in range(W) if scores[b, w] > float("-inf")]
+            out.append(max(finished[b], key=lambda f: f[0])[1])
+        return out
+
+
+def strip_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     """logits (B, V) -> logits with -inf outside the top_k and outside the smallest top_p nucleus."""
     if top_k and top_k < logits.size(-1):
@@ -498,4 +681,6 @@ def build_model(task: str, config: ModelConfig) -> nn.Module:
         return Classifier(config)
     if task == "lm":
         return LanguageModel(config)
+    if task == "seq2seq":
+        return Seq2Seq(config)
     raise ValueError(f"unknown task {task!r}")

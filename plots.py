@@ -98,14 +98,16 @@ def _cjk_font() -> str | None:
     return None
 
 
-def lm_expert_heatmap(layer_share: np.ndarray, tokens: list[str], token_experts: np.ndarray, path: str) -> str:
+def lm_expert_heatmap(layer_share: np.ndarray, tokens: list[str], token_experts: np.ndarray, path: str,
+                      layer_names: list[str] | None = None) -> str:
     """Top: layer x expert share of tokens, averaged over training. Bottom: for one sample sentence, the
-    top-1 expert of every token in every MoE layer (colour = expert id)."""
+    top-1 expert of every token in every MoE layer it passes (colour = expert id)."""
     font = _cjk_font()
     L, E = layer_share.shape
+    names = layer_names or [f"MoE layer {i}" for i in range(L)]
     fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.32 * len(tokens) + 2), 2.5 + 0.45 * L * 2),
                              gridspec_kw={"height_ratios": [L + 1, L + 1]})
-    _heatmap(axes[0], layer_share, [f"MoE layer {i}" for i in range(L)], "share of tokens per expert over training",
+    _heatmap(axes[0], layer_share, names, "share of tokens per expert over training",
              "layer")
     ax = axes[1]
     cmap = plt.get_cmap("tab10" if E <= 10 else "tab20", E)
@@ -116,7 +118,7 @@ def lm_expert_heatmap(layer_share: np.ndarray, tokens: list[str], token_experts:
     else:  # no CJK font: label positions (install fonts-noto-cjk to see the characters)
         ax.set_xticks(range(len(tokens)))
         ax.set_xlabel("token position in a test sentence (install a CJK font, e.g. fonts-noto-cjk, for text)")
-    ax.set_yticks(range(L), [f"MoE layer {i}" for i in range(L)])
+    ax.set_yticks(range(len(token_experts)), names[:len(token_experts)])
     ax.set_title("top-1 expert chosen for each token")
     plt.colorbar(im, ax=ax, ticks=range(E), fraction=0.046, label="expert")
     return _save(fig, path)

@@ -116,7 +116,7 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
     val_seqs = encode_texts(tokenizer, val_texts)
     cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
                   max_steps=0, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0)
-    steps_per_epoch = -(-len(seqs) // cfg.batch_size)
+    steps_per_epoch = -(-len(seqs) // (cfg.batch_size * cfg.accum_steps))
     cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
     if not quiet:
         print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences "
@@ -169,7 +169,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
             print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
 
     train_seqs, train_labels = encoded["train"]
-    steps_per_epoch = -(-len(train_seqs) // train_cfg.batch_size)
+    steps_per_epoch = -(-len(train_seqs) // (train_cfg.batch_size * train_cfg.accum_steps))
     batches = batch_stream(tokenizer, train_seqs, train_labels, model_cfg.max_len, train_cfg.batch_size,
                            train_cfg.seed, device)
     val_seqs, val_labels = encoded["val"]

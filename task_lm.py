@@ -14,8 +14,8 @@ import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
 from models import MoE, ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
-                     save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (MetricsLog, TrainConfig, autocast, fit, last_path, load_checkpoint, load_resume, load_trained,
+                     markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task lm"
 EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
@@ -85,12 +85,16 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     t_start = time.time()
+    resume = load_resume(args, "lm", TRAIN_HINT)
+    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
+        model_cfg, train_cfg, tokenizer, resume = resume
     seed_everything(train_cfg.seed)
     splits = load_splits(args.data, args.text_col, args.quiet)
-    cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
-    tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
-                              progress=not args.quiet)
-    model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, causal=True)
+    if resume is None:
+        cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
+        tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
+                                  progress=not args.quiet)
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, causal=True)
     streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
     model = build_model("lm", model_cfg).to(device)
     total, active = count_params(model, model_cfg)
@@ -107,12 +111,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
 
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"))
-    steps_per_epoch = max(len(streams["train"].ids) // (T * B), 1)
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
+    steps_per_epoch = max(len(streams["train"].ids) // (T * B * train_cfg.accum_steps), 1)
     best = fit(model, train_cfg, random_batches(streams["train"], T, B, train_cfg.seed, device), steps_per_epoch,
                evaluate=lambda: evaluate(model, streams["val"], T, B, device, train_cfg.dtype),
                select="-val_loss", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
-               device=device, log=log, quiet=args.quiet)
+               device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
+    if best["halted"]:  # stopped on purpose half-way: the state is saved, the test split waits for the end
+        return {"task": "lm", "halted": True, "steps": best["steps"], "last_state": last_path(args.checkpoint),
+                "val_loss": best.get("val_loss")}
 
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
     model.load_state_dict(ckpt["state_dict"])
@@ -141,15 +148,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
 
 
 @torch.no_grad()
-def routing_trace(model, tokenizer, text: str):
-    """For one sentence: the token strings and the top-1 expert of each token in each MoE layer (L, T)."""
+def routing_trace(model, tokenizer, text: str, forward=None):
+    """For one sentence: the token strings and the top-1 expert of each token in each MoE layer (L, T).
+
+    `forward(ids)` runs the part of the model to trace (default: the whole model on the ids)."""
     ids = tokenizer.encode(text)[: model.config.max_len]
     captured = []
     hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append((mod, inp[0])))
              for m in model.modules() if isinstance(m, MoE)]
     model.eval()
     try:
-        model(torch.tensor([ids], device=model.tok_emb.weight.device))
+        (forward or model)(torch.tensor([ids], device=model.tok_emb.weight.device))
     finally:
         for h in hooks:
             h.remove()

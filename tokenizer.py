@@ -25,6 +25,10 @@ FORMAT_VERSION = 1
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# The same, except that every Han character is a chunk of its own: merges build characters but never words.
+# For pinyin -> characters this makes one source syllable face one target token (a one-to-one alignment).
+HANZI_SPLIT_PATTERN = r"\p{Han}|" + SPLIT_PATTERN.replace(r"\p{L}+|", r"(?:(?!\p{Han})\p{L})+|", 1)
+PATTERNS = {"bpe": SPLIT_PATTERN, "bpe_hanzi": HANZI_SPLIT_PATTERN}
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|unk|>")
 # BERT-style names for the same ids: the classifier reads [CLS] = bos and [SEP] = eos.
 
@@ -63,7 +67,8 @@ def merge_chunk(ids: list[int], pair: tuple[int, int], new_id: int, deltas: Coun
             i = j + 1
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> list[tuple[int, int]]:
+def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False,
+              pattern: str = SPLIT_PATTERN) -> list[tuple[int, int]]:
     """Learn `vocab_size - 256 - len(SPECIAL_TOKENS)` merges; merge i creates token 256 + i.
 
     Returns the merges in order. Work per merge is proportional to the chunks that contain the merged pair,
@@ -72,7 +77,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> 
     num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if num_merges < 0:
         raise ValueError(f"vocab_size={vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
-    split = regex.compile(SPLIT_PATTERN)
+    split = regex.compile(pattern)
     chunk_counts: Counter = Counter()
     for text in texts:
         chunk_counts.update(split.findall(text))
@@ -205,9 +210,10 @@ def render_token(b: bytes) -> str:
 
 
 class BPETokenizer(Tokenizer):
-    kind = "bpe"
+    """Byte-level BPE; `kind` "bpe" splits text like GPT-4 first, "bpe_hanzi" also cuts between Han characters."""
 
-    def __init__(self, merges: list[tuple[int, int]]):
+    def __init__(self, merges: list[tuple[int, int]], kind: str = "bpe"):
+        self.kind = kind
         self.merges = [tuple(m) for m in merges]
         vocab = {i: bytes([i]) for i in range(256)}
         for i, (a, b) in enumerate(self.merges):
@@ -218,15 +224,15 @@ class BPETokenizer(Tokenizer):
         # token id == merge rank, which is exactly the merge order tiktoken applies
         self.enc = tiktoken.Encoding(
             name="moe-bpe",
-            pat_str=SPLIT_PATTERN,
+            pat_str=PATTERNS[kind],
             mergeable_ranks={b: i for i, b in vocab.items()},
             special_tokens=self.special_tokens,
         )
         self.n_vocab = n + len(SPECIAL_TOKENS)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False) -> "BPETokenizer":
-        return cls(train_bpe(texts, vocab_size, progress=progress))
+    def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False, kind: str = "bpe") -> "BPETokenizer":
+        return cls(train_bpe(texts, vocab_size, progress=progress, pattern=PATTERNS[kind]), kind)
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)  # specials in user text stay text
@@ -239,7 +245,7 @@ class BPETokenizer(Tokenizer):
         return self.enc.decode(ids, errors="replace")
 
     def to_dict(self) -> dict:
-        return {"version": FORMAT_VERSION, "kind": self.kind, "pat_str": SPLIT_PATTERN,
+        return {"version": FORMAT_VERSION, "kind": self.kind, "pat_str": PATTERNS[self.kind],
                 "merges": [list(m) for m in self.merges], "special_tokens": list(SPECIAL_TOKENS)}
 
     def vocab_listing(self) -> str:
@@ -287,19 +293,19 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         raise ValueError(f"tokenizer format version {d.get('version')!r} is not {FORMAT_VERSION}")
     if tuple(d["special_tokens"]) != SPECIAL_TOKENS:
         raise ValueError("tokenizer special tokens differ from this version's")
-    if d["kind"] == "bpe":
-        return BPETokenizer([tuple(m) for m in d["merges"]])
+    if d["kind"] in PATTERNS:
+        return BPETokenizer([tuple(m) for m in d["merges"]], d["kind"])
     if d["kind"] == "char":
         return CharTokenizer(d["chars"])
     raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
 
 
 def train_tokenizer(kind: str, texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:
-    if kind == "bpe":
-        return BPETokenizer.train(texts, vocab_size, progress=progress)
+    if kind in PATTERNS:
+        return BPETokenizer.train(texts, vocab_size, progress=progress, kind=kind)
     if kind == "char":
         return CharTokenizer.train(texts, None)
-    raise ValueError(f"unknown tokenizer {kind!r} (choose bpe or char)")
+    raise ValueError(f"unknown tokenizer {kind!r} (choose bpe, bpe_hanzi or char)")
 
 
 def load_or_train(kind: str, texts: list[str], vocab_size: int, cache_path: str | None = None,

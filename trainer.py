@@ -33,7 +33,11 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
-    dtype: str = "fp32"           # fp32 | bf16 (autocast)
+    dtype: str = "fp32"           # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (autocast + GradScaler, CUDA only)
+    accum_steps: int = 1          # micro-batches per optimizer step (gradient accumulation)
+    grad_checkpoint: bool = False # recompute each block's activations in backward (less memory, ~30% slower)
+    halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
+                                  # max_steps); --resume goes on from there
     tokenizer: str = "bpe"        # bpe | char
     seed: int = 1337
     pretrain_epochs: int = 0      # masked-LM pretraining of the encoder before fine-tuning (0: none)
@@ -44,8 +48,10 @@ class TrainConfig:
     eval_every: int = 0           # steps between evaluations (0: once per epoch)
 
     def __post_init__(self):
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype={self.dtype!r} must be fp32 or bf16")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype={self.dtype!r} must be fp32, bf16 or fp16")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps={self.accum_steps} must be >= 1")
         self.betas = tuple(self.betas)
 
 
@@ -68,8 +74,8 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -130,17 +136,39 @@ def load_trained(path: str, task: str, train_hint: str, device):
     return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
 
 
+def load_resume(args, task: str, train_hint: str):
+    """With --resume: (ModelConfig, TrainConfig, tokenizer, resume state for fit) from <checkpoint>.last.pt, the
+    run's own configs (halt_after cleared so it runs to the end); None without --resume."""
+    if not getattr(args, "resume", False):
+        return None
+    from dataclasses import replace
+    from data import DataError
+    from models import ModelConfig
+    from tokenizer import tokenizer_from_dict
+    path = last_path(args.checkpoint)
+    state = load_checkpoint(path, train_hint)
+    if state.get("task") != task or "resume" not in state:
+        raise DataError(f"{path}: not a resumable {task} run")
+    if not args.quiet:
+        print(f"resuming from {path} at step {state['resume']['step']}", file=sys.stderr)
+    return (ModelConfig(**state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
+            tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"]})
+
+
 # -----------------------------------------------------------------------------
 # The loop
 
 class MetricsLog:
-    """Append-only JSONL log; every row also kept in memory for the plots."""
+    """Append-only JSONL log; every row also kept in memory for the plots. `append` continues a resumed run."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         self.path, self.rows = path, []
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            open(path, "w").close()
+            if append and os.path.exists(path):
+                self.rows = self.read(path)
+            else:
+                open(path, "w").close()
 
     @staticmethod
     def read(path: str) -> list[dict]:
@@ -154,79 +182,173 @@ class MetricsLog:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def last_path(checkpoint: str) -> str:
+    """Where the resumable state of a run lives: next to its best checkpoint."""
+    root, ext = os.path.splitext(checkpoint)
+    return f"{root}.last{ext or '.pt'}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (unpadded) tokens in a batch: every *attention_mask summed, else the size of the LM's idx."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    return sum(int(m.sum()) for m in masks) if masks else batch["idx"].numel()
+
+
 def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_epoch: int,
         evaluate: Callable[[], dict], select: str, on_best: Callable[[dict], None], device: torch.device,
-        log: MetricsLog, quiet: bool = False) -> dict:
+        log: MetricsLog, quiet: bool = False, last: tuple[str, Callable[[dict], dict]] | None = None,
+        resume: dict | None = None) -> dict:
     """Train until max_steps / epochs / time_budget; evaluate every epoch (or eval_every steps).
 
-    `batches` yields dicts the model takes as keyword arguments, with "labels"; the model returns
-    (logits, loss, info). `evaluate()` returns metrics; the best by `select` (higher is better, e.g. val_acc;
-    prefix "-" for lower is better, e.g. "-val_loss") is passed to `on_best` (which writes the checkpoint).
-    Returns the best evaluation's metrics plus "steps" and "train_seconds".
+    `batches` yields dicts the model takes as keyword arguments, with the targets; the model returns
+    (logits, loss, info). One optimizer step uses `accum_steps` batches. `evaluate()` returns metrics; the best
+    by `select` (higher is better, e.g. val_acc; prefix "-" for lower is better, e.g. "-val_loss") is passed to
+    `on_best` (which writes the checkpoint).
+
+    `last` = (path, payload): after every evaluation, at the end and on Ctrl-C, payload(metrics) plus the
+    optimizer, scheduler, scaler, step, RNG and data position is written there; `resume` is that dict loaded
+    back, and the run goes on exactly where it stopped. Returns the best evaluation's metrics plus "steps",
+    "train_seconds" and "skipped_batches" (CUDA out-of-memory batches skipped).
     """
     from tqdm import tqdm
 
+    if cfg.dtype == "fp16" and device.type != "cuda":
+        from data import DataError
+        raise DataError("--dtype fp16 needs a CUDA device (it runs with a GradScaler); use --dtype bf16 on CPU")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
     sign, key = (-1, select[1:]) if select.startswith("-") else (1, select)
+    model.grad_checkpoint = cfg.grad_checkpoint
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **opt_kwargs)
-    best, best_score = {}, -math.inf
-    t0 = time.time()
+    clock = {"t0": time.time()}
+
+    def progress(step: int) -> float:  # the schedule follows whichever ends first: the steps or the clock
+        elapsed = time.time() - clock["t0"]
+        return max(step / total_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(progress(step), cfg.warmup_ratio, cfg.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    best, best_score, step, skipped, consumed = {}, -math.inf, 0, 0, 0
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        step, skipped, best, best_score = resume["step"], resume["skipped"], resume["best"], resume["best_score"]
+        clock["t0"] = time.time() - resume["train_seconds"]
+        for consumed in range(1, resume["consumed"] + 1):  # the data stream is seeded: replay its position
+            next(batches)
+        set_rng_state(resume["rng"])
+
+    def save_last(metrics: dict) -> None:
+        if last:
+            path, payload = last
+            save_checkpoint(path, {**payload(metrics), "resume": {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped, "best": best,
+                "best_score": best_score, "train_seconds": time.time() - clock["t0"], "rng": rng_state()}})
+
     tokens_since, t_since = 0, time.time()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-    step = 0
-    while step < total_steps:
-        elapsed = time.time() - t0
-        if cfg.time_budget and elapsed >= cfg.time_budget:
-            break
-        # the schedule follows whichever ends first: the steps or the clock
-        progress = max(step / total_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
-        lr = cfg.lr * lr_factor(progress, cfg.warmup_ratio, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+    halted = False
+    try:
+        while step < total_steps:
+            if cfg.time_budget and time.time() - clock["t0"] >= cfg.time_budget:
+                break
+            if cfg.halt_after and step >= cfg.halt_after:
+                halted = True
+                break
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss_sum = 0.0
+                for _ in range(cfg.accum_steps):
+                    batch = next(batches)
+                    consumed += 1
+                    with autocast(device, cfg.dtype):
+                        _, loss, info = model(**batch, label_smoothing=cfg.label_smoothing)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                    loss_sum += float(loss.detach()) / cfg.accum_steps
+                    tokens_since += count_tokens(batch)
+            except torch.OutOfMemoryError:
+                # skip this batch and go on; a run that cannot fit any batch should fail loudly instead
+                batch = loss = info = None
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                skipped += 1
+                tqdm.write(f"warning: out of memory at step {step + 1}; batch skipped ({skipped} so far)")
+                if skipped > 100 and skipped > step:
+                    from data import DataError
+                    raise DataError(f"out of memory on {skipped} batches; lower --batch_size or set "
+                                    "--set grad_checkpoint=true") from None
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step()
 
-        model.train()
-        batch = next(batches)
-        with autocast(device, cfg.dtype):
-            _, loss, info = model(**batch, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
-        step += 1
-        tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["idx"].numel()
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.time()
+                tok_s = tokens_since / max(now - t_since, 1e-9)
+                tokens_since, t_since = 0, now
+                row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_sum, "ce": info["ce"],
+                       "aux_balance": info["balance"], "aux_z": info["z"], "lr": lr, "tokens_per_s": tok_s,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
+                       "time": now - clock["t0"]}
+                log.write(row)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", aux=f"{info['balance']:.3f}", lr=f"{lr:.1e}",
+                                tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if cfg.time_budget and step % 20 == 0:  # show the steps the clock will allow, not the step cap
+                elapsed = max(time.time() - clock["t0"], 1e-9)
+                bar.total = min(total_steps, max(step, int(step * cfg.time_budget / elapsed)))
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            now = time.time()
-            tok_s = tokens_since / max(now - t_since, 1e-9)
-            tokens_since, t_since = 0, now
-            row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": float(loss.detach()), "ce": info["ce"],
-                   "aux_balance": info["balance"], "aux_z": info["z"], "lr": lr, "tokens_per_s": tok_s,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
-                   "time": now - t0}
-            log.write(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", aux=f"{info['balance']:.3f}", lr=f"{lr:.1e}",
-                            tok_s=f"{tok_s:,.0f}")
-        bar.update(1)
-        if cfg.time_budget and step % 20 == 0:  # show the steps the clock will allow, not the step cap
-            bar.total = min(total_steps, max(step, int(step * cfg.time_budget / max(time.time() - t0, 1e-9))))
-
-        budget_done = cfg.time_budget and time.time() - t0 >= cfg.time_budget
-        if step % eval_every == 0 or step == total_steps or budget_done:
-            metrics = evaluate()
-            metrics.update(step=step, epoch=step / steps_per_epoch, time=time.time() - t0)
-            log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
-            if not quiet:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                  if k.startswith("val_") and isinstance(v, float))
-                tqdm.write(f"step {step} (epoch {step / steps_per_epoch:.1f}): {shown}")
-            if sign * metrics[key] > best_score:
-                best_score, best = sign * metrics[key], metrics
-                on_best(metrics)
-    bar.close()
-    return {**best, "steps": step, "train_seconds": time.time() - t0}
+            budget_done = cfg.time_budget and time.time() - clock["t0"] >= cfg.time_budget
+            halting = cfg.halt_after and step >= cfg.halt_after
+            if step % eval_every == 0 or step == total_steps or budget_done or halting:
+                metrics = evaluate()
+                metrics.update(step=step, epoch=step / steps_per_epoch, time=time.time() - clock["t0"])
+                log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
+                if not quiet:
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                      if k.startswith("val_") and isinstance(v, float))
+                    tqdm.write(f"step {step} (epoch {step / steps_per_epoch:.1f}): {shown}")
+                if sign * metrics[key] > best_score:
+                    best_score, best = sign * metrics[key], metrics
+                    on_best(metrics)
+                save_last(best)
+    except KeyboardInterrupt:
+        save_last(best)
+        if last:
+            tqdm.write(f"interrupted at step {step}; the state is in {last[0]}: add --resume to go on")
+        raise
+    finally:
+        bar.close()
+    if skipped:
+        tqdm.write(f"warning: {skipped} batch(es) skipped for CUDA out-of-memory")
+    return {**best, "steps": step, "train_seconds": time.time() - clock["t0"], "skipped_batches": skipped,
+            "halted": halted}
 
 
 def train_variants(train_fn, variants: dict, train_cfg: TrainConfig, args, device) -> tuple[dict, dict]:

@@ -1,0 +1,265 @@
+"""The seq2seq task: pinyin -> Chinese characters (or any source -> target pairs) with an encoder-decoder MoE."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+import plots
+from data import (DataError, atomic_write_csv, length_bucketed_batches, pinyin_splits, read_table, tokenizer_cache,
+                  user_pair_splits)
+from models import ModelConfig, build_model, count_params
+from task_lm import routing_trace
+from tokenizer import load_or_train
+from trainer import (MetricsLog, TrainConfig, autocast, fit, last_path, load_checkpoint, load_resume,
+                     load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+
+TRAIN_HINT = "python main.py --train --task seq2seq"
+EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def load_splits(data: str | None, seed: int, quiet: bool) -> dict:
+    return user_pair_splits(data, seed) if data else pinyin_splits(quiet=quiet)
+
+
+class Pairs:
+    """A split as token ids: sources truncated to max_len, targets to max_len - 1 (room for <bos>/<eos>)."""
+
+    def __init__(self, tokenizer, df, max_len: int):
+        self.sources, self.targets = list(df.source), list(df.target)
+        self.src = [s[:max_len] for s in tokenizer.encode_batch(self.sources)]
+        self.tgt = [t[:max_len - 1] for t in tokenizer.encode_batch(self.targets)]
+
+    def __len__(self):
+        return len(self.src)
+
+
+def collate(tokenizer, src: list[list[int]], tgt: list[list[int]] | None, device) -> dict:
+    """Right-padded source; decoder input <bos> + target, labels target + <eos> (-100 on padding)."""
+    ids, mask = tokenizer.pad_batch(src, 10 ** 9, add_special=False)
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    if tgt is not None:
+        dec, dec_mask = tokenizer.pad_batch([[tokenizer.bos_id] + t for t in tgt], 10 ** 9, add_special=False)
+        labels = [t + [tokenizer.eos_id] + [-100] * (len(dec[0]) - len(t) - 1) for t in tgt]
+        batch.update(decoder_input_ids=torch.tensor(dec), decoder_attention_mask=torch.tensor(dec_mask),
+                     labels=torch.tensor(labels))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_stream(tokenizer, pairs: Pairs, batch_size: int, seed: int, device):
+    """Endless length-bucketed batches, reshuffled every epoch from one seeded RNG (replayable for --resume)."""
+    rng = random.Random(seed)
+    lengths = [len(s) + len(t) for s, t in zip(pairs.src, pairs.tgt)]
+    while True:
+        for idx in length_bucketed_batches(lengths, batch_size, rng):
+            yield collate(tokenizer, [pairs.src[i] for i in idx], [pairs.tgt[i] for i in idx], device)
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between two strings."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def score(preds: list[str], targets: list[str]) -> dict:
+    """Character accuracy = 1 - CER (edit distance / target characters, over the whole set); exact match."""
+    errors = sum(edit_distance(p, t) for p, t in zip(preds, targets))
+    chars = sum(len(t) for t in targets)
+    return {"char_acc": 1 - errors / max(chars, 1),
+            "exact_match": sum(p == t for p, t in zip(preds, targets)) / max(len(targets), 1)}
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+@torch.no_grad()
+def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp32", beam: int = 1,
+            length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False) -> list[str]:
+    """Decode every source (greedy, or beam search when beam > 1); batches of similar length, original order."""
+    from tqdm import tqdm
+    model.eval()
+    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
+    out = [""] * len(src_ids)
+    for start in tqdm(range(0, len(order), batch_size), desc="decode", disable=not progress, unit="batch"):
+        idx = order[start:start + batch_size]
+        batch = collate(tokenizer, [src_ids[i] or [tokenizer.eos_id] for i in idx], None, device)
+        args = (batch["input_ids"], batch["attention_mask"], tokenizer.bos_id, tokenizer.eos_id,
+                model.config.max_len - 1)
+        with autocast(device, dtype):
+            ids = model.beam_search(*args, beam, length_penalty) if beam > 1 else model.greedy(*args)
+        for i, seq in zip(idx, ids):
+            out[i] = tokenizer.decode(seq)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, pairs: Pairs, device, dtype: str, decode: int = EVAL_DECODE,
+             batch_size: int = 128, prefix: str = "val") -> dict:
+    """Teacher-forced loss over the split (no dropout, no router noise) and greedy-decoding accuracy on the
+    first `decode` pairs (all when 0)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = collate(tokenizer, pairs.src[i:i + batch_size], pairs.tgt[i:i + batch_size], device)
+        with autocast(device, dtype):
+            _, _, info = model(**batch)
+        n = int((batch["labels"] != -100).sum())
+        total, count = total + info["ce"] * n, count + n
+    n = decode or len(pairs)
+    preds = convert(model, tokenizer, pairs.src[:n], device, dtype, batch_size=batch_size)
+    quality = score(preds, pairs.targets[:n])
+    return {f"{prefix}_loss": total / max(count, 1), f"{prefix}_char_acc": quality["char_acc"],
+            f"{prefix}_exact_match": quality["exact_match"], "_preds": preds}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    t_start = time.time()
+    resume = load_resume(args, "seq2seq", TRAIN_HINT)
+    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
+        model_cfg, train_cfg, tokenizer, resume = resume
+    seed_everything(train_cfg.seed)
+    splits = load_splits(args.data, train_cfg.seed, args.quiet)
+    if resume is None:
+        cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer, model_cfg.vocab_size)
+        texts = list(splits["train"].source) + list(splits["train"].target)
+        tokenizer = load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not args.quiet)
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab)
+    pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
+    model = build_model("seq2seq", model_cfg).to(device)
+    total, active = count_params(model, model_cfg)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not args.quiet:
+        sizes = "/".join(f"{len(pairs[s]):,}" for s in ("train", "val", "test"))
+        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
+              f"{tokenizer.n_vocab}; train/val/test pairs {sizes}", file=sys.stderr)
+
+    def payload(metrics: dict) -> dict:
+        return {"task": "seq2seq", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
+                "tokenizer": tokenizer.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
+    B = train_cfg.batch_size
+    steps_per_epoch = max(len(pairs["train"]) // (B * train_cfg.accum_steps), 1)
+    best = fit(model, train_cfg, batch_stream(tokenizer, pairs["train"], B, train_cfg.seed, device),
+               steps_per_epoch,
+               evaluate=lambda: evaluate(model, tokenizer, pairs["val"], device, train_cfg.dtype),
+               select="val_char_acc", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
+               device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
+    summary = {"task": "seq2seq", "checkpoint": args.checkpoint, "last_state": last_path(args.checkpoint),
+               "out_dir": args.out_dir, "params_total": total, "params_active": active,
+               "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
+               "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 1)}
+    if best["halted"]:  # stopped on purpose half-way: the state is saved, the test split waits for the end
+        last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
+        return {**summary, "halted": True, "train_loss": last_loss, "val_loss": best.get("val_loss"),
+                "val_char_acc": best.get("val_char_acc")}
+
+    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
+    model.load_state_dict(ckpt["state_dict"])
+    test = evaluate(model, tokenizer, pairs["test"], device, train_cfg.dtype, decode=0, prefix="test")
+    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
+               **{k: v for k, v in test.items() if not k.startswith("_")}}
+    ckpt["metrics"] = metrics
+    save_checkpoint(args.checkpoint, ckpt)
+    atomic_write_csv(splits["test"].assign(pred=test["_preds"]), os.path.join(args.out_dir, "test_predictions.csv"))
+
+    kind = "dense" if not model_cfg.num_experts else "MoE"
+    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"), f"seq2seq ({kind})",
+                                quality_keys=("val_char_acc", "val_exact_match"))
+    heat_png = None
+    loads = [r["expert_load"] for r in log.rows if r.get("expert_load")]
+    if loads:
+        sample = pairs["test"].sources[0]
+        tokens, experts = routing_trace(model, tokenizer, sample, forward=lambda ids: model.encode(
+            ids, torch.ones_like(ids)))
+        heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
+                                           os.path.join(args.out_dir, "expert_heatmap.png"),
+                                           layer_names=moe_layer_names(model))
+    return {**summary, "loss_curve": loss_png, "expert_heatmap": heat_png,
+            "wall_seconds": round(time.time() - t_start, 1),
+            "tokens_per_s": round(np.mean([r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:] or [0])),
+            **{k: metrics.get(k) for k in ("val_loss", "val_char_acc", "val_exact_match", "test_loss",
+                                           "test_char_acc", "test_exact_match")}}
+
+
+def moe_layer_names(model) -> list[str]:
+    """'enc 0', 'dec 1', ... for the MoE layers, in the order their stats are logged (encoder first)."""
+    from models import MoE
+    return [f"{side} {i}" for side, stack in (("enc", model.encoder), ("dec", model.decoder))
+            for i, block in enumerate(stack) if isinstance(block.ffn, MoE)]
+
+
+# -----------------------------------------------------------------------------
+# Using a trained model
+
+def source_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    return [s[:max_len] for s in tokenizer.encode_batch(texts)]
+
+
+def infer(args, device) -> dict:
+    """Convert one --text (pinyin for the default model; any source text for a model trained on your pairs)."""
+    if not args.text or not args.text.strip():
+        raise DataError("--infer needs --text, e.g. --text \"wo ai bian cheng\"")
+    model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
+    t0 = time.perf_counter()
+    pred = convert(model, tokenizer, source_ids(tokenizer, [args.text.strip()], model.config.max_len), device,
+                   ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty)[0]
+    return {"source": args.text.strip(), "pred": pred, "beam": args.beam,
+            "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+
+def classify(args, device) -> dict:
+    """Convert every row of --input (columns source or question, or --text_col); keep the input columns, add
+    `pred`; with target (or answer) columns, report character accuracy and exact match."""
+    df = read_table(args.input)
+    src_col = next((c for c in ("source", "question", args.text_col) if c in df.columns), None)
+    if src_col is None:
+        raise DataError(f"{args.input}: need a source (or question) column, or name one with --text_col; "
+                        f"columns: {', '.join(map(str, df.columns))}")
+    model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
+    sources = [str(s).strip() for s in df[src_col]]
+    t0 = time.time()
+    preds = convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), device,
+                    ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty,
+                    progress=not args.quiet)
+    seconds = time.time() - t0
+    out = args.output or os.path.join(args.out_dir, "predictions.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_csv(df.assign(pred=preds), out)
+    result = {"task": "seq2seq", "input": args.input, "output": out, "rows": len(df), "beam": args.beam,
+              "sentences_per_s": round(len(df) / max(seconds, 1e-9), 1)}
+    tgt_col = next((c for c in ("target", "answer") if c in df.columns), None)
+    if tgt_col:
+        result.update(score(preds, [str(t).strip() for t in df[tgt_col]]))
+    return result
+
+
+def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
+    """MoE vs the dense model with the same active parameters, same budget, same split."""
+    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
+                                     train_cfg, args, device)
+    table = markdown_table(results, ["params_total", "params_active", "steps", "train_seconds", "tokens_per_s",
+                                     "val_loss", "val_char_acc", "test_loss", "test_char_acc",
+                                     "test_exact_match"])
+    return write_comparison(table, curves, args.out_dir, "val_char_acc", results)

@@ -1,0 +1,340 @@
+"""The seq2seq task: pinyin pairs, encoder-decoder decoding (cache, beam), the training toolbox (resume,
+accumulation, checkpointing, OOM skip, bf16), and main.py end to end on the tiny preset."""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import data
+import main
+from models import ModelConfig, Seq2Seq, LanguageModel
+from task_s2s import edit_distance, score
+from test_cli import run_main
+from trainer import MetricsLog, TrainConfig, fit, last_path, load_trained
+
+# written for these tests: short everyday and news-style sentences
+SENTENCES = """我爱编程。今天天气很好。我们一起去公园散步吧！他在北京大学读书。这本书非常有意思。
+明天上午九点开会。请把窗户打开。中国人民银行发布了新的政策。经济发展速度加快。学生们在操场上跑步。
+春节快到了，大家都很高兴。她喜欢唱歌和跳舞。医生建议他多喝水。这个城市的交通很方便。
+我们要保护环境。老师正在给学生上课。火车站离这里不远。他每天早上六点起床。新年的钟声敲响了。
+工厂的产量提高了一倍。农民今年获得了好收成。电脑已经走进了千家万户。孩子们在院子里玩耍。
+会议讨论了明年的工作计划。科学技术是第一生产力。我想去上海看看。这家饭店的菜很好吃。
+你明天有时间吗？运动员们取得了优异的成绩。政府加大了对教育的投入。他们正在修建一座新桥。
+我们的生活越来越好。图书馆里有很多人在看书。天气预报说今天有雨。妈妈做的饭最香。
+记者采访了当地的居民。市场上的水果很新鲜。全国各地都在庆祝节日。他把钥匙忘在家里了。
+这条河的水很清。我们应该互相帮助。公司决定招聘新的员工。人民群众的生活水平不断提高。""".split()
+
+
+def sentences():
+    return [s for line in SENTENCES for s in data.split_sentences(line, min_chars=3)]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.tsv"
+    targets = sentences()
+    pd.DataFrame({"source": [data.to_pinyin(t) for t in targets], "target": targets}).to_csv(
+        path, sep="\t", index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pairs_file):
+    d = tmp_path_factory.mktemp("s2s")
+    ckpt, out = str(d / "s2s.pt"), str(d / "run")
+    proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--checkpoint", ckpt,
+                    "--out_dir", out, "--max_steps", "80", "--set", "vocab_size=300")
+    return ckpt, out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -----------------------------------------------------------------------------
+# Data and metrics
+
+def test_pinyin_and_sentence_splitting():
+    assert data.to_pinyin("我爱编程") == "wo ai bian cheng"
+    assert data.to_pinyin("重庆的行长说：好！") == "chong qing de hang zhang shuo ： hao ！"
+    assert data.split_sentences("他说：“走吧。”好的！短。这句话没有句号") == ["他说：“走吧。”", "这句话没有句号"]
+
+
+def test_builtin_pinyin_pairs_follow_the_paragraph_split():
+    splits = data.pinyin_splits(quiet=True)
+    assert len(splits["train"]) > 30_000 and len(splits["val"]) > 1_000 and len(splits["test"]) > 1_000
+    # split by paragraph: a test sentence is in train only when the newspaper repeated it word for word
+    repeated = set(splits["train"].target) & set(splits["test"].target)
+    assert len(repeated) < 0.02 * len(splits["test"])
+    row = splits["test"].iloc[0]
+    assert 4 <= len(row.target) <= 64 and row.source.split()[0].isascii()
+    assert data.to_pinyin(row.target) == row.source
+
+
+def test_edit_distance_and_scores():
+    assert edit_distance("我爱编程", "我爱编程") == 0
+    assert edit_distance("我爱变成", "我爱编程") == 2
+    assert edit_distance("", "abc") == 3 and edit_distance("abcd", "abc") == 1
+    s = score(["我爱编程", "你好"], ["我爱编程", "你们好"])
+    assert s["exact_match"] == 0.5 and s["char_acc"] == pytest.approx(1 - 1 / 7)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text\tlabel\nni hao\t你好\n", "need columns source and target"),
+    ("", "file is empty"),
+    ("source\ttarget\nni hao\t你好\nwo\t\n", "row 2 has an empty 'target'"),
+])
+def test_bad_pair_files_fail_with_one_line(tmp_path, content, message):
+    path = tmp_path / "pairs.tsv"
+    path.write_text(content, encoding="utf-8")
+    proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", str(path), "--checkpoint",
+                    str(tmp_path / "m.pt"), check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "m.pt")
+
+
+def test_question_answer_columns_are_accepted(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    pd.DataFrame({"question": ["你好吗"] * 20, "answer": ["我很好"] * 20}).to_json(path, orient="records",
+                                                                                  lines=True, force_ascii=False)
+    splits = data.user_pair_splits(str(path), seed=1)
+    assert list(splits["train"].columns) == ["source", "target"] and len(splits["train"]) == 18
+
+
+# -----------------------------------------------------------------------------
+# Model and decoding
+
+def tiny_s2s(**kw):
+    base = dict(vocab_size=40, max_len=16, d_model=32, n_heads=2, num_layers=2, d_ff=16, num_experts=4, top_k=2,
+                dropout=0.0, moe_layers="odd")
+    base.update(kw)
+    torch.manual_seed(0)
+    model = Seq2Seq(ModelConfig(**base))
+    with torch.no_grad():  # larger weights than at init, so decoding paths differ between sources
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def source_batch():
+    src = torch.randint(5, 40, (3, 9))
+    mask = torch.ones_like(src)
+    mask[1, 6:] = 0  # one padded source
+    return src, mask
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cached_decoder_equals_full_decoder(rope):
+    model = tiny_s2s(rope=rope)
+    src, mask = source_batch()
+    tgt = torch.randint(5, 40, (3, 12))
+    with torch.no_grad():
+        memory, _ = model.encode(src, mask)
+        full, _ = model.decode(tgt, memory, mask)
+        caches = [{} for _ in model.decoder]
+        steps = [model.decode(tgt[:, t:t + 1], memory, mask, caches=caches)[0] for t in range(12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cached_and_uncached_greedy_agree_and_beam_1_is_greedy(rope):
+    model = tiny_s2s(rope=rope)
+    src, mask = source_batch()
+    cached = model.greedy(src, mask, bos_id=1, eos_id=2, max_new_tokens=15)
+    uncached = model.greedy(src, mask, bos_id=1, eos_id=2, max_new_tokens=15, use_cache=False)
+    assert cached == uncached and len(set(map(tuple, cached))) > 1
+    assert model.beam_search(src, mask, 1, 2, 15, beam_size=1) == cached
+
+
+def test_beam_search_scores_at_least_as_well_as_greedy():
+    model = tiny_s2s()
+    src, mask = source_batch()
+
+    def logprob(i, seq):  # summed log-probability of seq + eos for source i
+        dec_in = torch.tensor([[1] + seq])
+        logits, _, _ = model(src[i:i + 1], mask[i:i + 1], dec_in)
+        return float(logits.log_softmax(-1)[0, torch.arange(len(seq) + 1), torch.tensor(seq + [2])].sum())
+
+    greedy = model.greedy(src, mask, 1, 2, 15)
+    beam = model.beam_search(src, mask, 1, 2, 15, beam_size=4, length_penalty=0.0)
+    for i in range(3):
+        if len(greedy[i]) < 15 and len(beam[i]) < 15:  # both finished with eos
+            assert logprob(i, beam[i]) >= logprob(i, greedy[i]) - 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_s2s(dropout=0.1, moe_layers="all").train()
+        model.grad_checkpoint = ckpt
+        src, mask = source_batch()
+        tgt = torch.randint(5, 40, (3, 10))
+        torch.manual_seed(1)  # same dropout masks and router noise
+        _, loss, _ = model(src, mask, tgt, labels=tgt)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The training toolbox (trainer.fit)
+
+def lm_batches(n, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"idx": torch.randint(0, 64, (B, 16), generator=g), "targets": torch.randint(0, 64, (B, 16), generator=g)}
+            for _ in range(n)]
+
+
+def fit_lm(batches, quiet=True, **cfg):
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
+                                      num_experts=4, top_k=2, dropout=0.0, noisy_gate=False))
+    cfg = TrainConfig(**{"max_steps": 1, "warmup_ratio": 0.0, "lr": 1e-2, **cfg})
+    result = fit(model, cfg, iter(batches), 1, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
+                 on_best=lambda m: None, device=torch.device("cpu"), log=MetricsLog(None), quiet=quiet)
+    return model, result
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    small = lm_batches(2, 4)
+    big = [{k: torch.cat([small[0][k], small[1][k]]) for k in small[0]}]
+    a, _ = fit_lm(small, accum_steps=2)
+    b, _ = fit_lm(big, accum_steps=1)
+    c, _ = fit_lm(small[:1], accum_steps=1)  # one half only: what a broken accumulation would learn
+    # AdamW's first step moves each weight by lr * sign(grad): only gradients within float noise of zero may
+    # come out with the other sign, so nearly every weight must agree, and far fewer with the half batch
+    def agree(m1, m2):
+        same = sum(int(torch.isclose(p1, p2, atol=1e-6).sum()) for p1, p2 in zip(m1.parameters(), m2.parameters()))
+        return same / sum(p.numel() for p in m1.parameters())
+    assert agree(a, b) > 0.99 and agree(a, c) < 0.9
+
+
+def test_out_of_memory_batch_is_skipped_and_counted():
+    batches = lm_batches(4, 2)
+    calls = {"n": 0}
+
+    class Flaky(LanguageModel):
+        def forward(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().forward(*a, **kw)
+
+    torch.manual_seed(0)
+    model = Flaky(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
+                              num_experts=4, top_k=2, dropout=0.0))
+    result = fit(model, TrainConfig(max_steps=3), iter(batches), 1, evaluate=lambda: {"val_loss": 0.0},
+                 select="-val_loss", on_best=lambda m: None, device=torch.device("cpu"), log=MetricsLog(None),
+                 quiet=True)
+    assert result["steps"] == 3 and result["skipped_batches"] == 1 and calls["n"] == 4
+
+
+def test_warmup_then_decay_schedule(tmp_path):
+    log = MetricsLog(str(tmp_path / "m.jsonl"))
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=1, d_ff=16,
+                                      num_experts=0, dropout=0.0))
+    fit(model, TrainConfig(max_steps=20, warmup_ratio=0.25, lr=1e-2, min_lr_ratio=0.1, log_every=1),
+        iter(lm_batches(20, 2)), 20, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
+        on_best=lambda m: None, device=torch.device("cpu"), log=log, quiet=True)
+    rows = [r["lr"] for r in log.rows if "lr" in r]
+    peak = rows.index(max(rows))
+    assert 3 <= peak <= 6 and max(rows) == pytest.approx(1e-2, rel=0.05)
+    assert all(a <= b for a, b in zip(rows[:peak], rows[1:peak + 1]))
+    assert all(a >= b for a, b in zip(rows[peak:], rows[peak + 1:])) and rows[-1] < 0.2e-2
+
+
+def test_resume_continues_exactly(tmp_path, pairs_file):
+    common = ["--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--max_steps", "12",
+              "--set", "vocab_size=300", "--set", "dropout=0.1", "--set", "eval_every=4", "--set", "log_every=2",
+              "--quiet"]
+
+    def run(name, *extra):
+        d = tmp_path / name
+        assert main.main(common + ["--checkpoint", str(d / "m.pt"), "--out_dir", str(d), *extra]) == 0
+        return d
+
+    straight = run("straight")
+    run("halted", "--set", "halt_after=6")
+    assert torch.load(last_path(str(tmp_path / "halted" / "m.pt")), weights_only=True)["resume"]["step"] == 6
+    resumed = run("halted", "--resume")
+    rows = {name: [r for r in MetricsLog.read(str(d / "metrics.jsonl")) if "train_loss" in r]
+            for name, d in (("a", straight), ("b", resumed))}
+    assert [r["step"] for r in rows["b"]] == [2, 4, 6, 8, 10, 12]
+    for ra, rb in zip(rows["a"], rows["b"]):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-5)
+    a = torch.load(last_path(str(straight / "m.pt")), weights_only=True)["state_dict"]
+    b = torch.load(last_path(str(resumed / "m.pt")), weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, pairs_file, capsys):
+    assert main.main(["--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--max_steps", "6",
+                      "--dtype", "bf16", "--set", "vocab_size=300", "--set", "accum_steps=2", "--set",
+                      "grad_checkpoint=true", "--checkpoint", str(tmp_path / "m.pt"), "--out_dir", str(tmp_path),
+                      "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 6 and summary["val_loss"] < 10
+
+
+def test_fp16_on_cpu_and_resume_without_state_fail_with_one_line(tmp_path, pairs_file):
+    for extra, message in ((["--dtype", "fp16"], "fp16 needs a CUDA device"),
+                           (["--resume"], "no checkpoint; train one first")):
+        proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--checkpoint",
+                        str(tmp_path / "m.pt"), "--device", "cpu", *extra, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# main.py end to end
+
+def test_training_lowers_the_loss_and_writes_everything(trained):
+    ckpt, out, summary = trained
+    rows = MetricsLog.read(os.path.join(out, "metrics.jsonl"))
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    for png in ("loss_curve.png", "expert_heatmap.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 10_000
+    assert {"test_char_acc", "test_exact_match", "val_char_acc"} <= set(summary)
+    preds = pd.read_csv(os.path.join(out, "test_predictions.csv"))
+    assert list(preds.columns) == ["source", "target", "pred"]
+
+
+def test_checkpoint_round_trip(trained, pairs_file):
+    ckpt, out, summary = trained
+    model, tokenizer, saved = load_trained(ckpt, "seq2seq", "", torch.device("cpu"))
+    from task_s2s import Pairs, evaluate
+    test = data.user_pair_splits(pairs_file, seed=saved["train_config"]["seed"])["test"]
+    res = evaluate(model, tokenizer, Pairs(tokenizer, test, model.config.max_len), torch.device("cpu"), "fp32",
+                   decode=0, prefix="test")
+    assert res["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    assert res["test_char_acc"] == pytest.approx(summary["test_char_acc"])
+
+
+def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
+    ckpt, out, _ = trained
+    proc = run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng", "--json")
+    result = json.loads(proc.stdout)
+    assert result["source"] == "wo ai bian cheng" and isinstance(result["pred"], str)
+    beam = json.loads(run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng",
+                               "--json", "--beam", "3").stdout)
+    assert beam["beam"] == 3
+
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"id": [1, 2], "source": ["wo ai bian cheng", "jin tian tian qi hen hao 。"],
+                  "target": ["我爱编程", "今天天气很好。"]}).to_csv(src, index=False)
+    dst = tmp_path / "preds.csv"
+    proc = run_main("--classify", "--task", "seq2seq", "--checkpoint", ckpt, "--input", str(src), "--output",
+                    str(dst))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    out_df = pd.read_csv(dst)
+    assert list(out_df.columns) == ["id", "source", "target", "pred"] and result["rows"] == 2
+    assert "char_acc" in result and "exact_match" in result
+
+
+def test_infer_without_checkpoint_says_how_to_train(tmp_path):
+    proc = run_main("--infer", "--task", "seq2seq", "--checkpoint", str(tmp_path / "none.pt"), "--text", "ni hao",
+                    check=False)
+    assert proc.returncode == 2 and "python main.py --train --task seq2seq" in proc.stderr
