@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "target (or question and answer) columns (shuffled, split 90/5/5)")
     g.add_argument("--text_col", default="text", help="text column of --data/--input (default text)")
     g.add_argument("--label_col", default="label", help="label column of --data/--input (default label)")
-    g.add_argument("--text", default=None, help="--infer: the text to classify")
+    g.add_argument("--text", default=None, help="--infer: the text to classify (cls) or convert (seq2seq)")
     g.add_argument("--input", default=None, help="--classify: the file to label; --eval: the text file to score")
     g.add_argument("--output", default=None, help="--classify: predictions CSV (default <out_dir>/predictions.csv)")
     g.add_argument("--json", action="store_true", help="--infer: print one JSON object instead of a table")

@@ -301,6 +301,18 @@ def sum_aux(stats: list[MoEOutput | None], device) -> tuple[torch.Tensor, dict]:
     }
 
 
+def task_loss(logits, labels, stats: list[MoEOutput | None], label_smoothing: float = 0.0):
+    """(loss, info): cross-entropy of logits (..., classes) against labels (...; -100 is ignored) plus the
+    weighted aux losses of every MoE layer; loss is None without labels. info["ce"] is the plain CE."""
+    aux, info = sum_aux(stats, logits.device)
+    if labels is None:
+        return None, info
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                         label_smoothing=label_smoothing)
+    info["ce"] = float(ce.detach())
+    return ce + aux, info
+
+
 def run_blocks(blocks: nn.ModuleList, x, checkpointing: bool = False, caches=None, **kwargs):
     """Run a stack of Blocks -> (x, [MoEOutput|None per block]).
 
@@ -393,7 +405,7 @@ class Classifier(nn.Module):
                 y = self.pooled_ffn(h)
             pooled = self.norm(pooled + y[:, 0])
         logits = self.head(self.drop(pooled)).float()  # (B, classes)
-        return logits, *self._loss(logits, labels, stats, label_smoothing)
+        return logits, *task_loss(logits, labels, stats, label_smoothing)
 
     def mlm(self, input_ids, attention_mask, labels, label_smoothing=0.0):
         """Masked-LM pretraining of the encoder (BERT): predict the original token where labels != -100.
@@ -405,16 +417,7 @@ class Classifier(nn.Module):
         x, stats = self.encode(input_ids, attention_mask)
         picked = labels != -100
         logits = (x[picked] @ self.tok_emb.weight.t()).float()  # (masked tokens, vocab)
-        return logits, *self._loss(logits, labels[picked], stats, label_smoothing)
-
-    @staticmethod
-    def _loss(logits, labels, stats, label_smoothing):
-        aux, info = sum_aux(stats, logits.device)
-        if labels is None:
-            return None, info
-        ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        info["ce"] = float(ce.detach())
-        return ce + aux, info
+        return logits, *task_loss(logits, labels[picked], stats, label_smoothing)
 
 
 class MaskedLM(nn.Module):
@@ -465,14 +468,7 @@ class LanguageModel(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos)[None])  # (B, T, C)
         x, stats = run_blocks(self.blocks, x, self.grad_checkpoint, caches, causal=True)
         logits = (self.norm(x) @ self.tok_emb.weight.t()).float()  # (B, T, V), tied embedding
-        aux, info = sum_aux(stats, idx.device)
-        loss = None
-        if targets is not None:
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                                 label_smoothing=label_smoothing)
-            info["ce"] = float(ce.detach())
-            loss = ce + aux
-        return logits, loss, info
+        return logits, *task_loss(logits, targets, stats, label_smoothing)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -551,14 +547,7 @@ class Seq2Seq(nn.Module):
         """Teacher forcing. labels (B, T): the next target token, -100 on padding -> logits, loss, info."""
         memory, enc_stats = self.encode(input_ids, attention_mask)
         logits, dec_stats = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
-        aux, info = sum_aux(enc_stats + dec_stats, logits.device)
-        loss = None
-        if labels is not None:
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                                 label_smoothing=label_smoothing)
-            info["ce"] = float(ce.detach())
-            loss = ce + aux
-        return logits, loss, info
+        return logits, *task_loss(logits, labels, enc_stats + dec_stats, label_smoothing)
 
     def _start(self, input_ids, attention_mask, bos_id: int, use_cache: bool):
         memory, _ = self.encode(input_ids, attention_mask)

@@ -5,7 +5,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts
                   length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, fit, load_checkpoint, load_trained, markdown_table,
-                     save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, load_checkpoint, load_trained,
+                     markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -175,10 +175,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     val_seqs, val_labels = encoded["val"]
 
     def payload(metrics: dict) -> dict:
-        return {"task": "cls", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
-                "tokenizer": tokenizer.to_dict(), "label_names": names,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+        return checkpoint_payload("cls", model, model_cfg, train_cfg, tokenizer, metrics, label_names=names)
 
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"))
     best = fit(model, train_cfg, batches, steps_per_epoch,

@@ -5,7 +5,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -14,8 +14,8 @@ import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
 from models import MoE, ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, fit, last_path, load_checkpoint, load_resume, load_trained,
-                     markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, last_path, load_checkpoint, load_resume,
+                     load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task lm"
 EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
@@ -106,10 +106,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
               f"{tokenizer.n_vocab}; train/val/test tokens {sizes}", file=sys.stderr)
 
     def payload(metrics: dict) -> dict:
-        return {"task": "lm", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
-                "tokenizer": tokenizer.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+        return checkpoint_payload("lm", model, model_cfg, train_cfg, tokenizer, metrics)
 
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
     steps_per_epoch = max(len(streams["train"].ids) // (T * B * train_cfg.accum_steps), 1)

@@ -5,7 +5,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,8 +16,8 @@ from data import (DataError, atomic_write_csv, length_bucketed_batches, pinyin_s
 from models import ModelConfig, build_model, count_params
 from task_lm import routing_trace
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, fit, last_path, load_checkpoint, load_resume,
-                     load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, last_path, load_checkpoint,
+                     load_resume, load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
 EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
@@ -153,10 +153,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
               f"{tokenizer.n_vocab}; train/val/test pairs {sizes}", file=sys.stderr)
 
     def payload(metrics: dict) -> dict:
-        return {"task": "seq2seq", "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
-                "tokenizer": tokenizer.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+        return checkpoint_payload("seq2seq", model, model_cfg, train_cfg, tokenizer, metrics)
 
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
     B = train_cfg.batch_size

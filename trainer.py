@@ -38,7 +38,7 @@ class TrainConfig:
     grad_checkpoint: bool = False # recompute each block's activations in backward (less memory, ~30% slower)
     halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
                                   # max_steps); --resume goes on from there
-    tokenizer: str = "bpe"        # bpe | char
+    tokenizer: str = "bpe"        # bpe | bpe_hanzi | char
     seed: int = 1337
     pretrain_epochs: int = 0      # masked-LM pretraining of the encoder before fine-tuning (0: none)
     pretrain_seconds: float = 0.0 # time limit of that phase (0: none)
@@ -121,6 +121,16 @@ def load_checkpoint(path: str, train_hint: str) -> dict:
         raise DataError(f"{path}: not a checkpoint of this project (format version "
                         f"{ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
     return ckpt
+
+
+def checkpoint_payload(task: str, model: nn.Module, model_cfg, train_cfg: TrainConfig, tokenizer, metrics: dict,
+                       **extra) -> dict:
+    """What every task's checkpoint holds: configs, tokenizer and weights as plain data, the metrics, `extra`."""
+    from dataclasses import asdict
+    return {"task": task, "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
+            "tokenizer": tokenizer.to_dict(), **extra,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
 
 
 def load_trained(path: str, task: str, train_hint: str, device):
