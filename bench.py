@@ -3,7 +3,7 @@
     python bench.py                      # everything below
     python bench.py --only moe           # MoE layer vs dense FFN with the same active parameters
     python bench.py --only train         # training tokens/s per preset, on real batches
-    python bench.py --only infer         # single-text latency p50/p99 and batch throughput of a checkpoint
+    python bench.py --only infer         # single-text latency p50/p99 and batch throughput, PyTorch vs ONNX Runtime
     python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
@@ -160,11 +160,16 @@ def bench_generate(lengths=(256, 1024)) -> dict:
     return out
 
 
-def bench_infer(checkpoint: str, n: int = 200) -> dict:
-    """In-process single-text latency (p50/p99) and batch throughput of a trained classifier."""
+def bench_infer(checkpoint: str, backend: str = "torch", n: int = 200) -> dict:
+    """In-process single-text latency (p50/p99) and batch throughput of a trained classifier, on PyTorch or on
+    ONNX Runtime (its export, written next to the checkpoint first)."""
     from data import reviews_splits
     from task_cls import Predictor
-    p = Predictor(checkpoint, torch.device("cpu"))
+    if backend == "onnx":
+        import onnx_export
+        from types import SimpleNamespace
+        onnx_export.export(SimpleNamespace(task="cls", checkpoint=checkpoint, output=None))
+    p = Predictor(checkpoint, torch.device("cpu"), backend)
     texts = list(reviews_splits(quiet=True)["test"].text)
     lat = []
     for t in texts[:10]:
@@ -177,8 +182,9 @@ def bench_infer(checkpoint: str, n: int = 200) -> dict:
     t0 = time.perf_counter()
     p.predict(texts, batch_size=64)
     batch_s = time.perf_counter() - t0
-    return {"infer_p50_ms": lat[len(lat) // 2] * 1e3, "infer_p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3,
-            "batch_texts_per_s": len(texts) / batch_s, "infer_checkpoint": checkpoint}
+    return {f"{backend}_infer_p50_ms": lat[len(lat) // 2] * 1e3,
+            f"{backend}_infer_p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3,
+            f"{backend}_batch_texts_per_s": len(texts) / batch_s, "infer_checkpoint": checkpoint}
 
 
 def pinyin2hanzi(source: str, engine: str, params) -> str:
@@ -278,6 +284,7 @@ def main(argv=None) -> int:
     if args.only in (None, "infer"):
         if os.path.exists(args.checkpoint):
             results.update(bench_infer(args.checkpoint))
+            results.update(bench_infer(args.checkpoint, "onnx"))
         else:
             print(f"(skipping inference: no {args.checkpoint}; train with python main.py --train --task cls)",
                   file=sys.stderr)

@@ -9,6 +9,9 @@
     python main.py --train --task seq2seq             train the encoder-decoder MoE: pinyin -> characters
     python main.py --infer --task seq2seq --text "wo ai bian cheng"    convert one text (--beam 4 for beam search)
     python main.py --compare --task cls|lm|seq2seq    MoE vs dense at the same active params and budget
+    python main.py --export onnx [--task lm]          ONNX file (dynamic axes); then --infer --backend onnx
+    python main.py --serve                            web page + JSON API on http://127.0.0.1:8000
+    torchrun --nproc_per_node=2 main.py --train ...   DistributedDataParallel training (gloo on CPU, nccl on CUDA)
 
 Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--epochs ... and --set key=value).
 """
@@ -18,7 +21,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("cls", "lm", "seq2seq")
@@ -41,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "writes compare.md and compare.png")
     mode.add_argument("--generate", action="store_true", help="sample text from the trained language model")
     mode.add_argument("--eval", action="store_true", help="--task lm: loss and bits per character on --input")
+    mode.add_argument("--export", choices=("onnx",),
+                      help="write the trained cls (or lm) checkpoint as ONNX with dynamic batch and sequence axes "
+                           "(default <checkpoint>.onnx, or --output), checked against PyTorch")
+    mode.add_argument("--serve", action="store_true",
+                      help="serve a web page and a JSON API for the trained models (sentiment, generation, pinyin)")
 
     g = p.add_argument_group("what and where")
     g.add_argument("--task", choices=TASKS, default=None,
@@ -61,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", default=None, help="--classify: the file to label; --eval: the text file to score")
     g.add_argument("--output", default=None, help="--classify: predictions CSV (default <out_dir>/predictions.csv)")
     g.add_argument("--json", action="store_true", help="--infer: print one JSON object instead of a table")
+    g.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="--infer/--classify --task cls: run PyTorch, or ONNX Runtime on <checkpoint>.onnx "
+                        "(written by --export onnx)")
     g.add_argument("--tokenizer", choices=("bpe", "bpe_hanzi", "char"),
                    help="--train: byte-level BPE (default for cls, lm); bpe_hanzi: BPE that never merges across Han "
                         "characters, one token per character (default for seq2seq); char: one id per character")
@@ -70,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="--train (lm, seq2seq): continue the interrupted run from <checkpoint>.last.pt with its "
                         "optimizer, schedule, scaler, step, RNG and data position")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="--train: also write TensorBoard event files to <out_dir>/tensorboard (pip install tensorboard)")
+    g.add_argument("--mlflow", action="store_true",
+                   help="--train: also log params, metrics and PNGs to MLflow: ./mlruns, or $MLFLOW_TRACKING_URI "
+                        "(pip install mlflow-skinny)")
+
+    w = p.add_argument_group("web page (--serve)")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--checkpoint_dir", default="checkpoints", help="where cls.pt, lm.pt and seq2seq.pt are")
 
     h = p.add_argument_group("config overrides (win over the preset)")
     h.add_argument("--epochs", type=int)
@@ -163,13 +184,20 @@ def run(args) -> int:
     import task_lm
     import task_s2s
     from data import DataError
-    from trainer import pick_device
+    from trainer import dist_info, init_distributed, pick_device
 
+    if args.serve:
+        import server
+        return server.serve(args)
     args.task = args.task or ("lm" if args.generate or args.eval else "cls")
     task = {"cls": task_cls, "lm": task_lm, "seq2seq": task_s2s}[args.task]
     args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
     args.out_dir = args.out_dir or os.path.join("runs", args.task)
     device = pick_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not args.train:
+            raise DataError("torchrun runs --train only (one process per device)")
+        device = init_distributed(args.device)
     if args.task == "lm" and (args.infer or args.classify):
         raise DataError("--infer and --classify are for --task cls; use --generate or --eval with --task lm")
     if args.task != "lm" and (args.generate or args.eval):
@@ -178,15 +206,23 @@ def run(args) -> int:
         raise DataError("--resume works with --train --task lm or seq2seq (the classifier's runs are short)")
     if args.beam < 1:
         raise DataError(f"--beam {args.beam}: must be >= 1")
+    if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
+        raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
     if args.train or args.compare:
         preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
+        rank, world = dist_info()
+        if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
+            train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
+            args.quiet = args.quiet or rank > 0
         if not args.quiet:
-            print(f"config ({args.task}/{preset}, device {device}):", file=sys.stderr)
+            print(f"config ({args.task}/{preset}, device {device}"
+                  f"{f', {world} processes' if world > 1 else ''}):", file=sys.stderr)
             print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
                   file=sys.stderr)
         summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
-        print(json.dumps(summary, ensure_ascii=False))
+        if rank == 0:
+            print(json.dumps(summary, ensure_ascii=False))
     elif args.infer and args.task == "seq2seq":
         result = task_s2s.infer(args, device)
         print(json.dumps(result, ensure_ascii=False) if args.json else result["pred"])
@@ -208,6 +244,9 @@ def run(args) -> int:
         args.sample_top_k = args.top_k or 0
         summary = task_lm.generate(args, device)
         print(json.dumps(summary, ensure_ascii=False), file=sys.stderr)
+    elif args.export:
+        import onnx_export
+        print(json.dumps(onnx_export.export(args), ensure_ascii=False))
     elif args.eval:
         if not args.input:
             raise DataError("--eval needs --input FILE")
@@ -227,6 +266,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the best checkpoint so far (if any) is intact", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # clean shutdown of a torchrun worker
 
 
 if __name__ == "__main__":

@@ -220,6 +220,7 @@ class MoE(nn.Module):
         weight_of = routing_weights.reshape(-1)  # (N*K,)
         token_of = torch.arange(N, device=x.device).repeat_interleave(K)  # (N*K,)
         wanted = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
+        torch._check(wanted.size(0) == E)  # tells torch.export the length (ids < E); free in eager mode
         counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
         if self.capacity_factor > 0:
             # highest router weight first inside each expert, so the capacity cut drops the least wanted
@@ -232,10 +233,11 @@ class MoE(nn.Module):
             counts = wanted.clamp(max=capacity)
             dropped = wanted.sum() - counts.sum()
         else:
-            order = expert_of.argsort(stable=True)
+            order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
         out = torch.zeros_like(flat)
+        exporting = torch.compiler.is_exporting()  # torch.export (ONNX) cannot branch on data-dependent sizes
         for e, idx in enumerate(order.split(counts.tolist())):  # loop over experts, never over tokens
-            if idx.numel() == 0:
+            if not exporting and idx.numel() == 0:
                 continue
             tok = token_of[idx]  # the tokens routed to expert e
             y = self.experts[e](flat[tok]) * weight_of[idx, None].to(flat.dtype)
@@ -244,6 +246,8 @@ class MoE(nn.Module):
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
 
+        if exporting:  # an exported graph (ONNX) computes the output only
+            return out, None
         # ---- auxiliary losses
         f = wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
         P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable

@@ -15,8 +15,9 @@ from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts
                   length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, load_checkpoint, load_trained,
-                     markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, is_main_process, load_checkpoint,
+                     load_trained, markdown_table, run_log, save_checkpoint, seed_everything, train_variants,
+                     write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -123,13 +124,14 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
               f"({'training texts + People' + chr(39) + 's Daily' if train_cfg.pretrain_news else 'training texts'})"
               f" for {cfg.epochs} epoch(s), at most {cfg.time_budget or '-'} s", file=sys.stderr)
     mlm = MaskedLM(model)
-    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl"))
+    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl") if is_main_process() else None)
     result = fit(mlm, cfg, mlm_stream(tokenizer, seqs, model_cfg.max_len, cfg.batch_size, cfg.seed, device),
                  steps_per_epoch,
                  evaluate=lambda: evaluate_mlm(mlm, tokenizer, val_seqs, model_cfg.max_len, cfg.batch_size * 2,
                                                device, cfg.dtype),
                  select="-val_loss", on_best=lambda m: None, device=device, log=log, quiet=quiet)
-    plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
+    if is_main_process():
+        plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
     return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 1),
             "pretrain_val_loss": result.get("val_loss")}
 
@@ -177,12 +179,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     def payload(metrics: dict) -> dict:
         return checkpoint_payload("cls", model, model_cfg, train_cfg, tokenizer, metrics, label_names=names)
 
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"))
+    log = run_log(args, "cls", model_cfg, train_cfg)
     best = fit(model, train_cfg, batches, steps_per_epoch,
                evaluate=lambda: evaluate(model, tokenizer, val_seqs, val_labels, model_cfg,
                                          train_cfg.batch_size * 2, device, train_cfg.dtype),
                select="val_f1", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
                device=device, log=log, quiet=quiet)
+    if not is_main_process():  # under torchrun, rank 0 alone tests, plots and writes
+        return {"task": "cls", "steps": best["steps"]}
 
     # the test split is scored once, with the checkpoint chosen on validation
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
@@ -201,6 +205,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     if test["_layer_counts"] is not None:
         heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(args.out_dir, "expert_heatmap.png"),
                                         test["_class_counts"], names, title="test split")
+    log.close([loss_png, heat_png])
     return {"task": "cls", "checkpoint": args.checkpoint, "out_dir": args.out_dir,
             "loss_curve": loss_png, "expert_heatmap": heat_png,
             "params_total": total, "params_active": active, "tokenizer_vocab": tokenizer.n_vocab, **phase1,
@@ -214,16 +219,31 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
 # Using a trained classifier
 
 class Predictor:
-    """A loaded checkpoint: tokenizer + model + label names, ready for batches of raw text."""
+    """A trained classifier ready for batches of raw text: tokenizer + label names + a PyTorch model, or with
+    backend="onnx" its exported ONNX file (<checkpoint>.onnx) on one reused ONNX Runtime session."""
 
-    def __init__(self, path: str, device):
+    def __init__(self, path: str, device, backend: str = "torch"):
+        self.device, self.backend = device, backend
+        if backend == "onnx":
+            from onnx_export import OnnxClassifier, onnx_path
+            self.session = OnnxClassifier(onnx_path(path))
+            self.tokenizer, self.names, self.max_len = (self.session.tokenizer, self.session.names,
+                                                        self.session.max_len)
+            self.device = torch.device("cpu")
+            return
         self.model, self.tokenizer, ckpt = load_trained(path, "cls", TRAIN_HINT, device)
-        self.config = self.model.config
+        self.max_len = self.model.config.max_len
         self.names = list(ckpt["label_names"])
         self.dtype = ckpt["train_config"].get("dtype", "fp32")
-        self.device = device
 
     @torch.no_grad()
+    def logits(self, batch: dict) -> np.ndarray:
+        """A batch from data.collate_cls -> logits (B, classes)."""
+        if self.backend == "onnx":
+            return self.session.logits(batch)
+        with autocast(self.device, self.dtype):
+            return self.model(**batch)[0].float().cpu().numpy()
+
     def predict(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities (len(texts), classes), in input order."""
         from tqdm import tqdm
@@ -231,10 +251,8 @@ class Predictor:
         probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
         batches = length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False)
         for idx in tqdm(batches, desc="classify", unit="batch", disable=not progress):
-            batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.config.max_len, self.device)
-            with autocast(self.device, self.dtype):
-                logits, _, _ = self.model(**batch)
-            probs[idx] = logits.float().softmax(-1).cpu().numpy()
+            batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.max_len, self.device)
+            probs[idx] = torch.from_numpy(self.logits(batch)).softmax(-1).numpy()
         return probs
 
 
@@ -242,10 +260,10 @@ def infer(args, device) -> dict:
     text = args.text
     if text is None or not text.strip():
         raise DataError("--text: empty text; give a sentence to classify, e.g. --text \"我爱编程\"")
-    p = Predictor(args.checkpoint, device)
+    p = Predictor(args.checkpoint, device, args.backend)
     n_tokens = len(p.tokenizer.encode(text))
-    if n_tokens > p.config.max_len - 2:
-        print(f"note: text is {n_tokens} tokens; only the first {p.config.max_len - 2} are used", file=sys.stderr)
+    if n_tokens > p.max_len - 2:
+        print(f"note: text is {n_tokens} tokens; only the first {p.max_len - 2} are used", file=sys.stderr)
     probs = p.predict([text])[0]
     return {"label": p.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(p.names, probs)}}
 
@@ -255,7 +273,7 @@ def classify(args, device) -> dict:
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
     df = read_table(args.input)
     texts = [str(t) for t in column(df, args.text_col, args.input)]
-    p = Predictor(args.checkpoint, device)
+    p = Predictor(args.checkpoint, device, args.backend)
     probs = p.predict(texts, progress=not args.quiet)
     out = df.copy()
     out["pred"] = [p.names[i] for i in probs.argmax(1)]

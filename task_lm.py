@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,8 +15,9 @@ import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
 from models import MoE, ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, last_path, load_checkpoint, load_resume,
-                     load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path, load_checkpoint,
+                     load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything,
+                     train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task lm"
 EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
@@ -108,14 +110,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     def payload(metrics: dict) -> dict:
         return checkpoint_payload("lm", model, model_cfg, train_cfg, tokenizer, metrics)
 
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
+    log = run_log(args, "lm", model_cfg, train_cfg, append=resume is not None)
     steps_per_epoch = max(len(streams["train"].ids) // (T * B * train_cfg.accum_steps), 1)
     best = fit(model, train_cfg, random_batches(streams["train"], T, B, train_cfg.seed, device), steps_per_epoch,
                evaluate=lambda: evaluate(model, streams["val"], T, B, device, train_cfg.dtype),
                select="-val_loss", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
                device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
-    if best["halted"]:  # stopped on purpose half-way: the state is saved, the test split waits for the end
-        return {"task": "lm", "halted": True, "steps": best["steps"], "last_state": last_path(args.checkpoint),
+    if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
+        log.close()                                  # split waits for the end), or a rank > 0 under torchrun
+        return {"task": "lm", "halted": best["halted"], "steps": best["steps"], "last_state": last_path(args.checkpoint),
                 "val_loss": best.get("val_loss")}
 
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
@@ -135,6 +138,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
         sample = splits["test"][0][:40]
         heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, tokenizer, sample),
                                            os.path.join(args.out_dir, "expert_heatmap.png"))
+    log.close([loss_png, heat_png])
     return {"task": "lm", "checkpoint": args.checkpoint, "out_dir": args.out_dir, "loss_curve": loss_png,
             "expert_heatmap": heat_png, "params_total": total, "params_active": active,
             "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
@@ -166,15 +170,42 @@ def routing_trace(model, tokenizer, text: str, forward=None):
 # -----------------------------------------------------------------------------
 # Using a trained LM
 
+def prompt_ids(tokenizer, prompt: str, max_len: int) -> list[int]:
+    """[eos] + the prompt's ids (eos = "a paragraph starts here"), cropped to the context window with a notice."""
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    if len(ids) > max_len - 1:
+        print(f"note: prompt is {len(ids)} tokens; keeping the last {max_len - 1} (the context window)",
+              file=sys.stderr)
+        ids = ids[-(max_len - 1):]
+    return ids
+
+
+def continuation(model, tokenizer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, generator) -> Iterator[tuple[str, int]]:
+    """Yield (new text, tokens so far) as the continuation of `ids` grows; stops at end-of-text.
+
+    Text is yielded in whole characters: a character split across tokens waits for its last byte."""
+    device = model.tok_emb.weight.device
+    out, shown, n = [], "", 0
+    for n, tok in enumerate(model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
+                                           top_p, eos_id=tokenizer.eos_id, generator=generator), 1):
+        if tok == tokenizer.eos_id:
+            break
+        out.append(tok)
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):
+            yield text[len(shown):], n
+            shown = text
+    rest = tokenizer.decode(out)[len(shown):]
+    if rest:
+        yield rest, n
+
+
 def generate(args, device) -> dict:
     """Sample --num_samples continuations of --prompt, printing text as it is produced."""
     model, tokenizer, ckpt = load_trained(args.checkpoint, "lm", TRAIN_HINT, device)
     prompt = args.prompt or ""
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # eos = "a paragraph starts here"
-    limit = model.config.max_len - 1
-    if len(ids) > limit:
-        print(f"note: prompt is {len(ids)} tokens; keeping the last {limit} (the context window)", file=sys.stderr)
-        ids = ids[-limit:]
+    ids = prompt_ids(tokenizer, prompt, model.config.max_len)
     gen = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 1337)
     samples = []
     t0, n_tokens = time.time(), 0
@@ -182,19 +213,14 @@ def generate(args, device) -> dict:
         if args.num_samples > 1:
             print(f"--- sample {s + 1}", flush=True)
         print(prompt, end="", flush=True)
-        out, shown = [], ""
-        for tok in model.generate(torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
-                                  args.sample_top_k, args.top_p, eos_id=tokenizer.eos_id, generator=gen):
-            n_tokens += 1
-            if tok == tokenizer.eos_id:
-                break
-            out.append(tok)
-            text = tokenizer.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a character split across tokens
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+        text, n = "", 0
+        for piece, n in continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature,
+                                     args.sample_top_k, args.top_p, gen):
+            print(piece, end="", flush=True)
+            text += piece
         print(flush=True)
-        samples.append(prompt + tokenizer.decode(out))
+        n_tokens += n
+        samples.append(prompt + text)
     path = os.path.join(args.out_dir, "generated_text.txt")
     os.makedirs(args.out_dir, exist_ok=True)
     atomic_write_text("\n\n".join(samples) + "\n", path)

@@ -16,8 +16,9 @@ from data import (DataError, atomic_write_csv, length_bucketed_batches, pinyin_s
 from models import ModelConfig, build_model, count_params
 from task_lm import routing_trace
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, last_path, load_checkpoint,
-                     load_resume, load_trained, markdown_table, save_checkpoint, seed_everything, train_variants, write_comparison)
+from trainer import (TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path, load_checkpoint,
+                     load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything,
+                     train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
 EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
@@ -155,7 +156,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     def payload(metrics: dict) -> dict:
         return checkpoint_payload("seq2seq", model, model_cfg, train_cfg, tokenizer, metrics)
 
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append=resume is not None)
+    log = run_log(args, "seq2seq", model_cfg, train_cfg, append=resume is not None)
     B = train_cfg.batch_size
     steps_per_epoch = max(len(pairs["train"]) // (B * train_cfg.accum_steps), 1)
     best = fit(model, train_cfg, batch_stream(tokenizer, pairs["train"], B, train_cfg.seed, device),
@@ -167,9 +168,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
                "out_dir": args.out_dir, "params_total": total, "params_active": active,
                "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
                "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 1)}
-    if best["halted"]:  # stopped on purpose half-way: the state is saved, the test split waits for the end
+    if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
+        log.close()                                  # split waits for the end), or a rank > 0 under torchrun
         last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
-        return {**summary, "halted": True, "train_loss": last_loss, "val_loss": best.get("val_loss"),
+        return {**summary, "halted": best["halted"], "train_loss": last_loss, "val_loss": best.get("val_loss"),
                 "val_char_acc": best.get("val_char_acc")}
 
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
@@ -193,6 +195,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
         heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
                                            os.path.join(args.out_dir, "expert_heatmap.png"),
                                            layer_names=moe_layer_names(model))
+    log.close([loss_png, heat_png])
     return {**summary, "loss_curve": loss_png, "expert_heatmap": heat_png,
             "wall_seconds": round(time.time() - t_start, 1),
             "tokens_per_s": round(np.mean([r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:] or [0])),

@@ -166,13 +166,82 @@ def load_resume(args, task: str, train_hint: str):
 
 
 # -----------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel, each rank training on its share of every global batch
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) in a plain single-process run."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes checkpoints, logs and plots."""
+    return dist_info()[0] == 0
+
+
+def init_distributed(device_name: str) -> torch.device | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, nccl on CUDA (one GPU per local rank) and gloo on
+    CPU, and return this rank's device; None when not launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def shard(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """This rank's contiguous slice of each global batch (what DistributedSampler does with indices). Every rank
+    draws the same global batches from the same seeded stream, so the ranks never see the same rows."""
+    for batch in batches:
+        rows = next(iter(batch.values())).size(0)
+        if rows < world:  # a tail batch too small to give every rank a row: all ranks skip it alike
+            continue
+        yield {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+
+
+def rank0_says(flag: bool) -> bool:
+    """Rank 0's decision (time budget, halt) for every rank, so that all of them stop at the same step."""
+    import torch.distributed as dist
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=comm_device())
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def mean_over_ranks(*values: float) -> list[float]:
+    import torch.distributed as dist
+    world = dist_info()[1]
+    if world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors live: nccl only moves CUDA tensors."""
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 class MetricsLog:
-    """Append-only JSONL log; every row also kept in memory for the plots. `append` continues a resumed run."""
+    """Append-only JSONL log; every row also kept in memory for the plots and passed to the optional trackers
+    (`sinks`: TensorBoard, MLflow; see tracking.py). `append` continues a resumed run. No path: memory only."""
 
-    def __init__(self, path: str | None, append: bool = False):
-        self.path, self.rows = path, []
+    def __init__(self, path: str | None, append: bool = False, sinks: list | None = None):
+        self.path, self.rows, self.sinks = path, [], list(sinks or [])
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if append and os.path.exists(path):
@@ -190,6 +259,24 @@ class MetricsLog:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self, artifacts: list[str | None] = ()) -> None:
+        """End the trackers' runs; `artifacts` (the PNGs) go to the ones that store files."""
+        for sink in self.sinks:
+            sink.finish([a for a in artifacts if a])
+        self.sinks = []
+
+
+def run_log(args, task: str, model_cfg, train_cfg: TrainConfig, append: bool = False) -> MetricsLog:
+    """The metrics log of a --train run: <out_dir>/metrics.jsonl plus the trackers of --tensorboard/--mlflow,
+    on rank 0 only (other ranks log to memory)."""
+    import tracking
+    if not is_main_process():
+        return MetricsLog(None)
+    return MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append,
+                      tracking.sinks(args, task, model_cfg, train_cfg))
 
 
 def last_path(checkpoint: str) -> str:
@@ -229,6 +316,9 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     by `select` (higher is better, e.g. val_acc; prefix "-" for lower is better, e.g. "-val_loss") is passed to
     `on_best` (which writes the checkpoint).
 
+    Under torchrun, the model is wrapped in DistributedDataParallel and `batches` (global batches, the same on
+    every rank) are sharded; only rank 0 evaluates, logs and calls `on_best`, and rank 0 decides when to stop.
+
     `last` = (path, payload): after every evaluation, at the end and on Ctrl-C, payload(metrics) plus the
     optimizer, scheduler, scaler, step, RNG and data position is written there; `resume` is that dict loaded
     back, and the run goes on exactly where it stopped. Returns the best evaluation's metrics plus "steps",
@@ -243,6 +333,15 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     eval_every = cfg.eval_every or steps_per_epoch
     sign, key = (-1, select[1:]) if select.startswith("-") else (1, select)
     model.grad_checkpoint = cfg.grad_checkpoint
+    rank, world = dist_info()
+    main = rank == 0
+    quiet = quiet or not main
+    net = model  # what the training step calls: the model, or its DDP wrapper
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        batches = shard(batches, rank, world)
+        # an expert or the segment embedding can go unused in a step, which DDP must be told about
+        net = DistributedDataParallel(model, find_unused_parameters=True)
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **opt_kwargs)
     clock = {"t0": time.time()}
@@ -267,38 +366,43 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         set_rng_state(resume["rng"])
 
     def save_last(metrics: dict) -> None:
-        if last:
+        if last and main:
             path, payload = last
             save_checkpoint(path, {**payload(metrics), "resume": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped, "best": best,
                 "best_score": best_score, "train_seconds": time.time() - clock["t0"], "rng": rng_state()}})
 
-    tokens_since, t_since = 0, time.time()
+    tokens_since, t_since, window_loss, window_steps = 0, time.time(), 0.0, 0
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
     halted = False
+    budget_done = rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
     try:
         while step < total_steps:
-            if cfg.time_budget and time.time() - clock["t0"] >= cfg.time_budget:
+            if budget_done:
                 break
             if cfg.halt_after and step >= cfg.halt_after:
                 halted = True
                 break
             lr = optimizer.param_groups[0]["lr"]
-            model.train()
+            net.train()
             optimizer.zero_grad(set_to_none=True)
             try:
                 loss_sum = 0.0
-                for _ in range(cfg.accum_steps):
+                for micro in range(cfg.accum_steps):
                     batch = next(batches)
                     consumed += 1
-                    with autocast(device, cfg.dtype):
-                        _, loss, info = model(**batch, label_smoothing=cfg.label_smoothing)
-                    scaler.scale(loss / cfg.accum_steps).backward()
+                    # DDP averages gradients across ranks on the last micro-batch's backward only
+                    sync = world == 1 or micro == cfg.accum_steps - 1
+                    with autocast(device, cfg.dtype), (contextlib.nullcontext() if sync else net.no_sync()):
+                        _, loss, info = net(**batch, label_smoothing=cfg.label_smoothing)
+                        scaler.scale(loss / cfg.accum_steps).backward()
                     loss_sum += float(loss.detach()) / cfg.accum_steps
                     tokens_since += count_tokens(batch)
             except torch.OutOfMemoryError:
                 # skip this batch and go on; a run that cannot fit any batch should fail loudly instead
+                if world > 1:
+                    raise  # one rank skipping a step the others take would hang them all
                 batch = loss = info = None
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
@@ -316,12 +420,16 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             scaler.update()
             step += 1
             scheduler.step()
+            window_loss, window_steps = window_loss + loss_sum, window_steps + 1
 
             if step % cfg.log_every == 0 or step == total_steps:
                 now = time.time()
-                tok_s = tokens_since / max(now - t_since, 1e-9)
-                tokens_since, t_since = 0, now
-                row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_sum, "ce": info["ce"],
+                # the loss of the whole global batch, and the tokens of all ranks
+                loss_sum, avg_loss, tokens = mean_over_ranks(loss_sum, window_loss / window_steps, tokens_since)
+                tok_s = tokens * world / max(now - t_since, 1e-9)
+                tokens_since, t_since, window_loss, window_steps = 0, now, 0.0, 0
+                row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_sum,
+                       "train_loss_avg": avg_loss, "ce": info["ce"],
                        "aux_balance": info["balance"], "aux_z": info["z"], "lr": lr, "tokens_per_s": tok_s,
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
@@ -334,20 +442,23 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 elapsed = max(time.time() - clock["t0"], 1e-9)
                 bar.total = min(total_steps, max(step, int(step * cfg.time_budget / elapsed)))
 
-            budget_done = cfg.time_budget and time.time() - clock["t0"] >= cfg.time_budget
+            budget_done = rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
             halting = cfg.halt_after and step >= cfg.halt_after
             if step % eval_every == 0 or step == total_steps or budget_done or halting:
-                metrics = evaluate()
-                metrics.update(step=step, epoch=step / steps_per_epoch, time=time.time() - clock["t0"])
-                log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
-                if not quiet:
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                      if k.startswith("val_") and isinstance(v, float))
-                    tqdm.write(f"step {step} (epoch {step / steps_per_epoch:.1f}): {shown}")
-                if sign * metrics[key] > best_score:
-                    best_score, best = sign * metrics[key], metrics
-                    on_best(metrics)
-                save_last(best)
+                if main:
+                    metrics = evaluate()
+                    metrics.update(step=step, epoch=step / steps_per_epoch, time=time.time() - clock["t0"])
+                    log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
+                    if not quiet:
+                        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                          if k.startswith("val_") and isinstance(v, float))
+                        tqdm.write(f"step {step} (epoch {step / steps_per_epoch:.1f}): {shown}")
+                    if sign * metrics[key] > best_score:
+                        best_score, best = sign * metrics[key], metrics
+                        on_best(metrics)
+                    save_last(best)
+                if world > 1:
+                    torch.distributed.barrier()  # the other ranks wait while rank 0 evaluates and saves
     except KeyboardInterrupt:
         save_last(best)
         if last:

@@ -1,0 +1,143 @@
+"""ONNX export (classifier and LM) and an ONNX Runtime session for the classifier.
+
+    python main.py --export onnx                         checkpoints/cls.pt -> checkpoints/cls.onnx
+    python main.py --export onnx --task lm               checkpoints/lm.pt  -> checkpoints/lm.onnx (logits of a sequence)
+    python main.py --infer --backend onnx --text "..."   classify with ONNX Runtime
+
+The sparse MoE layer exports as it is (torch.export with dynamic batch and sequence axes; the sort-based
+dispatch becomes TopK/ArgSort + per-expert slices + ScatterND in the graph), so ONNX Runtime computes exactly
+what PyTorch does. The file carries what inference needs besides the weights as metadata: the task, the
+tokenizer, the label names and the context length. The seq2seq model does not export (its decoding loops and
+KV caches live in Python).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import DataError
+
+INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
+EXPORTABLE = ("cls", "lm")
+MAX_BATCH = 65536
+
+
+def require(*modules: str):
+    """Import optional packages; a missing one is a one-line error with the install command."""
+    import importlib
+    try:
+        return [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        raise DataError(f"ONNX needs the optional package {e.name!r}: {INSTALL_HINT}") from None
+
+
+def onnx_path(checkpoint: str) -> str:
+    """The ONNX file that goes with a checkpoint (the checkpoint itself when it is one)."""
+    return checkpoint if checkpoint.endswith(".onnx") else os.path.splitext(checkpoint)[0] + ".onnx"
+
+
+class LogitsOnly(nn.Module):
+    """The graph to export: inputs -> logits, without the loss and the logging statistics."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(*inputs)[0]
+
+
+def example_inputs(task: str, max_len: int) -> tuple[tuple, list[str], dict]:
+    """(example tensors, input names, dynamic shapes): batch (up to MAX_BATCH) and sequence (up to max_len) axes
+    are dynamic; B, T > 1 in the example, so neither is specialised to 1."""
+    # a bounded batch axis keeps the graph's size checks (tokens x top_k) inside int64
+    B, T = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seq", min=1, max=max_len)
+    ids = torch.randint(4, 50, (2, min(16, max_len)))
+    if task == "cls":
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        return (ids, mask), ["input_ids", "attention_mask"], {"inputs": ({0: B, 1: T}, {0: B, 1: T})}
+    return (ids,), ["idx"], {"inputs": ({0: B, 1: T},)}
+
+
+def export(args) -> dict:
+    """--export onnx: write the ONNX file of --checkpoint (cls or lm), check it against PyTorch, return a summary."""
+    onnx, ort = require("onnx", "onnxruntime")
+    require("onnxscript")
+    from trainer import load_trained
+    task = args.task
+    if task not in EXPORTABLE:
+        raise DataError(f"--export onnx: --task {task} does not export (only cls and lm); seq2seq decoding "
+                        "runs loops with KV caches in Python")
+    hint = f"python main.py --train --task {task}"
+    model, tokenizer, ckpt = load_trained(args.checkpoint, task, hint, torch.device("cpu"))
+    if model.config.capacity_factor > 0:
+        raise DataError(f"{args.checkpoint}: capacity_factor={model.config.capacity_factor} drops tokens per batch; "
+                        "only dropless MoE models export")
+    output = args.output or onnx_path(args.checkpoint)
+    inputs, names, dynamic = example_inputs(task, model.config.max_len)
+    graph = LogitsOnly(model).eval()
+    tmp = f"{output}.tmp{os.getpid()}"
+    try:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes about torchvision ops
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, inputs, dynamo=True, dynamic_shapes=dynamic, input_names=names,
+                                        output_names=["logits"], verbose=False)
+        proto = program.model_proto
+        meta = {"task": task, "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+                "max_len": str(model.config.max_len), "label_names": json.dumps(ckpt.get("label_names", [])),
+                "dtype": ckpt["train_config"].get("dtype", "fp32")}
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        onnx.save(proto, tmp)
+        os.replace(tmp, output)  # a failed export never leaves a half-written file under the real name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    # check the file against PyTorch on shapes other than the example's
+    session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    diffs = []
+    for B, T in ((1, 3), (5, model.config.max_len)):
+        ids = torch.randint(4, tokenizer.n_vocab, (B, T), generator=gen)
+        feeds = [ids] + ([torch.ones_like(ids)] if task == "cls" else [])
+        with torch.no_grad():
+            ref = graph(*feeds).numpy()
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, feeds)})[0]
+        diffs.append(float(np.abs(got - ref).max()))
+    return {"task": task, "checkpoint": args.checkpoint, "output": output,
+            "bytes": os.path.getsize(output), "inputs": names, "max_abs_diff_vs_torch": max(diffs)}
+
+
+class OnnxClassifier:
+    """One ONNX Runtime session for an exported classifier, reused for every call; the tokenizer, label names
+    and context length come from the file's metadata."""
+
+    def __init__(self, path: str):
+        (ort,) = require("onnxruntime")
+        from tokenizer import tokenizer_from_dict
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no ONNX model; export one first with: python main.py --export onnx")
+        try:
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for truncated or foreign files
+            raise DataError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("task") != "cls":
+            raise DataError(f"{path}: an ONNX export of task {meta.get('task')!r}, not of the classifier")
+        self.tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
+        self.names = json.loads(meta["label_names"])
+        self.max_len = int(meta["max_len"])
+
+    def logits(self, batch: dict) -> np.ndarray:
+        """batch of tensors from data.collate_cls -> logits (B, classes) as numpy."""
+        return self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
+                                       "attention_mask": batch["attention_mask"].numpy()})[0]

@@ -1,0 +1,219 @@
+"""--serve: one web page and a JSON API for the three trained models, on the standard library's HTTP server.
+
+    python main.py --serve [--host 127.0.0.1] [--port 8000] [--checkpoint_dir checkpoints]
+
+    GET  /                 the page (index.html)
+    GET  /api/models       which models are loaded: {"cls": {"ready": true, ...}, "lm": {...}, "seq2seq": {...}}
+    POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}}
+    POST /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
+                            "top_k": 0, "seed": 1337}              -> {"text": "...", "new_tokens": n}
+    POST /api/pinyin       {"text": "wo ai bian cheng", "beam": 1} -> {"pred": "..."}
+
+Errors are JSON {"error": "..."}: 400 bad JSON or field, 404 unknown path, 413 body over 64 KiB, 503 model not
+trained. Each model is loaded once at start; a thread serves each request, and a lock per model lets requests
+to different models run at the same time while calls into one model take turns (its sampling RNG and KV
+caches are per call, but torch's intra-op threads are better spent on one call at a time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from data import DataError
+
+MAX_BODY = 64 * 1024
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
+TASKS = ("cls", "lm", "seq2seq")
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Models:
+    """The trained models, loaded once; a model that is missing keeps the message that says how to train it."""
+
+    def __init__(self, paths: dict[str, str], device):
+        import task_cls
+        from trainer import load_trained
+        self.device, self.paths, self.errors, self.locks = device, paths, {}, {}
+        self.cls = self.lm = self.s2s = None
+        loaders = {"cls": lambda p: task_cls.Predictor(p, device),
+                   "lm": lambda p: load_trained(p, "lm", "python main.py --train --task lm", device),
+                   "seq2seq": lambda p: load_trained(p, "seq2seq", "python main.py --train --task seq2seq", device)}
+        loaded = {}
+        for task, load in loaders.items():
+            self.locks[task] = threading.Lock()
+            try:
+                loaded[task] = load(paths[task])
+            except DataError as e:
+                self.errors[task] = str(e)
+        self.cls, self.lm, self.s2s = loaded.get("cls"), loaded.get("lm"), loaded.get("seq2seq")
+
+    def status(self) -> dict:
+        out = {}
+        for task in TASKS:
+            if task in self.errors:
+                out[task] = {"ready": False, "error": self.errors[task]}
+            else:
+                out[task] = {"ready": True, "checkpoint": self.paths[task]}
+        if self.cls is not None:
+            out["cls"]["labels"] = self.cls.names
+        return out
+
+    def need(self, task: str):
+        if task in self.errors:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[task])
+
+    def classify(self, req: dict) -> dict:
+        self.need("cls")
+        text = field(req, "text", str)
+        with self.locks["cls"]:
+            probs = self.cls.predict([text])[0]
+        return {"label": self.cls.names[int(probs.argmax())],
+                "probs": {n: round(float(p), 6) for n, p in zip(self.cls.names, probs)}}
+
+    def generate(self, req: dict) -> dict:
+        from task_lm import continuation, prompt_ids
+        self.need("lm")
+        model, tokenizer, _ = self.lm
+        prompt = field(req, "prompt", str, "", allow_empty=True)
+        n = field(req, "max_new_tokens", int, 100, lo=1, hi=1024)
+        temperature = field(req, "temperature", float, 0.8, lo=0.0, hi=5.0)
+        top_p = field(req, "top_p", float, 0.95, lo=1e-6, hi=1.0)
+        top_k = field(req, "top_k", int, 0, lo=0, hi=tokenizer.n_vocab)
+        seed = field(req, "seed", int, 1337, lo=0, hi=2 ** 63 - 1)
+        with self.locks["lm"]:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            ids = prompt_ids(tokenizer, prompt, model.config.max_len)
+            text, tokens = "", 0
+            for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen):
+                text += piece
+        return {"prompt": prompt, "text": text, "new_tokens": tokens}
+
+    def pinyin(self, req: dict) -> dict:
+        from task_s2s import convert, source_ids
+        self.need("seq2seq")
+        model, tokenizer, ckpt = self.s2s
+        text = field(req, "text", str).strip()
+        beam = field(req, "beam", int, 1, lo=1, hi=8)
+        with self.locks["seq2seq"]:
+            pred = convert(model, tokenizer, source_ids(tokenizer, [text], model.config.max_len), self.device,
+                           ckpt["train_config"].get("dtype", "fp32"), beam)[0]
+        return {"source": text, "pred": pred, "beam": beam}
+
+
+def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allow_empty: bool = False):
+    """req[name] as `kind` within [lo, hi]; missing -> default (required when default is None)."""
+    value = req.get(name, default)
+    if value is None:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {name!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a {kind.__name__}, got {value!r}")
+    if kind is str and not allow_empty and not value.strip():
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} is empty")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def make_handler(models: Models, quiet: bool):
+    routes = {"/api/classify": models.classify, "/api/generate": models.generate, "/api/pinyin": models.pinyin}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "moe-toolkit"
+
+        def send_json(self, status: HTTPStatus, obj: dict) -> None:
+            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if path in ("/", "/index.html"):
+                with open(PAGE, "rb") as f:
+                    body = f.read()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif path == "/api/models":
+                self.send_json(HTTPStatus.OK, models.status())
+            else:
+                self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {path}"})
+
+        def do_POST(self):
+            path = self.path.split("?")[0]
+            try:
+                if path not in routes:
+                    raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length header")
+                if length > MAX_BODY:
+                    self.close_connection = True  # the unread body must not be parsed as the next request
+                    raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is "
+                                                                        f"{MAX_BODY}")
+                try:
+                    req = json.loads(self.rfile.read(length).decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
+                if not isinstance(req, dict):
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+                self.send_json(HTTPStatus.OK, routes[path](req))
+            except ApiError as e:
+                self.send_json(e.status, {"error": str(e)})
+            except Exception as e:  # a bug must not take the server down: report it as a 500
+                self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+
+        def log_message(self, fmt, *args):
+            if not quiet:
+                sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    return Handler
+
+
+def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool = False) -> ThreadingHTTPServer:
+    """The server, bound and ready (port 0 picks a free one: server.server_address[1])."""
+    models = Models(paths, device)
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(models, quiet))
+    except OSError as e:
+        raise DataError(f"--serve: cannot listen on {host}:{port} ({e.strerror})") from None
+    server.daemon_threads = True
+    server.models = models
+    return server
+
+
+def serve(args) -> int:
+    from trainer import pick_device
+    paths = {task: os.path.join(args.checkpoint_dir, f"{task}.pt") for task in TASKS}
+    server = make_server(args.host, args.port, paths, pick_device(args.device), args.quiet)
+    for task, status in server.models.status().items():
+        print(f"{task}: {'ready' if status['ready'] else status['error']}", file=sys.stderr)
+    host, port = server.server_address[:2]
+    print(f"serving on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
