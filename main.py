@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--train (lm, seq2seq): continue the interrupted run from <checkpoint>.last.pt with its "
                         "optimizer, schedule, scaler, step, RNG and data position")
     g.add_argument("--tensorboard", action="store_true",
-                   help="--train: also write TensorBoard event files to <out_dir>/tensorboard (pip install tensorboard)")
+                   help="--train: also write TensorBoard event files to <out_dir>/tensorboard "
+                        "(pip install tensorboard)")
     g.add_argument("--mlflow", action="store_true",
                    help="--train: also log params, metrics and PNGs to MLflow: ./mlruns, or $MLFLOW_TRACKING_URI "
                         "(pip install mlflow-skinny)")

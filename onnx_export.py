@@ -1,8 +1,8 @@
 """ONNX export (classifier and LM) and an ONNX Runtime session for the classifier.
 
-    python main.py --export onnx                         checkpoints/cls.pt -> checkpoints/cls.onnx
-    python main.py --export onnx --task lm               checkpoints/lm.pt  -> checkpoints/lm.onnx (logits of a sequence)
-    python main.py --infer --backend onnx --text "..."   classify with ONNX Runtime
+    python main.py --export onnx                        checkpoints/cls.pt -> checkpoints/cls.onnx
+    python main.py --export onnx --task lm              checkpoints/lm.pt -> checkpoints/lm.onnx (sequence logits)
+    python main.py --infer --backend onnx --text "..."  classify with ONNX Runtime
 
 The sparse MoE layer exports as it is (torch.export with dynamic batch and sequence axes; the sort-based
 dispatch becomes TopK/ArgSort + per-expert slices + ScatterND in the graph), so ONNX Runtime computes exactly

@@ -204,6 +204,8 @@ def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool
 
 def serve(args) -> int:
     from trainer import pick_device
+    if not 0 <= args.port <= 65535:
+        raise DataError(f"--port {args.port}: must be 0-65535 (0 picks a free port)")
     paths = {task: os.path.join(args.checkpoint_dir, f"{task}.pt") for task in TASKS}
     server = make_server(args.host, args.port, paths, pick_device(args.device), args.quiet)
     for task, status in server.models.status().items():

@@ -118,8 +118,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
                device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
     if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
         log.close()                                  # split waits for the end), or a rank > 0 under torchrun
-        return {"task": "lm", "halted": best["halted"], "steps": best["steps"], "last_state": last_path(args.checkpoint),
-                "val_loss": best.get("val_loss")}
+        return {"task": "lm", "halted": best["halted"], "steps": best["steps"],
+                "last_state": last_path(args.checkpoint), "val_loss": best.get("val_loss")}
 
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
     model.load_state_dict(ckpt["state_dict"])
