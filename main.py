@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
     gen.add_argument("--num_samples", type=int, default=1)
     s2s = p.add_argument_group("seq2seq decoding (--infer/--classify --task seq2seq)")
-    s2s.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    s2s.add_argument("--beam", type=int, default=4,
+                     help="beam size (default 4, chosen on validation: +0.011 character accuracy over greedy, the "
+                          "same as 8; 1: greedy, 3-4x faster)")
     s2s.add_argument("--length_penalty", type=float, default=1.0,
                      help="beam score = log-probability / length ** length_penalty")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
