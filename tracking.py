@@ -81,12 +81,9 @@ class MlflowSink:
 
 
 def sinks(args, task: str, model_cfg, train_cfg) -> list:
-    """The trackers asked for with --tensorboard / --mlflow (none on a non-zero distributed rank)."""
+    """The trackers asked for with --tensorboard / --mlflow (trainer.run_log asks on rank 0 only)."""
     from dataclasses import asdict
-    from trainer import is_main_process
     out = []
-    if not is_main_process():
-        return out
     if getattr(args, "tensorboard", False):
         out.append(TensorBoardSink(os.path.join(args.out_dir, "tensorboard")))
     if getattr(args, "mlflow", False):
