@@ -181,11 +181,9 @@ def is_main_process() -> bool:
     return dist_info()[0] == 0
 
 
-def init_distributed(device_name: str) -> torch.device | None:
+def init_distributed(device_name: str) -> torch.device:
     """Under torchrun (WORLD_SIZE > 1): join the process group, nccl on CUDA (one GPU per local rank) and gloo on
-    CPU, and return this rank's device; None when not launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+    CPU, and return this rank's device."""
     import torch.distributed as dist
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -346,6 +344,9 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **opt_kwargs)
     clock = {"t0": time.time()}
 
+    def out_of_time() -> bool:  # rank 0's clock decides for every rank
+        return rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
+
     def progress(step: int) -> float:  # the schedule follows whichever ends first: the steps or the clock
         elapsed = time.time() - clock["t0"]
         return max(step / total_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
@@ -376,7 +377,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     tokens_since, t_since, window_loss, window_steps = 0, time.time(), 0.0, 0
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
     halted = False
-    budget_done = rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
+    budget_done = out_of_time()
     try:
         while step < total_steps:
             if budget_done:
@@ -442,7 +443,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 elapsed = max(time.time() - clock["t0"], 1e-9)
                 bar.total = min(total_steps, max(step, int(step * cfg.time_budget / elapsed)))
 
-            budget_done = rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
+            budget_done = out_of_time()
             halting = cfg.halt_after and step >= cfg.halt_after
             if step % eval_every == 0 or step == total_steps or budget_done or halting:
                 if main:
