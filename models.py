@@ -26,10 +26,13 @@ class ModelConfig:
     n_heads: int = 4
     num_layers: int = 2           # 0: pooled embeddings -> one MoE layer -> head (the small classifier)
     d_ff: int = 256               # hidden width of one expert
-    num_experts: int = 8          # 0: dense FFN with the same *active* parameters (hidden = top_k * d_ff)
+    num_experts: int = 8          # 0: dense FFN, same *active* parameters (hidden = (top_k + shared_experts) * d_ff)
     top_k: int = 2
+    shared_experts: int = 0       # experts every token goes through besides its top_k routed ones (DeepSeekMoE)
     moe_layers: str = "all"       # "all", "none", "odd" (1, 3, ...) or a comma list of layer indices
     noisy_gate: bool = True       # noisy top-k (Shazeer et al. 2017); noise only in training mode
+    noise_init: float = 0.05      # router noise std at init; log(2) is Shazeer's (zero-init softplus), which
+                                  # drowns the initial logits (std ~0.23) and slows early learning
     norm_topk_prob: bool = True   # renormalise the K router weights to sum to 1 (never for top_k=1)
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * N * K / E) assignments
     balance_coef: float = 0.01    # Switch-Transformer load-balancing loss weight
@@ -48,6 +51,10 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.shared_experts < 0:
+            raise ValueError(f"shared_experts={self.shared_experts} must be >= 0")
+        if self.noisy_gate and not self.noise_init > 0:
+            raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
 
@@ -165,10 +172,11 @@ class MoE(nn.Module):
     """Sparse mixture-of-experts feed-forward layer (top-k routing, dropless by default).
 
     Routing, per token x (C,):
-        logits = gate(x)                                   (+ softplus(noise(x)) * N(0, 1) in training, if noisy)
+        logits = gate(x)                                   (E,) (+ softplus(noise(x) + b) * N(0, 1) in training,
+                                                           if noisy; b = softplus^-1(noise_init): the std starts there)
         probs  = softmax(logits)  in float32               (E,)
         routing_weights, selected_experts = topk(probs, K) (K,), renormalised to sum 1 when norm_topk_prob
-        y = sum_k routing_weights[k] * experts[selected_experts[k]](x)
+        y = sum_k routing_weights[k] * experts[selected_experts[k]](x)  (+ shared(x) when shared_experts > 0)
     With K=1 the weight is the raw probability, so the router still receives gradient through y.
 
     Dispatch: the N*K (token, expert) assignments are sorted by expert, each expert runs once on its
@@ -191,13 +199,19 @@ class MoE(nn.Module):
         self.balance_coef, self.z_coef = config.balance_coef, config.z_coef
         self.gate = nn.Linear(C, E, bias=False)
         self.noise = nn.Linear(C, E, bias=False) if config.noisy_gate else None
+        self.noise_offset = math.log(math.expm1(config.noise_init)) if config.noisy_gate else 0.0
         self.experts = nn.ModuleList(FeedForward(C, config.d_ff) for _ in range(E))
+        # S shared experts = one FFN of width S * d_ff, unweighted: it learns from every token, the routed
+        # experts only from theirs
+        S = config.shared_experts
+        self.shared = FeedForward(C, config.d_ff * S) if S else None
 
     def route(self, x):
         """x (N, C) -> router_logits (N, E) fp32, routing_weights (N, K), selected_experts (N, K)."""
         router_logits = self.gate(x).float()
         if self.noise is not None and self.training:
-            router_logits = router_logits + torch.randn_like(router_logits) * F.softplus(self.noise(x).float())
+            noise_std = F.softplus(self.noise(x).float() + self.noise_offset)  # (N, E), learned per token
+            router_logits = router_logits + torch.randn_like(router_logits) * noise_std
         probs = router_logits.softmax(dim=-1)  # (N, E), float32 for a stable softmax under bf16
         routing_weights, selected_experts = probs.topk(self.top_k, dim=-1)  # (N, K)
         if self.norm_topk_prob:
@@ -234,14 +248,16 @@ class MoE(nn.Module):
             dropped = wanted.sum() - counts.sum()
         else:
             order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
-        out = torch.zeros_like(flat)
         exporting = torch.compiler.is_exporting()  # torch.export (ONNX) cannot branch on data-dependent sizes
-        for e, idx in enumerate(order.split(counts.tolist())):  # loop over experts, never over tokens
-            if not exporting and idx.numel() == 0:
-                continue
-            tok = token_of[idx]  # the tokens routed to expert e
-            y = self.experts[e](flat[tok]) * weight_of[idx, None].to(flat.dtype)
-            out.index_add_(0, tok, y.to(out.dtype))  # scatter back, weighted by the router
+        tok = token_of[order]  # (M,) the token of each kept assignment, grouped by expert
+        xs = flat.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
+        parts = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist()))
+                 if exporting or chunk.size(0)]  # loop over experts, never over tokens; skip idle ones
+        ys = torch.cat(parts) if parts else xs  # xs is (0, C) when no token was routed
+        ys = ys * weight_of[order, None].to(ys.dtype)  # (M, C) weighted by the router
+        out = torch.zeros_like(flat).index_add(0, tok, ys.to(flat.dtype))  # (N, C) sum of each token's K experts
+        if self.shared is not None:
+            out = out + self.shared(flat).to(out.dtype)
         if rows is not None:
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
@@ -267,8 +283,9 @@ class Block(nn.Module):
         self.cross = Attention(config) if cross else None
         self.norm_cross = RMSNorm(config.d_model) if cross else None
         self.norm2 = RMSNorm(config.d_model)
-        # a dense layer gets the active width of an MoE layer (top_k experts): same active parameters
-        self.ffn = MoE(config) if use_moe else FeedForward(config.d_model, config.d_ff * config.top_k)
+        # a dense layer gets the active width of an MoE layer (top_k + shared experts): same active parameters
+        hidden = config.d_ff * (config.top_k + config.shared_experts)
+        self.ffn = MoE(config) if use_moe else FeedForward(config.d_model, hidden)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None, pos=None):
@@ -346,7 +363,8 @@ def init_weights(model: nn.Module, num_layers: int):
 
 
 def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
-    """(total, active): active counts only top_k of the experts of each MoE layer (plus the router)."""
+    """(total, active): active counts only top_k of the routed experts of each MoE layer (plus the router and
+    the shared experts)."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for m in model.modules():

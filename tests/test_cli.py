@@ -157,6 +157,7 @@ def test_bad_training_data(tmp_path, case, expect):
     (["--train", "--set", "top_k=abc"], "expected a int"),
     (["--train", "--preset", "huge"], "no preset 'huge'"),
     (["--train", "--top_k", "9"], "top_k=9"),
+    (["--train", "--set", "noise_init=0"], "noise_init=0.0 must be > 0"),
     (["--classify", "--checkpoint", "/nonexistent/x.pt"], "--input"),
 ])
 def test_bad_arguments(args, expect):

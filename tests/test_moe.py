@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from models import Block, Classifier, FeedForward, MoE, ModelConfig, count_params
+from models import Block, Classifier, MoE, ModelConfig, count_params
 
 
 def tiny(**kw):
@@ -22,13 +22,14 @@ def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         weights = weights / weights.sum(-1, keepdim=True)
     all_out = torch.stack([e(flat) for e in moe.experts], dim=1)  # (N, E, C)
     picked = all_out.gather(1, experts[..., None].expand(-1, -1, flat.size(-1)))  # (N, K, C)
-    return (picked * weights[..., None]).sum(1).view_as(x)
+    routed = (picked * weights[..., None]).sum(1)
+    return (routed + (moe.shared(flat) if moe.shared is not None else 0)).view_as(x)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_sparse_dispatch_equals_dense_reference(top_k):
+@pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 0), (3, 0), (1, 1)])
+def test_sparse_dispatch_equals_dense_reference(top_k, shared):
     torch.manual_seed(0)
-    moe = MoE(tiny(top_k=top_k))
+    moe = MoE(tiny(top_k=top_k, shared_experts=shared))
     x = torch.randn(3, 7, 32, requires_grad=True)
     y, _ = moe(x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -103,6 +104,19 @@ def test_noise_only_in_training():
     assert not torch.equal(c, d)
 
 
+def test_noise_starts_near_noise_init():
+    torch.manual_seed(0)
+    moe = MoE(tiny(noisy_gate=True, noise_init=0.05)).train()
+    x = torch.randn(4096, 32)
+    with torch.no_grad():
+        moe.noise.weight.zero_()  # what the std-0.02 init is close to: the std is then exactly noise_init
+        a, b = moe.route(x)[0], moe.route(x)[0]  # same logits, two noise draws
+    std = float((a - b).std() / math.sqrt(2))
+    assert 0.045 < std < 0.06
+    with pytest.raises(ValueError, match="noise_init=0"):
+        tiny(noisy_gate=True, noise_init=0.0)
+
+
 def test_padding_is_not_routed():
     moe = MoE(tiny())
     x = torch.randn(2, 5, 32)
@@ -110,6 +124,10 @@ def test_padding_is_not_routed():
     y, out = moe(x, mask)
     assert int(out.expert_counts.sum()) == 8 * 2
     assert torch.all(y[0, 3:] == 0)
+    x.requires_grad_(True)  # a batch of padding only: nothing routed, zero output, and backward still works
+    y, out = moe(x, torch.zeros_like(mask))
+    (y.sum() + out.aux_loss).backward()
+    assert int(out.expert_counts.sum()) == 0 and torch.all(y == 0) and torch.all(x.grad == 0)
 
 
 def test_capacity_drops_lowest_router_weight():
@@ -159,6 +177,13 @@ def test_params_total_vs_active_and_dense_twin():
     assert d_total == d_active
     router = 2 * 32 * 4  # the only extra active weights of the MoE model are its routers
     assert active - d_active == router + 2 * 32 * (2 - 1)  # plus k down-biases where the dense FFN has one
+    # with a shared expert (+ top-1): the dense twin is still as wide as the active experts together
+    shared_cfg = tiny(num_layers=2, top_k=1, shared_experts=1)
+    twin_cfg = tiny(num_layers=2, top_k=1, shared_experts=1, num_experts=0)
+    s_total, s_active = count_params(Classifier(shared_cfg), shared_cfg)
+    t_total, _ = count_params(Classifier(twin_cfg), twin_cfg)
+    assert s_total - s_active == 2 * per_expert * (4 - 1)
+    assert s_active - t_total == router + 2 * 32 * 1  # the routed + the shared expert's down-bias
 
 
 def test_classifier_variants_and_bf16():
