@@ -232,7 +232,6 @@ class MoE(nn.Module):
         # ---- dispatch: sort the N*K assignments by expert
         expert_of = selected_experts.reshape(-1)  # (N*K,)
         weight_of = routing_weights.reshape(-1)  # (N*K,)
-        token_of = torch.arange(N, device=x.device).repeat_interleave(K)  # (N*K,)
         wanted = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
         torch._check(wanted.size(0) == E)  # tells torch.export the length (ids < E); free in eager mode
         counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
@@ -249,7 +248,7 @@ class MoE(nn.Module):
         else:
             order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
         exporting = torch.compiler.is_exporting()  # torch.export (ONNX) cannot branch on data-dependent sizes
-        tok = token_of[order]  # (M,) the token of each kept assignment, grouped by expert
+        tok = order // K  # (M,) the token of each kept assignment (row-major (N, K)), grouped by expert
         xs = flat.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
         parts = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist()))
                  if exporting or chunk.size(0)]  # loop over experts, never over tokens; skip idle ones
