@@ -34,47 +34,78 @@ def timed(fn, warmup: int = 3, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
-def bench_moe(tokens: int = 4096, d: int = 256, hidden: int = 1024, experts: int = 8, k: int = 2) -> dict:
-    """Forward + backward of one MoE layer vs the dense FFN with the same active parameters (hidden * k)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=d, d_ff=hidden, num_experts=experts, top_k=k, noisy_gate=False, n_heads=4)
-    moe, dense = MoE(cfg), FeedForward(d, hidden * k)
-    x = torch.randn(tokens // 256, 256, d, requires_grad=True)
-
-    def run_moe():
-        y, out = moe(x)
-        (y.square().mean() + out.aux_loss).backward()
-
-    def run_dense():
-        dense(x).square().mean().backward()
-
+def bench_moe(token_counts=(320, 1024, 4096), experts=(4, 8, 16), d: int = 128, hidden: int = 256,
+              k: int = 2) -> dict:
+    """Forward + backward of one MoE layer alone at the presets' width (d_model 128, expert hidden 256, top-2):
+    grouped experts (the default) and the per-expert loop, against the dense FFN with the same active
+    parameters (hidden * k). 320 tokens is a seq2seq batch (16 pairs), 4,096 an LM batch (32 x 128)."""
     out = {}
     for dtype in ("fp32", "bf16"):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
-        with ctx:
-            t_moe, t_dense = timed(run_moe), timed(run_dense)
-        out[f"moe_ms_{dtype}"] = t_moe * 1e3
-        out[f"dense_ms_{dtype}"] = t_dense * 1e3
-        out[f"moe_over_dense_{dtype}"] = t_moe / t_dense
+        for n in token_counts:
+            torch.manual_seed(0)
+            x = torch.randn(n // 64 if n % 64 == 0 else 1, 64 if n % 64 == 0 else n, d, requires_grad=True)
+            dense = FeedForward(d, hidden * k)
+            with ctx:
+                out[f"dense_ms_{dtype}_{n}"] = t_dense = timed(lambda: dense(x).square().mean().backward()) * 1e3
+            for e in experts:
+                for impl in ("grouped", "loop"):
+                    moe = MoE(ModelConfig(d_model=d, d_ff=hidden, num_experts=e, top_k=k, n_heads=4, moe_impl=impl))
+
+                    def run_moe():
+                        y, stats = moe(x)
+                        (y.square().mean() + stats.aux_loss).backward()
+
+                    with ctx:
+                        t = timed(run_moe) * 1e3
+                    out[f"moe_{impl}_ms_{dtype}_{n}_E{e}"] = t
+                    out[f"moe_{impl}_over_dense_{dtype}_{n}_E{e}"] = t / t_dense
     return out
 
 
-def bench_train(presets: list[str], steps: int = 20) -> dict:
-    """Training tokens/s of task:preset pairs on real batches (after 3 warm-up steps); for MoE presets also the
-    share of step time spent in the MoE layers (the step re-timed with every MoE layer replaced by a no-op)."""
-    import main as cli
-    from data import encode_texts, news_splits, reviews_splits, tokenizer_cache
-    from models import MoE, build_model
+def real_batches(task: str, mcfg, tcfg):
+    """(tokenizer, factory of endless training batches) of a task on its default data. task "mlm" is the
+    classifier's masked-LM pretraining phase (reviews + People's Daily windows)."""
+    from data import encode_texts, news_splits, people_daily_paragraphs, pinyin_splits, reviews_splits, \
+        tokenizer_cache, windows
     from tokenizer import load_or_train
-    from trainer import autocast, param_groups
     import task_cls
     import task_lm
+    import task_s2s
+    cpu = torch.device("cpu")
+    if task in ("cls", "mlm"):
+        corpus, texts = "reviews", list(reviews_splits(quiet=True)["train"].text)
+    elif task == "lm":
+        corpus, texts = "news", news_splits(quiet=True)["train"]
+    else:
+        corpus, pairs_df = "pinyin", pinyin_splits(quiet=True)["train"]
+        texts = list(pairs_df.source) + list(pairs_df.target)
+    tok = load_or_train(tcfg.tokenizer, texts, mcfg.vocab_size,
+                        tokenizer_cache(corpus, tcfg.tokenizer, mcfg.vocab_size), progress=False)
+    B, T = tcfg.batch_size, mcfg.max_len
+    if task == "cls":
+        seqs = encode_texts(tok, texts)
+        return tok, lambda: task_cls.batch_stream(tok, seqs, [i % 2 for i in range(len(seqs))], T, B, 0, cpu)
+    if task == "mlm":
+        seqs = windows(encode_texts(tok, texts + people_daily_paragraphs()), T - 2)
+        return tok, lambda: task_cls.mlm_stream(tok, seqs, T, B, 0, cpu)
+    if task == "lm":
+        stream = task_lm.Stream(tok, texts)
+        return tok, lambda: task_lm.random_batches(stream, T, B, 0, cpu)
+    pairs = task_s2s.Pairs(tok, pairs_df, T)
+    return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, cpu)
 
-    class NoFFN(torch.nn.Module):
-        def forward(self, h):
-            return torch.zeros_like(h)
 
-    def tokens_per_s(model, batches, dtype):
+def bench_train(presets: list[str], steps: int = 20) -> dict:
+    """Training step time on real batches of each task:preset (task cls also times its masked-LM pretraining
+    phase, as "mlm"), in the preset's dtype, after 3 warm-up steps: the MoE model with grouped experts
+    (the default), with the per-expert loop, and its dense twin (num_experts 0, same active parameters)."""
+    from dataclasses import replace
+    import main as cli
+    from models import MaskedLM, build_model
+    from trainer import autocast, param_groups
+
+    def step_ms_and_tokens_per_s(model, batches, dtype):
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
         model.train()
         n_tokens, t0 = 0, 0.0
@@ -87,38 +118,32 @@ def bench_train(presets: list[str], steps: int = 20) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["idx"].numel()
-        return n_tokens / (time.perf_counter() - t0)
+            n_tokens += (sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+                         if "attention_mask" in batch else batch["idx"].numel())
+        seconds = time.perf_counter() - t0
+        return seconds / steps * 1e3, n_tokens / seconds
 
     out = {}
-    cpu = torch.device("cpu")
     for item in presets:
         task, preset = item.split(":")
         _, mcfg, tcfg = cli.resolve_config(task, preset)
-        texts = list(reviews_splits(quiet=True)["train"].text) if task == "cls" else news_splits(quiet=True)["train"]
-        tok = load_or_train(tcfg.tokenizer, texts, mcfg.vocab_size,
-                            tokenizer_cache("reviews" if task == "cls" else "news", tcfg.tokenizer, mcfg.vocab_size),
-                            progress=False)
-        mcfg.vocab_size, mcfg.causal = tok.n_vocab, task == "lm"
-
-        def batches():
-            if task == "cls":
-                seqs = encode_texts(tok, texts)
-                return task_cls.batch_stream(tok, seqs, [i % 2 for i in range(len(seqs))], mcfg.max_len,
-                                             tcfg.batch_size, 0, cpu)
-            return task_lm.random_batches(task_lm.Stream(tok, texts), mcfg.max_len, tcfg.batch_size, 0, cpu)
-
-        torch.manual_seed(0)
-        model = build_model(task, mcfg)
-        tps = tokens_per_s(model, batches(), tcfg.dtype)
-        out[f"train_tokens_per_s_{task}_{preset}"] = tps
-        blocks = getattr(model, "blocks", [])
-        if any(isinstance(b.ffn, MoE) for b in blocks):
-            for b in blocks:
-                if isinstance(b.ffn, MoE):
-                    b.ffn = NoFFN()
-            without = tokens_per_s(model, batches(), tcfg.dtype)
-            out[f"moe_time_share_{task}_{preset}"] = 1 - tps / without
+        for phase in (("mlm", "cls") if task == "cls" else (task,)):
+            tok, batches = real_batches(phase, mcfg, tcfg)
+            cfg = replace(mcfg, vocab_size=tok.n_vocab, causal=task == "lm")
+            dtype = tcfg.dtype
+            variants = {"moe": cfg, "moe_loop": replace(cfg, moe_impl="loop"), "dense": replace(cfg, num_experts=0)}
+            if not cfg.num_experts:
+                variants = {"dense": cfg}
+            for name, vcfg in variants.items():
+                torch.manual_seed(0)
+                model = build_model(task, vcfg)
+                ms, tps = step_ms_and_tokens_per_s(MaskedLM(model) if phase == "mlm" else model, batches(), dtype)
+                out[f"step_ms_{phase}_{preset}_{name}"] = ms
+                out[f"tokens_per_s_{phase}_{preset}_{name}"] = tps
+            if cfg.num_experts:
+                for name in ("moe", "moe_loop"):
+                    out[f"{name}_over_dense_{phase}_{preset}"] = (out[f"step_ms_{phase}_{preset}_{name}"] /
+                                                                 out[f"step_ms_{phase}_{preset}_dense"])
     return out
 
 
@@ -267,7 +292,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "pinyin"),
                     help="run one benchmark")
-    ap.add_argument("--presets", default="cls:tiny,cls:default,lm:default",
+    ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")

@@ -45,6 +45,7 @@ class ModelConfig:
     decoder_layers: int = 0       # seq2seq: decoder depth (0: same as num_layers, the encoder depth)
     rope: bool = False            # seq2seq: rotary positions in self- and cross-attention instead of position
                                   # tables, so "target t looks at source t" is one relative pattern to learn
+    moe_impl: str = "grouped"     # expert computation: "grouped" (F.grouped_mm) or "loop" (per expert, the reference)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -55,6 +56,8 @@ class ModelConfig:
             raise ValueError(f"shared_experts={self.shared_experts} must be >= 0")
         if self.noisy_gate and not self.noise_init > 0:
             raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
+        if self.moe_impl not in ("grouped", "loop"):
+            raise ValueError(f"moe_impl={self.moe_impl!r} must be 'grouped' or 'loop'")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
 
@@ -160,6 +163,65 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+class Experts(nn.Module):
+    """E FeedForward experts as stacked weights, one parameter per projection for all experts:
+    w_up (E, C, H), b_up (E, H), w_down (E, H, C), b_down (E, C). Expert e computes
+    gelu(x @ w_up[e] + b_up[e]) @ w_down[e] + b_down[e], the function of FeedForward(C, H).
+
+    Input: the M assignments sorted by expert (xs (M, C), `counts` (E,) rows each, expert_ids (M,)).
+    impl "grouped" (default): two F.grouped_mm calls and one GELU for all experts, so the op count does not
+    grow with E. impl "loop": one addmm pair per expert on its slice; the reference, and the path taken while
+    exporting (ONNX has no grouped matmul) and on CUDA outside bf16 (grouped_mm's CUDA kernels want bf16).
+    Measured (2-core AMD EPYC, fp32, C 128, H 256, E 8, top-2, forward + backward of the MoE layer):
+    320 tokens 14.1 ms loop vs 5.9 ms grouped (dense FFN 4.6); 1,200 tokens 15.2 vs 15.4 (14.0);
+    4,096 tokens 40.9 vs 39.9 (35.3). A padded (E, capacity, C) buffer + two bmm was 6.0 / 18.0 / 46.2 ms.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "grouped"):
+        super().__init__()
+        E, C, H = num_experts, d_model, hidden
+        self.num_experts, self.impl = E, impl
+        # nn.Linear's default init, per expert (init_weights replaces it in the task models)
+        up_bound, down_bound = 1 / math.sqrt(C), 1 / math.sqrt(H)
+        self.w_up = nn.Parameter(torch.empty(E, C, H).uniform_(-up_bound, up_bound))
+        self.b_up = nn.Parameter(torch.empty(E, H).uniform_(-up_bound, up_bound))
+        self.w_down = nn.Parameter(torch.empty(E, H, C).uniform_(-down_bound, down_bound))
+        self.b_down = nn.Parameter(torch.empty(E, C).uniform_(-down_bound, down_bound))
+
+    def forward(self, xs, counts, expert_ids):
+        """xs (M, C) grouped by expert, counts (E,), expert_ids (M,) -> (M, C) in the compute dtype."""
+        dtype = xs.dtype
+        if torch.is_autocast_enabled(xs.device.type):  # grouped_mm has no autocast rule: cast by hand
+            dtype = torch.get_autocast_dtype(xs.device.type)
+        grouped = self.impl == "grouped" and not torch.compiler.is_exporting() and (
+            xs.device.type == "cpu" or dtype == torch.bfloat16)
+        if grouped:
+            return self._grouped(xs.to(dtype), counts, expert_ids, dtype)
+        return self._loop(xs, counts)
+
+    def _grouped(self, xs, counts, expert_ids, dtype):
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        h = F.grouped_mm(xs, self.w_up.to(dtype), offs=offs) + self.b_up.to(dtype)[expert_ids]  # (M, H)
+        return F.grouped_mm(F.gelu(h), self.w_down.to(dtype), offs=offs) + self.b_down.to(dtype)[expert_ids]
+
+    def _loop(self, xs, counts):
+        exporting = torch.compiler.is_exporting()  # an exported graph cannot branch on data-dependent sizes
+        parts = [torch.addmm(self.b_down[e], F.gelu(torch.addmm(self.b_up[e], chunk, self.w_up[e])), self.w_down[e])
+                 for e, chunk in enumerate(xs.split(counts.tolist())) if exporting or chunk.size(0)]
+        return torch.cat(parts) if parts else xs  # xs is (0, C) when no token was routed
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also load checkpoints written before the stacked layout: one FeedForward per expert,
+        `experts.<e>.up.weight` (H, C) ... -> w_up (E, C, H) ..."""
+        if f"{prefix}0.up.weight" in state_dict:
+            for new, old in (("w_up", "up.weight"), ("b_up", "up.bias"), ("w_down", "down.weight"),
+                             ("b_down", "down.bias")):
+                per_expert = [state_dict.pop(f"{prefix}{e}.{old}") for e in range(self.num_experts)
+                              if f"{prefix}{e}.{old}" in state_dict]
+                state_dict[prefix + new] = torch.stack([t.t() if t.dim() == 2 else t for t in per_expert])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class MoEOutput(NamedTuple):
     aux_loss: torch.Tensor       # balance_coef * balance_loss + z_coef * z_loss (add this to the training loss)
     balance_loss: torch.Tensor   # unweighted, for logging
@@ -200,7 +262,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(C, E, bias=False)
         self.noise = nn.Linear(C, E, bias=False) if config.noisy_gate else None
         self.noise_offset = math.log(math.expm1(config.noise_init)) if config.noisy_gate else 0.0
-        self.experts = nn.ModuleList(FeedForward(C, config.d_ff) for _ in range(E))
+        self.experts = Experts(E, C, config.d_ff, config.moe_impl)
         # S shared experts = one FFN of width S * d_ff, unweighted: it learns from every token, the routed
         # experts only from theirs
         S = config.shared_experts
@@ -247,12 +309,9 @@ class MoE(nn.Module):
             dropped = wanted.sum() - counts.sum()
         else:
             order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
-        exporting = torch.compiler.is_exporting()  # torch.export (ONNX) cannot branch on data-dependent sizes
         tok = order // K  # (M,) the token of each kept assignment (row-major (N, K)), grouped by expert
         xs = flat.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
-        parts = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist()))
-                 if exporting or chunk.size(0)]  # loop over experts, never over tokens; skip idle ones
-        ys = torch.cat(parts) if parts else xs  # xs is (0, C) when no token was routed
+        ys = self.experts(xs, counts, expert_of[order])  # (M, C) all experts at once, never a loop over tokens
         ys = ys * weight_of[order, None].to(ys.dtype)  # (M, C) weighted by the router
         out = torch.zeros_like(flat).index_add(0, tok, ys.to(flat.dtype))  # (N, C) sum of each token's K experts
         if self.shared is not None:
@@ -261,7 +320,7 @@ class MoE(nn.Module):
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
 
-        if exporting:  # an exported graph (ONNX) computes the output only
+        if torch.compiler.is_exporting():  # an exported graph (ONNX) computes the output only
             return out, None
         # ---- auxiliary losses
         f = wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
@@ -307,29 +366,31 @@ class Block(nn.Module):
 
 
 def sum_aux(stats: list[MoEOutput | None], device) -> tuple[torch.Tensor, dict]:
-    """Total weighted aux loss of all MoE layers, and the unweighted parts + per-layer counts for logging."""
+    """Total weighted aux loss of all MoE layers, and the unweighted parts + per-layer counts for logging.
+    The logged values stay 0-d tensors on the device (reading them is a host sync: the trainer does it only
+    when it logs)."""
     stats = [s for s in stats if s is not None]
     zero = torch.zeros((), device=device)
     if not stats:
-        return zero, {"balance": 0.0, "z": 0.0, "counts": [], "dropped": 0}
+        return zero, {"balance": zero, "z": zero, "counts": [], "dropped": zero}
     aux = sum(s.aux_loss for s in stats)
     return aux, {
-        "balance": float(sum(s.balance_loss for s in stats)) / len(stats),
-        "z": float(sum(s.z_loss for s in stats)) / len(stats),
+        "balance": sum(s.balance_loss for s in stats) / len(stats),
+        "z": sum(s.z_loss for s in stats) / len(stats),
         "counts": [s.expert_counts for s in stats],
-        "dropped": int(sum(s.dropped for s in stats)),
+        "dropped": sum(s.dropped for s in stats),
     }
 
 
 def task_loss(logits, labels, stats: list[MoEOutput | None], label_smoothing: float = 0.0):
     """(loss, info): cross-entropy of logits (..., classes) against labels (...; -100 is ignored) plus the
-    weighted aux losses of every MoE layer; loss is None without labels. info["ce"] is the plain CE."""
+    weighted aux losses of every MoE layer; loss is None without labels. info["ce"] is the plain CE (a tensor)."""
     aux, info = sum_aux(stats, logits.device)
     if labels is None:
         return None, info
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
                          label_smoothing=label_smoothing)
-    info["ce"] = float(ce.detach())
+    info["ce"] = ce.detach()
     return ce + aux, info
 
 
@@ -359,6 +420,11 @@ def init_weights(model: nn.Module, num_layers: int):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, Experts):
+            nn.init.normal_(m.w_up, std=0.02)
+            nn.init.normal_(m.w_down, std=resid_std)  # projects into the residual stream
+            nn.init.zeros_(m.b_up)
+            nn.init.zeros_(m.b_down)
 
 
 def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
@@ -368,7 +434,7 @@ def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
     inactive = 0
     for m in model.modules():
         if isinstance(m, MoE):
-            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            per_expert = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
             inactive += per_expert * (m.num_experts - m.top_k)
     return total, total - inactive
 

@@ -55,7 +55,7 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
             batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device)
             with autocast(device, dtype):
                 logits, _, info = model(**batch)
-            loss_sum += info["ce"] * len(rows)  # cross-entropy only: comparable with and without MoE
+            loss_sum += float(info["ce"]) * len(rows)  # cross-entropy only: comparable with and without MoE
             preds[rows] = logits.argmax(-1).cpu().numpy()
             if info["counts"]:
                 counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
@@ -102,7 +102,7 @@ def evaluate_mlm(model, tokenizer, seqs, max_len: int, batch_size: int, device, 
         with autocast(device, dtype):
             _, _, info = model(**batch)
         n = int((batch["labels"] != -100).sum())
-        total, count = total + info["ce"] * n, count + n
+        total, count = total + float(info["ce"]) * n, count + n
     return {"val_loss": total / max(count, 1)}
 
 

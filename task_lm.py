@@ -76,7 +76,7 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
         batch = stream.windows(starts[i:i + B], T, device)
         with autocast(device, dtype):
             _, _, info = model(**batch)
-        total += info["ce"] * len(starts[i:i + B])
+        total += float(info["ce"]) * len(starts[i:i + B])
     loss = total / n
     bpc = loss * (len(stream.ids) / stream.chars) / math.log(2)  # nats per token -> bits per character
     return {"val_loss": loss, "val_bpc": bpc}

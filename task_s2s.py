@@ -121,7 +121,7 @@ def evaluate(model, tokenizer, pairs: Pairs, device, dtype: str, decode: int = E
         with autocast(device, dtype):
             _, _, info = model(**batch)
         n = int((batch["labels"] != -100).sum())
-        total, count = total + info["ce"] * n, count + n
+        total, count = total + float(info["ce"]) * n, count + n
     n = decode or len(pairs)
     preds = convert(model, tokenizer, pairs.src[:n], device, dtype, batch_size=batch_size)
     quality = score(preds, pairs.targets[:n])

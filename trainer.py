@@ -50,8 +50,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"dtype={self.dtype!r} must be fp32, bf16 or fp16")
-        if self.accum_steps < 1:
-            raise ValueError(f"accum_steps={self.accum_steps} must be >= 1")
+        for name in ("batch_size", "accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a number > 0")
+        for name in ("time_budget", "pretrain_seconds", "pretrain_lr", "weight_decay", "grad_clip",
+                     "label_smoothing", "warmup_ratio", "min_lr_ratio"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("epochs=0 and max_steps=0: nothing to train")
         self.betas = tuple(self.betas)
 
 
@@ -80,11 +92,13 @@ def autocast(device: torch.device, dtype: str):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices of Linear layers: norms, biases and embeddings are left alone."""
+    """Decay only the matrices of Linear layers and experts: norms, biases and embeddings are left alone."""
+    from models import Experts
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, nn.Linear) and name == "weight":
+            if (isinstance(module, nn.Linear) and name == "weight") or (
+                    isinstance(module, Experts) and name in ("w_up", "w_down")):
                 decay.append(p)
             else:
                 no_decay.append(p)
@@ -297,10 +311,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def count_tokens(batch: dict) -> int:
-    """Real (unpadded) tokens in a batch: every *attention_mask summed, else the size of the LM's idx."""
+def count_tokens(batch: dict) -> torch.Tensor | int:
+    """Real (unpadded) tokens in a batch: every *attention_mask summed (a device tensor: no host sync), else
+    the size of the LM's idx."""
     masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
-    return sum(int(m.sum()) for m in masks) if masks else batch["idx"].numel()
+    return sum(m.sum() for m in masks) if masks else batch["idx"].numel()
+
+
+def step_info(infos: list[dict]) -> dict:
+    """The logged parts of one optimizer step's micro-batches: CE and aux losses averaged, expert counts summed
+    per layer. Still device tensors; the caller reads them (one host sync) only when it logs."""
+    n = len(infos)
+    return {"ce": sum(i["ce"] for i in infos) / n, "balance": sum(i["balance"] for i in infos) / n,
+            "z": sum(i["z"] for i in infos) / n, "counts": [sum(c) for c in zip(*(i["counts"] for i in infos))]}
 
 
 def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_epoch: int,
@@ -374,6 +397,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped, "best": best,
                 "best_score": best_score, "train_seconds": time.time() - clock["t0"], "rng": rng_state()}})
 
+    # running sums stay on the device between log steps: no per-step host sync (it stalls a GPU)
     tokens_since, t_since, window_loss, window_steps = 0, time.time(), 0.0, 0
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
     halted = False
@@ -389,7 +413,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             net.train()
             optimizer.zero_grad(set_to_none=True)
             try:
-                loss_sum = 0.0
+                loss_sum, infos = 0.0, []
                 for micro in range(cfg.accum_steps):
                     batch = next(batches)
                     consumed += 1
@@ -398,8 +422,9 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                     with autocast(device, cfg.dtype), (contextlib.nullcontext() if sync else net.no_sync()):
                         _, loss, info = net(**batch, label_smoothing=cfg.label_smoothing)
                         scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += float(loss.detach()) / cfg.accum_steps
-                    tokens_since += count_tokens(batch)
+                    loss_sum = loss_sum + loss.detach() / cfg.accum_steps  # mean over the micro-batches
+                    infos.append(info)
+                    tokens_since = tokens_since + count_tokens(batch)
             except torch.OutOfMemoryError:
                 # skip this batch and go on; a run that cannot fit any batch should fail loudly instead
                 if world > 1:
@@ -426,17 +451,20 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             if step % cfg.log_every == 0 or step == total_steps:
                 now = time.time()
                 # the loss of the whole global batch, and the tokens of all ranks
-                loss_sum, avg_loss, tokens = mean_over_ranks(loss_sum, window_loss / window_steps, tokens_since)
+                info = step_info(infos)
+                loss_sum, avg_loss, tokens = mean_over_ranks(float(loss_sum), float(window_loss) / window_steps,
+                                                             float(tokens_since))
                 tok_s = tokens * world / max(now - t_since, 1e-9)
                 tokens_since, t_since, window_loss, window_steps = 0, now, 0.0, 0
                 row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_sum,
-                       "train_loss_avg": avg_loss, "ce": info["ce"],
-                       "aux_balance": info["balance"], "aux_z": info["z"], "lr": lr, "tokens_per_s": tok_s,
+                       "train_loss_avg": avg_loss, "ce": float(info["ce"]),
+                       "aux_balance": float(info["balance"]), "aux_z": float(info["z"]), "lr": lr,
+                       "tokens_per_s": tok_s,
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
                        "time": now - clock["t0"]}
                 log.write(row)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", aux=f"{info['balance']:.3f}", lr=f"{lr:.1e}",
+                bar.set_postfix(loss=f"{loss_sum:.3f}", aux=f"{row['aux_balance']:.3f}", lr=f"{lr:.1e}",
                                 tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if cfg.time_budget and step % 20 == 0:  # show the steps the clock will allow, not the step cap

@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models import Block, Classifier, MoE, ModelConfig, count_params
+from models import Block, Classifier, FeedForward, MoE, ModelConfig, count_params
 
 
 def tiny(**kw):
@@ -20,16 +21,19 @@ def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     weights, experts = probs.topk(moe.top_k, dim=-1)
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
-    all_out = torch.stack([e(flat) for e in moe.experts], dim=1)  # (N, E, C)
+    ex = moe.experts  # stacked weights: w_up (E, C, H), w_down (E, H, C)
+    h = F.gelu(torch.einsum("nc,ech->enh", flat, ex.w_up) + ex.b_up[:, None])  # (E, N, H)
+    all_out = (torch.einsum("enh,ehc->enc", h, ex.w_down) + ex.b_down[:, None]).transpose(0, 1)  # (N, E, C)
     picked = all_out.gather(1, experts[..., None].expand(-1, -1, flat.size(-1)))  # (N, K, C)
     routed = (picked * weights[..., None]).sum(1)
     return (routed + (moe.shared(flat) if moe.shared is not None else 0)).view_as(x)
 
 
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
 @pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 0), (3, 0), (1, 1)])
-def test_sparse_dispatch_equals_dense_reference(top_k, shared):
+def test_sparse_dispatch_equals_dense_reference(top_k, shared, impl):
     torch.manual_seed(0)
-    moe = MoE(tiny(top_k=top_k, shared_experts=shared))
+    moe = MoE(tiny(top_k=top_k, shared_experts=shared, moe_impl=impl))
     x = torch.randn(3, 7, 32, requires_grad=True)
     y, _ = moe(x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -169,7 +173,7 @@ def test_params_total_vs_active_and_dense_twin():
     moe_cfg = tiny(num_layers=2)
     moe_model = Classifier(moe_cfg)
     total, active = count_params(moe_model, moe_cfg)
-    per_expert = sum(p.numel() for p in moe_model.blocks[0].ffn.experts[0].parameters())
+    per_expert = sum(p.numel() for p in FeedForward(32, 48).parameters())
     assert total - active == 2 * per_expert * (4 - 2)
     dense_cfg = tiny(num_layers=2, num_experts=0)
     dense_model = Classifier(dense_cfg)
@@ -202,3 +206,61 @@ def test_classifier_variants_and_bf16():
         # padding must not change the prediction for the padded row
         short, _, _ = model(ids[:1, :6], mask[:1, :6])
         torch.testing.assert_close(short, logits[:1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("E,top_k,capacity_factor,shared", [(1, 1, 0.0, 0), (4, 2, 0.0, 0), (8, 2, 0.0, 1),
+                                                            (4, 2, 0.5, 0), (8, 2, 1.0, 1)])
+def test_grouped_experts_equal_the_per_expert_loop(E, top_k, capacity_factor, shared):
+    """The default grouped_mm path against the reference loop: outputs and every gradient, with padding masks,
+    capacity dropping, shared experts and idle experts (8 experts, few tokens)."""
+    torch.manual_seed(0)
+    cfg = dict(num_experts=E, top_k=top_k, capacity_factor=capacity_factor, shared_experts=shared)
+    grouped, loop = MoE(tiny(**cfg)), MoE(tiny(**cfg, moe_impl="loop"))
+    x = torch.randn(3, 5, 32)
+    if E == 8:  # make the last expert idle: feature 0 is large and pulls every token away from it
+        x[..., 0] = 10.0
+        with torch.no_grad():
+            grouped.gate.weight[:, 0] = 1.0
+            grouped.gate.weight[-1, 0] = -1.0
+    loop.load_state_dict(grouped.state_dict())
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[2, 4:] = False
+    results = []
+    for moe in (grouped, loop):
+        xi = x.clone().requires_grad_(True)
+        y, out = moe(xi, mask)
+        g = torch.autograd.grad((y.square().sum() + out.aux_loss), [xi] + list(moe.parameters()))
+        results.append((y, out, g))
+    (y1, o1, g1), (y2, o2, g2) = results
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
+    assert o1.expert_counts.tolist() == o2.expert_counts.tolist() and int(o1.dropped) == int(o2.dropped)
+    if capacity_factor:
+        assert int(o1.dropped) > 0
+    if E == 8:
+        w_up_grad = g1[1 + [n for n, _ in grouped.named_parameters()].index("experts.w_up")]
+        assert o1.expert_counts[-1] == 0 and w_up_grad[-1].abs().max() == 0  # idle: no gradient
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_with_per_expert_layout_still_loads():
+    """tests/data holds a tiny LM saved before the stacked layout (experts.<e>.up.weight ...) and its logits
+    on one input, computed by the code that wrote it; the stacked model loads it and gives the same logits."""
+    import os
+    from trainer import load_trained
+    data = os.path.join(os.path.dirname(__file__), "data")
+    model, _, ckpt = load_trained(os.path.join(data, "lm_tiny_per_expert_layout.pt"), "lm", "", torch.device("cpu"))
+    assert "blocks.1.ffn.experts.3.down.weight" in ckpt["state_dict"]  # really the old layout
+    expected = torch.load(os.path.join(data, "lm_tiny_per_expert_layout.logits.pt"), weights_only=True)
+    logits = model(expected["input_ids"])[0]
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_expert_matrices_get_weight_decay_and_their_biases_do_not():
+    from trainer import param_groups
+    moe = MoE(tiny())
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(moe, 0.1))
+    ex = moe.experts
+    assert {id(ex.w_up), id(ex.w_down), id(moe.gate.weight)} <= decay
+    assert {id(ex.b_up), id(ex.b_down)} <= no_decay

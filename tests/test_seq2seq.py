@@ -185,14 +185,34 @@ def lm_batches(n, B, seed=0):
             for _ in range(n)]
 
 
-def fit_lm(batches, quiet=True, **cfg):
+def tiny_fit_model():
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
-                                      num_experts=4, top_k=2, dropout=0.0, noisy_gate=False))
+    return LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
+                                     num_experts=4, top_k=2, dropout=0.0, noisy_gate=False))
+
+
+def fit_lm(batches, quiet=True, log=None, **cfg):
+    model = tiny_fit_model()
     cfg = TrainConfig(**{"max_steps": 1, "warmup_ratio": 0.0, "lr": 1e-2, **cfg})
     result = fit(model, cfg, iter(batches), 1, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
-                 on_best=lambda m: None, device=torch.device("cpu"), log=MetricsLog(None), quiet=quiet)
+                 on_best=lambda m: None, device=torch.device("cpu"), log=log or MetricsLog(None), quiet=quiet)
     return model, result
+
+
+def test_logged_losses_are_the_mean_over_the_micro_batches():
+    small = lm_batches(2, 4)
+    log = MetricsLog(None)
+    fit_lm(small, accum_steps=2, log_every=1, log=log)
+    model = tiny_fit_model()  # the same weights the step started from
+    infos = [model(**b)[2] for b in small]
+    losses = [float(model(**b)[1]) for b in small]
+    row = log.rows[0]
+    assert abs(losses[0] - losses[1]) > 1e-3  # two different micro-batches, so "the last one" would differ
+    assert row["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert row["ce"] == pytest.approx(sum(float(i["ce"]) for i in infos) / 2, rel=1e-5)
+    assert row["aux_balance"] == pytest.approx(sum(float(i["balance"]) for i in infos) / 2, rel=1e-5)
+    counts = sum(i["counts"][0] for i in infos).float()
+    assert row["expert_load"][0] == pytest.approx((counts / counts.sum()).tolist())
 
 
 def test_gradient_accumulation_equals_the_big_batch():
