@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, fields, replace
@@ -103,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top_k", type=int, help="experts per token; with --generate: sample from the K likeliest "
                                              "tokens only (0: all)")
     h.add_argument("--num_layers", type=int, help="0 gives the pooled-embedding -> MoE -> head model")
-    h.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
-                   help="bf16: autocast (CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
+    h.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto (default): bf16 on CUDA, fp32 on CPU (bf16 measured slower there); bf16: autocast "
+                        "(CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
     h.add_argument("--seed", type=int)
     gen = p.add_argument_group("generation (--generate)")
     gen.add_argument("--prompt", default="", help="text to continue (cropped to the context window)")
@@ -158,6 +160,9 @@ def resolve_config(task: str, preset_name: str | None, args=None):
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
                  "dtype", "seed", "tokenizer")
     values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
+    for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
+        if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
+            raise DataError(f"--{flag} {getattr(args, flag)}: must be > 0")
     model_fields = {f.name: f for f in fields(ModelConfig)}
     train_fields = {f.name: f for f in fields(TrainConfig)}
     for item in getattr(args, "set", []):
@@ -187,7 +192,7 @@ def run(args) -> int:
     import task_lm
     import task_s2s
     from data import DataError
-    from trainer import dist_info, init_distributed, pick_device
+    from trainer import dist_info, init_distributed, pick_device, resolve_dtype
 
     if args.serve:
         import server
@@ -209,11 +214,14 @@ def run(args) -> int:
         raise DataError("--resume works with --train --task lm or seq2seq (the classifier's runs are short)")
     if args.beam < 1:
         raise DataError(f"--beam {args.beam}: must be >= 1")
+    if not math.isfinite(args.length_penalty):
+        raise DataError(f"--length_penalty {args.length_penalty}: must be a finite number")
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
     if args.train or args.compare:
         preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
+        train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device))  # the checkpoint says which
         rank, world = dist_info()
         if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
             train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
@@ -242,8 +250,10 @@ def run(args) -> int:
             raise DataError("--classify needs --input FILE")
         print(json.dumps(task.classify(args, device), ensure_ascii=False))
     elif args.generate:
-        if args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
-            raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, temperature >= 0")
+        if (args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1
+                or not 0 <= args.temperature < math.inf or (args.top_k or 0) < 0):
+            raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, "
+                            "0 <= temperature < inf, top_k >= 0")
         args.sample_top_k = args.top_k or 0
         summary = task_lm.generate(args, device)
         print(json.dumps(summary, ensure_ascii=False), file=sys.stderr)

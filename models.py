@@ -45,7 +45,8 @@ class ModelConfig:
     decoder_layers: int = 0       # seq2seq: decoder depth (0: same as num_layers, the encoder depth)
     rope: bool = False            # seq2seq: rotary positions in self- and cross-attention instead of position
                                   # tables, so "target t looks at source t" is one relative pattern to learn
-    moe_impl: str = "grouped"     # expert computation: "grouped" (F.grouped_mm) or "loop" (per expert, the reference)
+    moe_impl: str = "auto"        # expert computation: "grouped" (F.grouped_mm), "loop" (per expert, the
+                                  # reference) or "auto" (measured choice by batch size, see Experts)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -56,8 +57,8 @@ class ModelConfig:
             raise ValueError(f"shared_experts={self.shared_experts} must be >= 0")
         if self.noisy_gate and not self.noise_init > 0:
             raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
-        if self.moe_impl not in ("grouped", "loop"):
-            raise ValueError(f"moe_impl={self.moe_impl!r} must be 'grouped' or 'loop'")
+        if self.moe_impl not in ("auto", "grouped", "loop"):
+            raise ValueError(f"moe_impl={self.moe_impl!r} must be 'auto', 'grouped' or 'loop'")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
 
@@ -169,15 +170,17 @@ class Experts(nn.Module):
     gelu(x @ w_up[e] + b_up[e]) @ w_down[e] + b_down[e], the function of FeedForward(C, H).
 
     Input: the M assignments sorted by expert (xs (M, C), `counts` (E,) rows each, expert_ids (M,)).
-    impl "grouped" (default): two F.grouped_mm calls and one GELU for all experts, so the op count does not
-    grow with E. impl "loop": one addmm pair per expert on its slice; the reference, and the path taken while
-    exporting (ONNX has no grouped matmul) and on CUDA outside bf16 (grouped_mm's CUDA kernels want bf16).
-    Measured (2-core AMD EPYC, fp32, C 128, H 256, E 8, top-2, forward + backward of the MoE layer):
-    320 tokens 14.1 ms loop vs 5.9 ms grouped (dense FFN 4.6); 1,200 tokens 15.2 vs 15.4 (14.0);
-    4,096 tokens 40.9 vs 39.9 (35.3). A padded (E, capacity, C) buffer + two bmm was 6.0 / 18.0 / 46.2 ms.
+    impl "grouped": two F.grouped_mm calls and one GELU for all experts, so the Python op count does not grow
+    with E. impl "loop": one addmm pair per expert on its slice (bias fused); the reference, and the path
+    taken while exporting (ONNX has no grouped matmul) and on CUDA outside bf16 (grouped_mm's CUDA kernels
+    want bf16). impl "auto" (default): "loop" on CPU once the average expert gets >= 1,024 rows, else
+    "grouped". Measured with `bench.py --only moe` (2-core AMD EPYC, AVX2, fp32, C 128, H 256, top-2, layer
+    fwd+bwd, MoE time / dense FFN time): 320 tokens E 4/8/16 grouped 2.9/2.4/2.5 vs loop 3.1/3.5/6.6;
+    1,024 tokens 1.6/2.0/2.9 vs 2.1/3.0/4.6; 4,096 tokens 1.5/1.8/1.7 vs 1.5/1.5/2.3. A padded
+    (E, capacity, C) buffer + two bmm lost to both.
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "grouped"):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto"):
         super().__init__()
         E, C, H = num_experts, d_model, hidden
         self.num_experts, self.impl = E, impl
@@ -193,16 +196,22 @@ class Experts(nn.Module):
         dtype = xs.dtype
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm has no autocast rule: cast by hand
             dtype = torch.get_autocast_dtype(xs.device.type)
-        grouped = self.impl == "grouped" and not torch.compiler.is_exporting() and (
-            xs.device.type == "cpu" or dtype == torch.bfloat16)
+        if torch.compiler.is_exporting():  # ONNX has no grouped matmul; and no branching on symbolic sizes
+            return self._loop(xs, counts)
+        impl = self.impl
+        if impl == "auto":  # CPU: many rows per expert make the per-expert addmm (bias fused) the faster one
+            impl = "loop" if xs.device.type == "cpu" and xs.size(0) >= 1024 * self.num_experts else "grouped"
+        grouped = impl == "grouped" and (xs.device.type == "cpu" or dtype == torch.bfloat16)
         if grouped:
             return self._grouped(xs.to(dtype), counts, expert_ids, dtype)
         return self._loop(xs, counts)
 
     def _grouped(self, xs, counts, expert_ids, dtype):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        h = F.grouped_mm(xs, self.w_up.to(dtype), offs=offs) + self.b_up.to(dtype)[expert_ids]  # (M, H)
-        return F.grouped_mm(F.gelu(h), self.w_down.to(dtype), offs=offs) + self.b_down.to(dtype)[expert_ids]
+        # biases by index_select, whose backward is one index_add (x[idx]'s is a serial sorting index_put)
+        h = F.grouped_mm(xs, self.w_up.to(dtype), offs=offs) + self.b_up.to(dtype).index_select(0, expert_ids)
+        y = F.grouped_mm(F.gelu(h), self.w_down.to(dtype), offs=offs)  # (M, C)
+        return y + self.b_down.to(dtype).index_select(0, expert_ids)
 
     def _loop(self, xs, counts):
         exporting = torch.compiler.is_exporting()  # an exported graph cannot branch on data-dependent sizes
@@ -287,7 +296,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, C)  # (B*T, C)
         rows = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else None
         if rows is not None:
-            flat = flat[rows]  # (N, C)
+            flat = flat.index_select(0, rows)  # (N, C)
         N = flat.size(0)
         router_logits, probs, routing_weights, selected_experts = self.route(flat)
 
@@ -312,7 +321,7 @@ class MoE(nn.Module):
         tok = order // K  # (M,) the token of each kept assignment (row-major (N, K)), grouped by expert
         xs = flat.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
         ys = self.experts(xs, counts, expert_of[order])  # (M, C) all experts at once, never a loop over tokens
-        ys = ys * weight_of[order, None].to(ys.dtype)  # (M, C) weighted by the router
+        ys = ys * weight_of.index_select(0, order).to(ys.dtype)[:, None]  # (M, C) weighted by the router
         out = torch.zeros_like(flat).index_add(0, tok, ys.to(flat.dtype))  # (N, C) sum of each token's K experts
         if self.shared is not None:
             out = out + self.shared(flat).to(out.dtype)

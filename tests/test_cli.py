@@ -42,6 +42,7 @@ def test_train_writes_checkpoint_plots_and_summary(trained):
     data = torch.load(ckpt, weights_only=True)
     assert data["label_names"] == ["negative", "positive"]
     assert data["model_config"]["num_experts"] == 4 and data["tokenizer"]["kind"] == "bpe"
+    assert data["train_config"]["dtype"] == "fp32"  # "auto" resolved for this CPU, and recorded as such
     assert data["metrics"]["test_acc"] == summary["test_acc"]
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
@@ -159,6 +160,17 @@ def test_bad_training_data(tmp_path, case, expect):
     (["--train", "--top_k", "9"], "top_k=9"),
     (["--train", "--set", "noise_init=0"], "noise_init=0.0 must be > 0"),
     (["--classify", "--checkpoint", "/nonexistent/x.pt"], "--input"),
+    (["--train", "--preset", "tiny", "--max_steps", "5", "--batch_size", "-4"], "batch_size=-4 must be >= 1"),
+    (["--train", "--batch_size", "0"], "batch_size=0 must be >= 1"),
+    (["--train", "--lr", "-1"], "lr=-1.0 must be a number > 0"),
+    (["--train", "--lr", "nan"], "lr=nan must be a number > 0"),
+    (["--train", "--max_steps", "-5"], "--max_steps -5: must be > 0"),
+    (["--train", "--max_steps", "0"], "--max_steps 0: must be > 0"),
+    (["--train", "--task", "lm", "--time_budget", "-1"], "--time_budget -1.0: must be > 0"),
+    (["--train", "--set", "weight_decay=inf"], "weight_decay=inf must be a number >= 0"),
+    (["--train", "--set", "moe_impl=fast"], "moe_impl='fast'"),
+    (["--generate", "--top_k", "-3"], "top_k >= 0"),
+    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--length_penalty", "nan"], "--length_penalty nan"),
 ])
 def test_bad_arguments(args, expect):
     proc = run_main(*args, check=False)

@@ -215,7 +215,7 @@ def test_grouped_experts_equal_the_per_expert_loop(E, top_k, capacity_factor, sh
     capacity dropping, shared experts and idle experts (8 experts, few tokens)."""
     torch.manual_seed(0)
     cfg = dict(num_experts=E, top_k=top_k, capacity_factor=capacity_factor, shared_experts=shared)
-    grouped, loop = MoE(tiny(**cfg)), MoE(tiny(**cfg, moe_impl="loop"))
+    grouped, loop = MoE(tiny(**cfg, moe_impl="grouped")), MoE(tiny(**cfg, moe_impl="loop"))
     x = torch.randn(3, 5, 32)
     if E == 8:  # make the last expert idle: feature 0 is large and pulls every token away from it
         x[..., 0] = 10.0
