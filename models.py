@@ -152,7 +152,7 @@ def apply_rope(x, pos):
 
 
 class FeedForward(nn.Module):
-    """One expert, or the dense FFN: C -> hidden -> C with GELU."""
+    """The dense FFN (and the shared experts): C -> hidden -> C with GELU. Routed experts: Experts."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
