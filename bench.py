@@ -38,14 +38,14 @@ def timed(fn, warmup: int = 3, repeat: int = 10) -> float:
 def bench_moe(token_counts=(320, 1024, 2048, 4096), experts=(4, 8, 16), d: int = 128, hidden: int = 256,
               k: int = 2, dtypes=("fp32", "bf16")) -> dict:
     """Forward + backward of one MoE layer alone at the presets' width (d_model 128, expert hidden 256, top-2):
-    grouped experts and the per-expert loop (moe_impl "auto" picks between them by size), against the dense FFN with the same active
-    parameters (hidden * k). 320 tokens is a seq2seq batch (16 pairs), 4,096 an LM batch (32 x 128)."""
+    grouped experts and the per-expert loop (moe_impl "auto" picks between them by size), against the dense
+    FFN with the same active parameters (hidden * k). 320 tokens is a seq2seq batch (16 pairs), 4,096 an LM batch (32 x 128)."""
     out = {}
     for dtype in dtypes:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
         for n in token_counts:
             torch.manual_seed(0)
-            x = torch.randn(n // 64 if n % 64 == 0 else 1, 64 if n % 64 == 0 else n, d, requires_grad=True)
+            x = torch.randn(1, n, d, requires_grad=True)  # the layers flatten (B, T) anyway
             dense = FeedForward(d, hidden * k)
             with ctx:
                 out[f"dense_ms_{dtype}_{n}"] = t_dense = timed(lambda: dense(x).square().mean().backward()) * 1e3
@@ -105,7 +105,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2) -> dict:
     from dataclasses import replace
     import main as cli
     from models import MaskedLM, build_model
-    from trainer import autocast, param_groups
+    from trainer import autocast, count_tokens, param_groups
 
     def step_ms_and_tokens_per_s(model, batches, dtype):
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
@@ -120,8 +120,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            n_tokens += (sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-                         if "attention_mask" in batch else batch["idx"].numel())
+            n_tokens += int(count_tokens(batch))
         seconds = time.perf_counter() - t0
         return seconds / steps * 1e3, n_tokens / seconds
 

@@ -193,11 +193,11 @@ class Experts(nn.Module):
 
     def forward(self, xs, counts, expert_ids):
         """xs (M, C) grouped by expert, counts (E,), expert_ids (M,) -> (M, C) in the compute dtype."""
+        if torch.compiler.is_exporting():  # ONNX has no grouped matmul; and no branching on symbolic sizes
+            return self._loop(xs, counts)
         dtype = xs.dtype
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm has no autocast rule: cast by hand
             dtype = torch.get_autocast_dtype(xs.device.type)
-        if torch.compiler.is_exporting():  # ONNX has no grouped matmul; and no branching on symbolic sizes
-            return self._loop(xs, counts)
         impl = self.impl
         if impl == "auto":  # CPU: many rows per expert make the per-expert addmm (bias fused) the faster one
             impl = "loop" if xs.device.type == "cpu" and xs.size(0) >= 1024 * self.num_experts else "grouped"

@@ -211,7 +211,7 @@ def test_classifier_variants_and_bf16():
 @pytest.mark.parametrize("E,top_k,capacity_factor,shared", [(1, 1, 0.0, 0), (4, 2, 0.0, 0), (8, 2, 0.0, 1),
                                                             (4, 2, 0.5, 0), (8, 2, 1.0, 1)])
 def test_grouped_experts_equal_the_per_expert_loop(E, top_k, capacity_factor, shared):
-    """The default grouped_mm path against the reference loop: outputs and every gradient, with padding masks,
+    """The grouped_mm path against the reference loop: outputs and every gradient, with padding masks,
     capacity dropping, shared experts and idle experts (8 experts, few tokens)."""
     torch.manual_seed(0)
     cfg = dict(num_experts=E, top_k=top_k, capacity_factor=capacity_factor, shared_experts=shared)

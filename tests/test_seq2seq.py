@@ -204,8 +204,8 @@ def test_logged_losses_are_the_mean_over_the_micro_batches():
     log = MetricsLog(None)
     fit_lm(small, accum_steps=2, log_every=1, log=log)
     model = tiny_fit_model()  # the same weights the step started from
-    infos = [model(**b)[2] for b in small]
-    losses = [float(model(**b)[1]) for b in small]
+    outputs = [model(**b) for b in small]  # (logits, loss, info) each
+    losses, infos = [float(o[1]) for o in outputs], [o[2] for o in outputs]
     row = log.rows[0]
     assert abs(losses[0] - losses[1]) > 1e-3  # two different micro-batches, so "the last one" would differ
     assert row["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
