@@ -23,48 +23,57 @@ import torch
 from models import FeedForward, MoE, ModelConfig
 
 
-def timed(fn, warmup: int = 3, repeat: int = 10) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: time it to its end
+
+
+def timed(fn, device: torch.device = torch.device("cpu"), warmup: int = 3, repeat: int = 10) -> float:
     """Median seconds of fn() after warm-up."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        sync(device)
         t = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def bench_moe(token_counts=(320, 1024, 2048, 4096), experts=(4, 8, 16), d: int = 128, hidden: int = 256,
-              k: int = 2, dtypes=("fp32", "bf16")) -> dict:
+              k: int = 2, dtypes=("fp32", "bf16"), device: torch.device = torch.device("cpu")) -> dict:
     """Forward + backward of one MoE layer alone at the presets' width (d_model 128, expert hidden 256, top-2):
     grouped experts and the per-expert loop (moe_impl "auto" picks between them by size), against the dense
     FFN with the same active parameters (hidden * k). 320 tokens is a seq2seq batch (16 pairs), 4,096 an LM batch (32 x 128)."""
     out = {}
     for dtype in dtypes:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         for n in token_counts:
             torch.manual_seed(0)
-            x = torch.randn(1, n, d, requires_grad=True)  # the layers flatten (B, T) anyway
-            dense = FeedForward(d, hidden * k)
+            x = torch.randn(1, n, d, requires_grad=True, device=device)  # the layers flatten (B, T) anyway
+            dense = FeedForward(d, hidden * k).to(device)
             with ctx:
-                out[f"dense_ms_{dtype}_{n}"] = t_dense = timed(lambda: dense(x).square().mean().backward()) * 1e3
+                out[f"dense_ms_{dtype}_{n}"] = t_dense = timed(lambda: dense(x).square().mean().backward(),
+                                                               device) * 1e3
             for e in experts:
                 for impl in ("grouped", "loop"):
-                    moe = MoE(ModelConfig(d_model=d, d_ff=hidden, num_experts=e, top_k=k, n_heads=4, moe_impl=impl))
+                    moe = MoE(ModelConfig(d_model=d, d_ff=hidden, num_experts=e, top_k=k, n_heads=4,
+                                          moe_impl=impl)).to(device)
 
                     def run_moe():
                         y, stats = moe(x)
                         (y.square().mean() + stats.aux_loss).backward()
 
                     with ctx:
-                        t = timed(run_moe) * 1e3
+                        t = timed(run_moe, device) * 1e3
                     out[f"moe_{impl}_ms_{dtype}_{n}_E{e}"] = t
                     out[f"moe_{impl}_over_dense_{dtype}_{n}_E{e}"] = t / t_dense
     return out
 
 
-def real_batches(task: str, mcfg, tcfg):
+def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu")):
     """(tokenizer, factory of endless training batches) of a task on its default data. task "mlm" is the
     classifier's masked-LM pretraining phase (reviews + People's Daily windows)."""
     from data import encode_texts, news_splits, people_daily_paragraphs, pinyin_splits, reviews_splits, \
@@ -73,7 +82,6 @@ def real_batches(task: str, mcfg, tcfg):
     import task_cls
     import task_lm
     import task_s2s
-    cpu = torch.device("cpu")
     if task in ("cls", "mlm"):
         corpus, texts = "reviews", list(reviews_splits(quiet=True)["train"].text)
     elif task == "lm":
@@ -86,71 +94,80 @@ def real_batches(task: str, mcfg, tcfg):
     B, T = tcfg.batch_size, mcfg.max_len
     if task == "cls":
         seqs = encode_texts(tok, texts)
-        return tok, lambda: task_cls.batch_stream(tok, seqs, [i % 2 for i in range(len(seqs))], T, B, 0, cpu)
+        return tok, lambda: task_cls.batch_stream(tok, seqs, [i % 2 for i in range(len(seqs))], T, B, 0, device)
     if task == "mlm":
         seqs = windows(encode_texts(tok, texts + people_daily_paragraphs()), T - 2)
-        return tok, lambda: task_cls.mlm_stream(tok, seqs, T, B, 0, cpu)
+        return tok, lambda: task_cls.mlm_stream(tok, seqs, T, B, 0, device)
     if task == "lm":
         stream = task_lm.Stream(tok, texts)
-        return tok, lambda: task_lm.random_batches(stream, T, B, 0, cpu)
+        return tok, lambda: task_lm.random_batches(stream, T, B, 0, device)
     pairs = task_s2s.Pairs(tok, pairs_df, T)
-    return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, cpu)
+    return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
 
 
-def bench_train(presets: list[str], steps: int = 20, rounds: int = 2) -> dict:
+def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: torch.device = torch.device("cpu"),
+                compile_modes: tuple = ()) -> dict:
     """Training step time on real batches of each task:preset (task cls also times its masked-LM pretraining
     phase, as "mlm"), in the preset's dtype, after 3 warm-up steps: the MoE model (moe_impl "auto", the
     default), with grouped experts, with the per-expert loop, and its dense twin (num_experts 0, same active
-    parameters). Each is timed in `rounds` interleaved rounds of `steps` steps; the fastest round counts."""
+    parameters); with each of `compile_modes`, the MoE model and its dense twin under torch.compile too (their
+    warm-up steps compile). Each is timed in `rounds` interleaved rounds of `steps` steps; the fastest counts."""
     from dataclasses import replace
     import main as cli
     from models import MaskedLM, build_model
-    from trainer import autocast, count_tokens, param_groups
+    from trainer import autocast, count_tokens, param_groups, resolve_dtype
 
-    def step_ms_and_tokens_per_s(model, batches, dtype):
+    def step_ms_and_tokens_per_s(model, net, batches, dtype):
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
         model.train()
         n_tokens, t0 = 0, 0.0
         for i in range(steps + 3):
             if i == 3:
+                sync(device)
                 n_tokens, t0 = 0, time.perf_counter()
             batch = next(batches)
-            with autocast(torch.device("cpu"), dtype):
-                _, loss, _ = model(**batch)
+            with autocast(device, dtype):
+                _, loss, _ = net(**batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            n_tokens += int(count_tokens(batch))
+            n_tokens = n_tokens + count_tokens(batch)
+        sync(device)
         seconds = time.perf_counter() - t0
-        return seconds / steps * 1e3, n_tokens / seconds
+        return seconds / steps * 1e3, int(n_tokens) / seconds
 
     out = {}
     for item in presets:
         task, preset = item.split(":")
         _, mcfg, tcfg = cli.resolve_config(task, preset)
+        dtype = resolve_dtype(tcfg.dtype, device)
         for phase in (("mlm", "cls") if task == "cls" else (task,)):
-            tok, batches = real_batches(phase, mcfg, tcfg)
+            tok, batches = real_batches(phase, mcfg, tcfg, device)
             cfg = replace(mcfg, vocab_size=tok.n_vocab, causal=task == "lm")
-            dtype = tcfg.dtype
             variants = {"moe": cfg, "moe_grouped": replace(cfg, moe_impl="grouped"),
                         "moe_loop": replace(cfg, moe_impl="loop"), "dense": replace(cfg, num_experts=0)}
             if not cfg.num_experts:
                 variants = {"dense": cfg}
-            models = {}
+            nets = {}  # name -> (model, what a training step calls)
             for name, vcfg in variants.items():
                 torch.manual_seed(0)
-                model = build_model(task, vcfg)
-                models[name] = MaskedLM(model) if phase == "mlm" else model
+                model = build_model(task, vcfg).to(device)
+                model = MaskedLM(model) if phase == "mlm" else model
+                nets[name] = (model, model)
+                if name in ("moe", "dense"):
+                    for mode in compile_modes:
+                        nets[f"{name}_compiled_{mode}"] = (model, torch.compile(model, mode=mode))
             for _ in range(rounds):  # interleaved rounds, best kept: the first model timed is not penalised
-                for name, model in models.items():
-                    ms, tps = step_ms_and_tokens_per_s(model, batches(), dtype)
+                for name, (model, net) in nets.items():
+                    ms, tps = step_ms_and_tokens_per_s(model, net, batches(), dtype)
                     if ms < out.get(f"step_ms_{phase}_{preset}_{name}", math.inf):
                         out[f"step_ms_{phase}_{preset}_{name}"] = ms
                         out[f"tokens_per_s_{phase}_{preset}_{name}"] = tps
-            if cfg.num_experts:
-                for name in ("moe", "moe_grouped", "moe_loop"):
+            for name in nets:
+                if name.startswith("moe"):
+                    dense = name.replace("moe", "dense") if "_compiled_" in name else "dense"
                     out[f"{name}_over_dense_{phase}_{preset}"] = (out[f"step_ms_{phase}_{preset}_{name}"] /
-                                                                 out[f"step_ms_{phase}_{preset}_dense"])
+                                                                 out[f"step_ms_{phase}_{preset}_{dense}"])
     return out
 
 
@@ -303,12 +320,20 @@ def main(argv=None) -> int:
                     help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe and train benchmarks")
+    ap.add_argument("--compile_modes", default="",
+                    help="train benchmark: also time the MoE and dense models under torch.compile with these "
+                         "comma-separated modes (e.g. default,max-autotune-no-cudagraphs)")
     args = ap.parse_args(argv)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    device = torch.device(args.device)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device":
+               torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if args.only in (None, "moe"):
-        results.update(bench_moe())
+        # bf16 on CUDA (grouped_mm's kernels want it); on a CPU both (bf16 is emulated without AVX-512 BF16)
+        results.update(bench_moe(dtypes=("bf16",) if device.type == "cuda" else ("fp32", "bf16"), device=device))
     if args.only in (None, "train"):
-        results.update(bench_train(args.presets.split(",")))
+        results.update(bench_train(args.presets.split(","), device=device,
+                                   compile_modes=tuple(m for m in args.compile_modes.split(",") if m)))
     if args.only in (None, "tokenizer"):
         results.update(bench_tokenizer())
     if args.only in (None, "generate"):

@@ -143,8 +143,25 @@ def atomic_write_csv(df: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
+def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
+    """Empty or NaN labels are an error naming the rows; fractional numbers get a warning (each distinct value
+    becomes a class of its own: a regression target was probably meant)."""
+    bad = labels.isna() | labels.astype(str).str.strip().isin(["", "nan", "NaN"])
+    if bad.any():
+        rows = [i + 1 for i in range(len(labels)) if bad.iloc[i]]
+        shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        raise DataError(f"{path}: empty or NaN {label_col!r} in data row(s) {shown}; give every row a label")
+    numbers = pd.to_numeric(labels, errors="coerce")
+    fractional = numbers.notna() & (numbers != numbers.round())
+    if fractional.any():
+        print(f"warning: {path}: column {label_col!r} has fractional numbers "
+              f"({', '.join(map(str, labels[fractional].unique()[:3]))}); each distinct value is trained as a "
+              "class of its own", file=sys.stderr)
+
+
 def labelled_frame(path: str, text_col: str, label_col: str) -> pd.DataFrame:
     df = read_table(path)
+    check_labels(column(df, label_col, path), path, label_col)
     out = clean_labelled(column(df, text_col, path), column(df, label_col, path))
     if len(out) == 0:
         raise DataError(f"{path}: no non-empty texts in column {text_col!r}")

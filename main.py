@@ -18,10 +18,13 @@ Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 from dataclasses import asdict, fields, replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): bf16 on CUDA, fp32 on CPU (bf16 measured slower there); bf16: autocast "
                         "(CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
     h.add_argument("--seed", type=int)
+    h.add_argument("--compile", choices=("auto", "on", "off"),
+                   help="torch.compile the training step. auto (default): on for CUDA, off on CPU (measured "
+                        "faster / slower there); the first step then takes seconds to minutes; if compiling fails, "
+                        "a one-line notice and eager training")
     gen = p.add_argument_group("generation (--generate)")
     gen.add_argument("--prompt", default="", help="text to continue (cropped to the context window)")
     gen.add_argument("--max_new_tokens", type=int, default=200)
@@ -158,7 +165,7 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         raise DataError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
     values = dict(presets[preset_name])
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
-                 "dtype", "seed", "tokenizer")
+                 "dtype", "seed", "tokenizer", "compile")
     values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
     for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
         if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
@@ -185,6 +192,69 @@ def resolve_config(task: str, preset_name: str | None, args=None):
 
 
 # -----------------------------------------------------------------------------
+# Output paths: checked before any work, so a long run never dies at its last write
+
+def writable_dir(path: str, flag: str, shown: str | None = None) -> None:
+    """Create `path` if needed and prove a file can be written in it, or fail in one line naming the flag."""
+    from data import DataError
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{flag} {shown or path}: {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {shown or path}: cannot write there ({e.strerror or e})") from None
+
+
+def writable_file(path: str, flag: str) -> None:
+    from data import DataError
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path}: is a directory, not a file")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag, shown=path)
+
+
+@contextlib.contextmanager
+def checkpoint_lock(path: str):
+    """<checkpoint>.lock holds the pid of the run writing `path`: a second live run is refused (it would
+    silently overwrite the first one's model); a lock left by a killed run is taken over."""
+    from data import DataError
+    lock = path + ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(lock, encoding="utf-8") as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)  # signal 0: is that process alive?
+            except (OSError, ValueError):
+                os.unlink(lock)  # stale: its run is gone
+                continue
+            raise DataError(f"--checkpoint {path}: another run (pid {pid}) is writing it; wait for it or pick "
+                            f"another --checkpoint (remove {lock} if that run is gone)") from None
+    else:
+        raise DataError(f"--checkpoint {path}: cannot take {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+
+
+def check_outputs(args) -> None:
+    """The files and folders this mode will write."""
+    if args.train or args.compare:
+        writable_file(args.checkpoint, "--checkpoint")
+    if args.train or args.compare or args.classify or args.generate:
+        writable_dir(args.out_dir, "--out_dir")
+    if args.output and (args.classify or args.export):
+        writable_file(args.output, "--output")
+
+
+# -----------------------------------------------------------------------------
 # Modes
 
 def run(args) -> int:
@@ -192,7 +262,7 @@ def run(args) -> int:
     import task_lm
     import task_s2s
     from data import DataError
-    from trainer import dist_info, init_distributed, pick_device, resolve_dtype
+    from trainer import dist_info, init_distributed, pick_device, resolve_compile, resolve_dtype
 
     if args.serve:
         import server
@@ -219,9 +289,12 @@ def run(args) -> int:
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
+    check_outputs(args)
     if args.train or args.compare:
         preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
-        train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device))  # the checkpoint says which
+        # the checkpoint says which dtype and compile mode the run used
+        train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device),
+                            compile=resolve_compile(train_cfg.compile, device))
         rank, world = dist_info()
         if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
             train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
@@ -231,7 +304,14 @@ def run(args) -> int:
                   f"{f', {world} processes' if world > 1 else ''}):", file=sys.stderr)
             print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
                   file=sys.stderr)
-        summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
+        # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the resume state is saved and the best checkpoint kept
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        lock = checkpoint_lock(args.checkpoint) if args.train and rank == 0 else contextlib.nullcontext()
+        try:
+            with lock:
+                summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if rank == 0:
             print(json.dumps(summary, ensure_ascii=False))
     elif args.infer and args.task == "seq2seq":
@@ -276,9 +356,15 @@ def main(argv=None) -> int:
         # errors the user can cause: one line, no traceback, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not e.filename:
+            raise
+        # a user path that went bad mid-run (disk full, removed folder): one line too
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the best checkpoint so far (if any) is intact", file=sys.stderr)
-        return 130
+        return 130  # also for SIGTERM: the run did not finish
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

@@ -5,6 +5,7 @@ N tokens routed (B*T minus padding), H heads, D head width (C // H).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -74,6 +75,22 @@ class ModelConfig:
 
 # -----------------------------------------------------------------------------
 # Building blocks
+
+_exporting = False  # True while onnx_export traces a model (see exporting())
+
+
+@contextlib.contextmanager
+def exporting():
+    """While tracing for ONNX: MoE layers return their output only and run the per-expert loop. A flag of our
+    own, not torch.compiler.is_exporting(): torch 2.11 also answers True inside torch.compile, which silently
+    dropped the aux losses and expert counts of compiled training."""
+    global _exporting
+    _exporting = True
+    try:
+        yield
+    finally:
+        _exporting = False
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -193,16 +210,21 @@ class Experts(nn.Module):
 
     def forward(self, xs, counts, expert_ids):
         """xs (M, C) grouped by expert, counts (E,), expert_ids (M,) -> (M, C) in the compute dtype."""
-        if torch.compiler.is_exporting():  # ONNX has no grouped matmul; and no branching on symbolic sizes
+        if _exporting:  # ONNX has no grouped matmul; and no branching on symbolic sizes
             return self._loop(xs, counts)
         dtype = xs.dtype
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm has no autocast rule: cast by hand
             dtype = torch.get_autocast_dtype(xs.device.type)
         impl = self.impl
         if impl == "auto":  # CPU: many rows per expert make the per-expert addmm (bias fused) the faster one
-            impl = "loop" if xs.device.type == "cpu" and xs.size(0) >= 1024 * self.num_experts else "grouped"
+            impl = "loop" if (xs.device.type == "cpu" and xs.size(0) >= 1024 * self.num_experts
+                              and not torch.compiler.is_compiling()) else "grouped"  # compiled: static shapes
         grouped = impl == "grouped" and (xs.device.type == "cpu" or dtype == torch.bfloat16)
         if grouped:
+            if xs.device.type == "cpu" and torch.compiler.is_compiling():
+                # Inductor has no CPU lowering for fp32 grouped_mm ("Expected inputs of BF16"): run the experts
+                # eagerly inside the compiled model (static in shape, so one graph break, no recompiles)
+                return torch.compiler.disable(self._grouped)(xs.to(dtype), counts, expert_ids, dtype)
             return self._grouped(xs.to(dtype), counts, expert_ids, dtype)
         return self._loop(xs, counts)
 
@@ -214,7 +236,7 @@ class Experts(nn.Module):
         return y + self.b_down.to(dtype).index_select(0, expert_ids)
 
     def _loop(self, xs, counts):
-        exporting = torch.compiler.is_exporting()  # an exported graph cannot branch on data-dependent sizes
+        exporting = _exporting  # an exported graph cannot branch on data-dependent sizes
         parts = [torch.addmm(self.b_down[e], F.gelu(torch.addmm(self.b_up[e], chunk, self.w_up[e])), self.w_down[e])
                  for e, chunk in enumerate(xs.split(counts.tolist())) if exporting or chunk.size(0)]
         return torch.cat(parts) if parts else xs  # xs is (0, C) when no token was routed
@@ -303,8 +325,9 @@ class MoE(nn.Module):
         # ---- dispatch: sort the N*K assignments by expert
         expert_of = selected_experts.reshape(-1)  # (N*K,)
         weight_of = routing_weights.reshape(-1)  # (N*K,)
-        wanted = torch.bincount(expert_of, minlength=E)  # (E,) assignments wanted per expert
-        torch._check(wanted.size(0) == E)  # tells torch.export the length (ids < E); free in eager mode
+        # (E,) assignments wanted per expert; not bincount, whose output size depends on the data (a host sync on
+        # CUDA, a graph break under torch.compile, an unknown length for torch.export)
+        wanted = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, torch.ones_like(expert_of))
         counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
         if self.capacity_factor > 0:
             # highest router weight first inside each expert, so the capacity cut drops the least wanted
@@ -329,7 +352,7 @@ class MoE(nn.Module):
             out = torch.zeros_like(x.reshape(-1, C)).index_copy(0, rows, out)
         out = out.view(B, T, C)
 
-        if torch.compiler.is_exporting():  # an exported graph (ONNX) computes the output only
+        if _exporting:  # an exported graph (ONNX) computes the output only
             return out, None
         # ---- auxiliary losses
         f = wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
@@ -400,7 +423,9 @@ def task_loss(logits, labels, stats: list[MoEOutput | None], label_smoothing: fl
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
                          label_smoothing=label_smoothing)
     info["ce"] = ce.detach()
-    return ce + aux, info
+    # a dense model has no aux term; adding its constant 0 anyway loses the loss's grad_fn under torch.compile
+    # (2.13 folds ce + 0 into ce and then treats the loss as the detached info["ce"])
+    return (ce + aux if info["counts"] else ce), info
 
 
 def run_blocks(blocks: nn.ModuleList, x, checkpointing: bool = False, caches=None, **kwargs):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from data import DataError
+from models import exporting
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 EXPORTABLE = ("cls", "lm")
@@ -88,8 +89,9 @@ def export(args) -> dict:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes about torchvision ops
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph, inputs, dynamo=True, dynamic_shapes=dynamic, input_names=names,
-                                        output_names=["logits"], verbose=False)
+            with exporting():
+                program = torch.onnx.export(graph, inputs, dynamo=True, dynamic_shapes=dynamic, input_names=names,
+                                            output_names=["logits"], verbose=False)
         proto = program.model_proto
         meta = {"task": task, "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
                 "max_len": str(model.config.max_len), "label_names": json.dumps(ckpt.get("label_names", [])),

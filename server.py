@@ -9,14 +9,18 @@
                             "top_k": 0, "seed": 1337}              -> {"text": "...", "new_tokens": n}
     POST /api/pinyin       {"text": "wo ai bian cheng", "beam": 4} -> {"pred": "..."}
 
-Errors are JSON {"error": "..."}: 400 bad JSON or field, 404 unknown path, 413 body over 64 KiB, 503 model not
-trained. Each model is loaded once at start; a thread serves each request, and a lock per model lets requests
-to different models run at the same time while calls into one model take turns (its sampling RNG and KV
-caches are per call, but torch's intra-op threads are better spent on one call at a time).
+Errors are JSON {"error": "..."}: 400 bad JSON or field (NaN and Infinity included), 404 unknown path, 413 body
+over 64 KiB (the body is read and dropped first, up to 16 MiB, so every client sees the answer), 501 any other
+method, 503 model not trained. Each model is loaded once at start; a thread serves each connection (at most
+MAX_WORKERS at once; the others wait in a listen queue of BACKLOG), a connection idle for IDLE_TIMEOUT seconds
+is closed, and a lock per model lets requests to different models run at the same time while calls into one
+model take turns (its sampling RNG and KV caches are per call, but torch's intra-op threads are better spent
+on one call at a time).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -28,6 +32,10 @@ import torch
 from data import DataError
 
 MAX_BODY = 64 * 1024
+MAX_DRAIN = 16 * 1024 * 1024  # an oversized body up to this size is read and dropped before the 413
+IDLE_TIMEOUT = 30.0           # seconds a connection may stay silent (between or inside requests)
+MAX_WORKERS = 64              # connections served at once
+BACKLOG = 128                 # connections waiting to be accepted
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 TASKS = ("cls", "lm", "seq2seq")
 
@@ -121,6 +129,8 @@ def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allo
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # json.loads refuses NaN already; a caller's dict may not
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a finite number, got {value!r}")
     if kind is str and not allow_empty and not value.strip():
         raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} is empty")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -131,8 +141,20 @@ def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allo
 def make_handler(models: Models, quiet: bool):
     routes = {"/api/classify": models.classify, "/api/generate": models.generate, "/api/pinyin": models.pinyin}
 
+    def no_constants(name: str):  # NaN, Infinity, -Infinity are not JSON, and pass every range check
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {name} is not a number")
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "moe-toolkit"
+        timeout = IDLE_TIMEOUT  # socket timeout: an idle or stalled client gives its thread back
+
+        def send_error(self, code, message=None, explain=None):
+            """The standard library's errors (501 unknown method, 400 bad request line, ...) as JSON too."""
+            self.close_connection = True
+            try:
+                self.send_json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
+            except OSError:
+                pass  # the client is gone
 
         def send_json(self, status: HTTPStatus, obj: dict) -> None:
             body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -169,11 +191,12 @@ def make_handler(models: Models, quiet: bool):
                 if length < 0:
                     raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length header")
                 if length > MAX_BODY:
-                    self.close_connection = True  # the unread body must not be parsed as the next request
+                    self.close_connection = True  # an unread rest must not be parsed as the next request
+                    self.drain(length)
                     raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is "
                                                                         f"{MAX_BODY}")
                 try:
-                    req = json.loads(self.rfile.read(length).decode("utf-8"))
+                    req = json.loads(self.rfile.read(length).decode("utf-8"), parse_constant=no_constants)
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
                 if not isinstance(req, dict):
@@ -181,8 +204,24 @@ def make_handler(models: Models, quiet: bool):
                 self.send_json(HTTPStatus.OK, routes[path](req))
             except ApiError as e:
                 self.send_json(e.status, {"error": str(e)})
+            except TimeoutError:  # the body stopped arriving before Content-Length bytes
+                self.close_connection = True
+                self.send_json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"no data for {IDLE_TIMEOUT:g} s"})
             except Exception as e:  # a bug must not take the server down: report it as a 500
                 self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+
+        def drain(self, length: int) -> None:
+            """Read and drop an oversized body (up to MAX_DRAIN), so that a client still writing it reads the
+            413 instead of a broken pipe."""
+            left = min(length, MAX_DRAIN)
+            try:
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except OSError:
+                pass  # timed out or gone: the answer is sent anyway and the connection closed
 
         def log_message(self, fmt, *args):
             if not quiet:
@@ -191,14 +230,37 @@ def make_handler(models: Models, quiet: bool):
     return Handler
 
 
-def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool = False) -> ThreadingHTTPServer:
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bounded number of connection threads and a longer listen queue."""
+    daemon_threads = True
+    request_queue_size = BACKLOG
+
+    def __init__(self, *args, **kwargs):
+        self.workers = threading.BoundedSemaphore(MAX_WORKERS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        self.workers.acquire()  # at MAX_WORKERS the accept loop waits; new clients queue in the backlog
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.workers.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.workers.release()
+
+
+def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool = False) -> Server:
     """The server, bound and ready (port 0 picks a free one: server.server_address[1])."""
     models = Models(paths, device)
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(models, quiet))
+        server = Server((host, port), make_handler(models, quiet))
     except OSError as e:
         raise DataError(f"--serve: cannot listen on {host}:{port} ({e.strerror})") from None
-    server.daemon_threads = True
     server.models = models
     return server
 

@@ -116,6 +116,16 @@ def test_train_on_user_data_with_string_labels(tmp_path):
     assert set(res["probs"]) == {"好评", "差评"}
 
 
+def test_fractional_labels_warn(tmp_path):
+    rows = [("很好很满意", "0.5"), ("太差了不会再来", "1.7")] * 6
+    src = bad(tmp_path, "d.csv", ("text,label\n" + "".join(f"{t}{i},{l}\n" for i, (t, l) in enumerate(rows))).encode())
+    proc = run_main("--train", "--preset", "tiny", "--data", src, "--checkpoint", str(tmp_path / "m.pt"),
+                    "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--set", "vocab_size=300",
+                    "--num_layers", "0")
+    assert "fractional numbers (0.5, 1.7)" in proc.stderr
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["label_names"] == ["0.5", "1.7"]
+
+
 # ---- bad input: one line on stderr, exit code 2, no traceback, nothing written
 
 def bad(tmp_path, name, content: bytes):
@@ -132,6 +142,7 @@ def bad(tmp_path, name, content: bytes):
     ("one_class", "only one class"),
     ("non_utf8", "not UTF-8"),
     ("no_rows", "no rows"),
+    ("empty_labels", "empty or NaN 'label' in data row(s) 3, 4"),
 ])
 def test_bad_training_data(tmp_path, case, expect):
     contents = {
@@ -141,6 +152,7 @@ def test_bad_training_data(tmp_path, case, expect):
         "one_class": ("d.csv", "text,label\n好,1\n很好,1\n不错,1\n".encode()),
         "non_utf8": ("d.csv", "text,label\n好,1\n".encode("gbk")),
         "no_rows": ("d.csv", b"text,label\n"),
+        "empty_labels": ("d.csv", "text,label\n好,0.5\n很好,1.7\n不错,\n差,nan\n".encode()),
     }
     path = str(tmp_path / "nope.csv") if case == "missing" else bad(tmp_path, *contents[case])
     ckpt = tmp_path / "m.pt"
@@ -171,6 +183,15 @@ def test_bad_training_data(tmp_path, case, expect):
     (["--train", "--set", "moe_impl=fast"], "moe_impl='fast'"),
     (["--generate", "--top_k", "-3"], "top_k >= 0"),
     (["--infer", "--task", "seq2seq", "--text", "ni hao", "--length_penalty", "nan"], "--length_penalty nan"),
+    (["--train", "--set", "compile=maybe"], "compile='maybe' must be auto, on or off"),
+    # unwritable outputs fail before any training or loading
+    (["--train", "--preset", "tiny", "--checkpoint", "/proc/x/y.pt"], "--checkpoint /proc/x/y.pt: cannot write"),
+    (["--train", "--preset", "tiny", "--checkpoint", "README.md/y.pt"], "README.md is a file, not a folder"),
+    (["--train", "--preset", "tiny", "--checkpoint", "tests"], "--checkpoint tests: is a directory"),
+    (["--train", "--preset", "tiny", "--out_dir", "/sys/runs"], "--out_dir /sys/runs: cannot write"),
+    (["--classify", "--input", "x.csv", "--output", "/sys/p.csv"], "--output /sys/p.csv: cannot write"),
+    (["--classify", "--input", "x.csv", "--output", "README.md/p.csv"], "--output README.md/p.csv: "),
+    (["--export", "onnx", "--output", "/sys/cls.onnx"], "--output /sys/cls.onnx: cannot write"),
 ])
 def test_bad_arguments(args, expect):
     proc = run_main(*args, check=False)

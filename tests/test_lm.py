@@ -151,3 +151,65 @@ def test_bad_lm_data(tmp_path, content, expect):
 def test_missing_lm_checkpoint_says_how_to_train():
     proc = run_main("--generate", "--checkpoint", "/nonexistent/lm.pt", check=False)
     assert proc.returncode == 2 and "python main.py --train --task lm" in proc.stderr
+
+
+def test_compiled_training_equals_eager(tmp_path):
+    """--compile trains the same model as eager mode (the router noise is off: compiled RNG differs)."""
+    common = ("--train", "--task", "lm", "--preset", "tiny", "--max_steps", "20", "--set", "noisy_gate=false")
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile", "on"))):
+        proc = run_main(*common, *extra, "--checkpoint", str(tmp_path / f"{name}.pt"),
+                        "--out_dir", str(tmp_path / name))
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["compiled"]["steps"] == runs["eager"]["steps"] == 20
+    assert runs["compiled"]["val_loss"] == pytest.approx(runs["eager"]["val_loss"], abs=1e-4)
+    assert torch.load(tmp_path / "compiled.pt", weights_only=True)["train_config"]["compile"] == "on"
+    rows = [json.loads(line) for line in open(tmp_path / "compiled" / "metrics.jsonl", encoding="utf-8")]
+    logged = [r for r in rows if "expert_load" in r]  # the compiled MoE still returns its routing statistics
+    assert logged and all(len(r["expert_load"]) == 2 and r["aux_balance"] > 0.5 for r in logged)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    import main
+
+    def broken_compile(model, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here\nsecond line")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert main.main(["--train", "--task", "lm", "--preset", "tiny", "--max_steps", "6", "--compile", "on",
+                      "--checkpoint", str(tmp_path / "lm.pt"), "--out_dir", str(tmp_path / "run"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: torch.compile failed (RuntimeError: no compiler here); training eagerly" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["steps"] == 6
+
+
+def test_sigterm_saves_resume_state_and_lock_refuses_a_second_writer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_cli import ROOT
+    ckpt = tmp_path / "lm.pt"
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--train", "--task", "lm", "--preset", "tiny",
+           "--max_steps", "100000", "--set", "eval_every=5", "--checkpoint", str(ckpt), "--out_dir",
+           str(tmp_path / "run"), "--quiet"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "lm.last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), first.stderr.read() if first.poll() is not None else "no resume state after 120 s"
+    second = run_main("--train", "--task", "lm", "--preset", "tiny", "--max_steps", "3", "--checkpoint", str(ckpt),
+                      "--out_dir", str(tmp_path / "run2"), check=False)
+    assert second.returncode == 2 and f"another run (pid {first.pid}) is writing it" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "add --resume to go on" in err and "Traceback" not in err
+    assert not (tmp_path / "lm.pt.lock").exists()
+    state = torch.load(last, weights_only=True)
+    assert state["resume"]["step"] >= 5
+    # the lock went with its run: the same checkpoint can be written again
+    run_main("--train", "--task", "lm", "--preset", "tiny", "--max_steps", "3", "--checkpoint", str(ckpt),
+             "--out_dir", str(tmp_path / "run2"))

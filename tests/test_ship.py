@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -193,6 +195,14 @@ def test_api_errors(server):
     assert request(port, "POST", "/api/generate", {"temperature": "hot"})[0] == 400
     status, res = request(port, "POST", "/api/classify", raw=b"x" * (64 * 1024 + 1))
     assert status == 413 and "limit" in res["error"]
+    status, res = request(port, "POST", "/api/classify", raw=b"x" * (4 * 1024 * 1024))  # read, not a broken pipe
+    assert status == 413 and "limit" in res["error"]
+    for raw in (b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "top_p": Infinity}'):
+        status, res = request(port, "POST", "/api/generate", raw=raw)
+        assert status == 400 and "not a number" in res["error"]
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, res = request(port, method, "/api/classify", {"text": "x"})
+        assert status == 501 and "error" in res  # JSON, not the standard library's HTML page
     assert request(port, "GET", "/nope")[0] == 404
     assert request(port, "POST", "/api/nope", {"text": "x"})[0] == 404
     status, res = request(partial, "POST", "/api/pinyin", {"text": "wo ai bian cheng"})
@@ -200,6 +210,28 @@ def test_api_errors(server):
     status, ready = request(partial, "GET", "/api/models")
     assert ready["cls"]["ready"] and not ready["seq2seq"]["ready"]
     assert request(partial, "POST", "/api/classify", {"text": "很好"})[0] == 200  # the others still work
+
+
+def test_idle_connections_are_closed_and_workers_bounded(monkeypatch, tmp_path):
+    import server as srv
+    monkeypatch.setattr(srv, "IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(srv, "MAX_WORKERS", 2)
+    s = srv.make_server("127.0.0.1", 0, {t: str(tmp_path / f"{t}.pt") for t in srv.TASKS}, torch.device("cpu"),
+                        quiet=True)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+    port = s.server_address[1]
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # connect, then say nothing
+    time.sleep(0.5)
+    assert threading.active_count() <= threads_before + 2  # the others wait in the listen queue
+    t0 = time.time()
+    status, ready = request(port, "GET", "/api/models")  # served once the idle ones time out
+    assert status == 200 and not ready["cls"]["ready"] and time.time() - t0 < 10
+    for sock in idle:
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # closed by the server
+        sock.close()
+    s.shutdown()
 
 
 def test_api_concurrent_requests(server):
