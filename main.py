@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): bf16 on CUDA, fp32 on CPU (bf16 measured slower there); bf16: autocast "
                         "(CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
     h.add_argument("--seed", type=int)
+    h.add_argument("--optimizer", choices=("adamw", "muon"),
+                   help="adamw (default), or muon: Muon for the hidden matrices of the blocks (per expert for "
+                        "the experts), AdamW for embeddings, norms, router and head, at the same --lr")
     h.add_argument("--compile", choices=("auto", "on", "off"),
                    help="torch.compile the training step. auto (default): on for CUDA, off on CPU (measured "
                         "faster / slower there); the first step then takes seconds to minutes; if compiling fails, "
@@ -165,7 +168,7 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         raise DataError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
     values = dict(presets[preset_name])
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
-                 "dtype", "seed", "tokenizer", "compile")
+                 "dtype", "seed", "tokenizer", "compile", "optimizer")
     values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
     for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
         if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:

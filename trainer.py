@@ -37,6 +37,7 @@ class TrainConfig:
                                   # GradScaler, CUDA only); resolved to one of the last three when training starts
     accum_steps: int = 1          # micro-batches per optimizer step (gradient accumulation)
     grad_checkpoint: bool = False # recompute each block's activations in backward (less memory, ~30% slower)
+    optimizer: str = "adamw"      # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
     compile: str = "auto"         # torch.compile the training step: auto (on for CUDA, off on CPU: measured, see
                                   # resolve_compile) | on | off; resolved when training starts
     halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
@@ -53,6 +54,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype={self.dtype!r} must be auto, fp32, bf16 or fp16")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r} must be adamw or muon")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r} must be auto, on or off")
         for name in ("batch_size", "accum_steps", "log_every"):
@@ -118,18 +121,90 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only the matrices of Linear layers and experts: norms, biases and embeddings are left alone."""
-    from models import Experts
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+    """Decay only the matrices of Linear layers and experts: norms, biases and embeddings are left alone.
+    With `muon`, the hidden matrices of the Transformer blocks (attention projections, dense and expert FFN
+    weights) form a third group marked "muon"; embeddings, the router (gate, noise) and the heads stay with AdamW,
+    as Muon is meant for hidden layers only."""
+    from models import Block, Experts, MoE
+    router = {id(p) for m in model.modules() if isinstance(m, MoE)
+              for p in (m.gate.weight, *((m.noise.weight,) if m.noise is not None else ()))}
+    hidden = {id(p) for block in model.modules() if isinstance(block, Block) for m in block.modules()
+              for name, p in m.named_parameters(recurse=False)
+              if ((isinstance(m, nn.Linear) and name == "weight") or (isinstance(m, Experts) and name in
+                                                                       ("w_up", "w_down"))) and id(p) not in router}
+    decay, no_decay, orthogonal = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if (isinstance(module, nn.Linear) and name == "weight") or (
+            if muon and id(p) in hidden:
+                orthogonal.append(p)
+            elif (isinstance(module, nn.Linear) and name == "weight") or (
                     isinstance(module, Experts) and name in ("w_up", "w_down")):
                 decay.append(p)
             else:
                 no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": orthogonal, "weight_decay": weight_decay, "muon": True}] if muon else [])
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """About U V^T of g = U S V^T, for g (..., A, B): each matrix of a stack (one per expert) on its own. The
+    quintic Newton-Schulz iteration of Muon (Jordan et al. 2024; coefficients from there), in fp32: bf16 is
+    emulated on CPUs without AVX-512 BF16, and these matrices are small."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the param groups marked "muon", AdamW for the others, as one optimizer (one LR schedule, one
+    GradScaler, one state_dict). Muon: Nesterov momentum, then the update orthogonalised per matrix (an expert
+    stack (E, A, B) per expert) and scaled by 0.2 * sqrt(max(A, B)) so that its RMS matches AdamW's (Liu et al.
+    2025, "Muon is scalable for LLM training"): both groups then share the learning rate and weight decay.
+    torch.optim.Muon takes 2-D parameters only and iterates in bf16, hence this class."""
+
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.999), momentum: float = 0.95,
+                 eps: float = 1e-8):
+        super().__init__(groups, {"lr": lr, "betas": tuple(betas), "momentum": momentum, "eps": eps,
+                                  "weight_decay": 0.0, "muon": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]))  # Nesterov
+                    p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
+                    continue
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
+
+
+def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        return Muon(param_groups(model, cfg.weight_decay, muon=True), lr=cfg.lr, betas=cfg.betas)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **fused)
 
 
 def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
@@ -396,8 +471,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     eager_net, compiling = net, resolve_compile(cfg.compile, device) == "on"  # until the first compiled step ran
     if compiling:
         net = torch.compile(net)
-    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **opt_kwargs)
+    optimizer = build_optimizer(model, cfg, device)
     clock = {"t0": time.time()}
 
     def out_of_time() -> bool:  # rank 0's clock decides for every rank

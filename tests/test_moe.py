@@ -264,3 +264,42 @@ def test_expert_matrices_get_weight_decay_and_their_biases_do_not():
     ex = moe.experts
     assert {id(ex.w_up), id(ex.w_down), id(moe.gate.weight)} <= decay
     assert {id(ex.b_up), id(ex.b_down)} <= no_decay
+
+
+def test_muon_groups_and_its_adamw_part_equals_torch_adamw():
+    from models import LanguageModel
+    from trainer import Muon, param_groups
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=16, num_experts=4,
+                      top_k=2, causal=True)
+    model = LanguageModel(cfg)
+    groups = param_groups(model, 0.1, muon=True)
+    muon = {id(p) for g in groups if g.get("muon") for p in g["params"]}
+    ffn = model.blocks[0].ffn
+    assert {id(ffn.experts.w_up), id(ffn.experts.w_down), id(model.blocks[0].attn.q_proj.weight)} <= muon
+    assert not {id(ffn.gate.weight), id(ffn.noise.weight), id(model.tok_emb.weight), id(ffn.experts.b_up)} & muon
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # the AdamW groups of Muon step exactly as torch.optim.AdamW
+    twin = LanguageModel(cfg)
+    twin.load_state_dict(model.state_dict())
+    ours = Muon(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    idx = torch.randint(0, 64, (4, 16))
+    for step in range(5):
+        for m, opt in ((model, ours), (twin, ref)):
+            torch.manual_seed(step)  # the same router noise for both
+            opt.zero_grad()
+            m(idx, targets=idx)[1].backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_orthogonalize_each_expert_matrix_on_its_own():
+    from trainer import orthogonalize
+    torch.manual_seed(0)
+    g = torch.randn(2, 32, 16)
+    g[1] *= 1000  # experts with very different gradient scales: each is normalised by its own norm
+    s = torch.linalg.svdvals(orthogonalize(g))  # (2, 16)
+    assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's "about orthogonal" band (Jordan et al.)
+    assert torch.allclose(orthogonalize(g)[0], orthogonalize(g[:1])[0], atol=1e-5)
