@@ -236,9 +236,9 @@ class Experts(nn.Module):
         return y + self.b_down.to(dtype).index_select(0, expert_ids)
 
     def _loop(self, xs, counts):
-        exporting = _exporting  # an exported graph cannot branch on data-dependent sizes
+        # an exported graph cannot branch on data-dependent sizes: there every expert runs, even on 0 rows
         parts = [torch.addmm(self.b_down[e], F.gelu(torch.addmm(self.b_up[e], chunk, self.w_up[e])), self.w_down[e])
-                 for e, chunk in enumerate(xs.split(counts.tolist())) if exporting or chunk.size(0)]
+                 for e, chunk in enumerate(xs.split(counts.tolist())) if _exporting or chunk.size(0)]
         return torch.cat(parts) if parts else xs  # xs is (0, C) when no token was routed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -327,7 +327,8 @@ class MoE(nn.Module):
         weight_of = routing_weights.reshape(-1)  # (N*K,)
         # (E,) assignments wanted per expert; not bincount, whose output size depends on the data (a host sync on
         # CUDA, a graph break under torch.compile, an unknown length for torch.export)
-        wanted = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, torch.ones_like(expert_of))
+        wanted = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of,
+                                                                               torch.ones_like(expert_of))
         counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
         if self.capacity_factor > 0:
             # highest router weight first inside each expert, so the capacity cut drops the least wanted
