@@ -230,11 +230,16 @@ def checkpoint_lock(path: str):
         except FileExistsError:
             try:
                 with open(lock, encoding="utf-8") as f:
-                    pid = int(f.read().strip() or 0)
+                    pid = int(f.read().strip())
+                if pid <= 0:
+                    raise ValueError
                 os.kill(pid, 0)  # signal 0: is that process alive?
-            except (OSError, ValueError):
-                os.unlink(lock)  # stale: its run is gone
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)  # stale (its run is gone) or unreadable
                 continue
+            except PermissionError:
+                pass  # alive, another user's
             raise DataError(f"--checkpoint {path}: another run (pid {pid}) is writing it; wait for it or pick "
                             f"another --checkpoint (remove {lock} if that run is gone)") from None
     else:

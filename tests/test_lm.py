@@ -210,9 +210,11 @@ def test_sigterm_saves_resume_state_and_lock_refuses_a_second_writer(tmp_path):
     assert not (tmp_path / "lm.pt.lock").exists()
     state = torch.load(last, weights_only=True)
     assert state["resume"]["step"] >= 5
-    # the lock went with its run: the same checkpoint can be written again
+    # the lock went with its run, and one left behind by a dead run is taken over
+    (tmp_path / "lm.pt.lock").write_text(str(first.pid))
     run_main("--train", "--task", "lm", "--preset", "tiny", "--max_steps", "3", "--checkpoint", str(ckpt),
              "--out_dir", str(tmp_path / "run2"))
+    assert not (tmp_path / "lm.pt.lock").exists()
 
 
 def test_muon_optimizer_trains_and_resumes(tmp_path):
