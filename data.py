@@ -148,7 +148,7 @@ def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
     becomes a class of its own: a regression target was probably meant)."""
     bad = labels.isna() | labels.astype(str).str.strip().isin(["", "nan", "NaN"])
     if bad.any():
-        rows = [i + 1 for i in range(len(labels)) if bad.iloc[i]]
+        rows = [i + 1 for i, is_bad in enumerate(bad) if is_bad]
         shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
         raise DataError(f"{path}: empty or NaN {label_col!r} in data row(s) {shown}; give every row a label")
     numbers = pd.to_numeric(labels, errors="coerce")
@@ -161,8 +161,9 @@ def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
 
 def labelled_frame(path: str, text_col: str, label_col: str) -> pd.DataFrame:
     df = read_table(path)
-    check_labels(column(df, label_col, path), path, label_col)
-    out = clean_labelled(column(df, text_col, path), column(df, label_col, path))
+    labels = column(df, label_col, path)
+    check_labels(labels, path, label_col)
+    out = clean_labelled(column(df, text_col, path), labels)
     if len(out) == 0:
         raise DataError(f"{path}: no non-empty texts in column {text_col!r}")
     return out

@@ -108,7 +108,7 @@ def resolve_compile(compile: str, device: torch.device) -> str:
     on an H100 (bf16) the compiled MoE step took 0.66x the eager one for the LM, 0.85x for classifier
     fine-tuning and 1.04-1.05x (a tie, within the noise) for masked-LM pretraining and seq2seq; on the 2-core CPU
     it was slower at every preset (the grouped experts run outside the compiled graph there, and masked batches
-    break the graph at each layer). Compiling costs seconds to a minute up front."""
+    break the graph at each layer). Compiling costs seconds or more up front."""
     if compile != "auto":
         return compile
     return "on" if device.type == "cuda" else "off"
@@ -127,19 +127,21 @@ def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> l
     weights) form a third group marked "muon"; embeddings, the router (gate, noise) and the heads stay with AdamW,
     as Muon is meant for hidden layers only."""
     from models import Block, Experts, MoE
+
+    def is_matrix(module: nn.Module, name: str) -> bool:
+        return (isinstance(module, nn.Linear) and name == "weight") or (
+            isinstance(module, Experts) and name in ("w_up", "w_down"))
+
     router = {id(p) for m in model.modules() if isinstance(m, MoE)
               for p in (m.gate.weight, *((m.noise.weight,) if m.noise is not None else ()))}
     hidden = {id(p) for block in model.modules() if isinstance(block, Block) for m in block.modules()
-              for name, p in m.named_parameters(recurse=False)
-              if ((isinstance(m, nn.Linear) and name == "weight") or (isinstance(m, Experts) and name in
-                                                                       ("w_up", "w_down"))) and id(p) not in router}
+              for name, p in m.named_parameters(recurse=False) if is_matrix(m, name) and id(p) not in router}
     decay, no_decay, orthogonal = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if muon and id(p) in hidden:
                 orthogonal.append(p)
-            elif (isinstance(module, nn.Linear) and name == "weight") or (
-                    isinstance(module, Experts) and name in ("w_up", "w_down")):
+            elif is_matrix(module, name):
                 decay.append(p)
             else:
                 no_decay.append(p)
