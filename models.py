@@ -50,6 +50,10 @@ class ModelConfig:
                                   # reference) or "auto" (measured choice by batch size, see Experts)
 
     def __post_init__(self):
+        for name, lo in (("vocab_size", 1), ("max_len", 2), ("d_model", 1), ("n_heads", 1), ("d_ff", 1),
+                         ("num_layers", 0), ("num_experts", 0), ("decoder_layers", 0), ("num_classes", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
@@ -62,6 +66,17 @@ class ModelConfig:
             raise ValueError(f"moe_impl={self.moe_impl!r} must be 'auto', 'grouped' or 'loop'")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
+        for name in ("capacity_factor", "balance_coef", "z_coef"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.moe_layers not in ("all", "none", "odd"):
+            depth = max(self.num_layers, self.decoder_layers)
+            indices = [i.strip() for i in self.moe_layers.split(",")]
+            if not all(i.isdigit() and int(i) < depth for i in indices):
+                raise ValueError(f"moe_layers={self.moe_layers!r} must be all, none, odd or layer indices "
+                                 f"below {depth} like 0,2")
 
     def is_moe_layer(self, i: int) -> bool:
         if self.num_experts == 0 or self.moe_layers == "none":
@@ -70,7 +85,7 @@ class ModelConfig:
             return True
         if self.moe_layers == "odd":
             return i % 2 == 1
-        return str(i) in self.moe_layers.split(",")
+        return i in {int(j) for j in self.moe_layers.split(",")}
 
 
 # -----------------------------------------------------------------------------

@@ -6,14 +6,14 @@
     GET  /api/models       which models are loaded: {"cls": {"ready": true, ...}, "lm": {...}, "seq2seq": {...}}
     POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}}
     POST /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
-                            "top_k": 0, "seed": 1337}              -> {"text": "...", "new_tokens": n}
+                            "top_k": 0, "seed": 1337, "stop_at_eos": false} -> {"text": "...", "new_tokens": n}
     POST /api/pinyin       {"text": "wo ai bian cheng", "beam": 4} -> {"pred": "..."}
 
 Errors are JSON {"error": "..."}: 400 bad JSON or field (NaN and Infinity included), 404 unknown path, 413 body
 over 64 KiB (the body is read and dropped first, up to 16 MiB, so every client sees the answer), 501 any other
-method, 503 model not trained. Each model is loaded once at start; a thread serves each connection (at most
-MAX_WORKERS at once; the others wait in a listen queue of BACKLOG), a connection idle for IDLE_TIMEOUT seconds
-is closed, and a lock per model lets requests to different models run at the same time while calls into one
+method, 503 model not trained. Each model is loaded once at start; a connection waits without a thread until its
+request arrives, then one of MAX_WORKERS threads serves it (see Server); a connection silent for IDLE_TIMEOUT
+seconds is closed, and a lock per model lets requests to different models run at the same time while calls into one
 model take turns (its sampling RNG and KV caches are per call, but torch's intra-op threads are better spent
 on one call at a time).
 """
@@ -22,8 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import selectors
+import socket
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,11 +105,13 @@ class Models:
         top_p = field(req, "top_p", float, 0.95, lo=1e-6, hi=1.0)
         top_k = field(req, "top_k", int, 0, lo=0, hi=tokenizer.n_vocab)
         seed = field(req, "seed", int, 1337, lo=0, hi=2 ** 63 - 1)
+        stop_at_eos = field(req, "stop_at_eos", bool, False)
         with self.locks["lm"]:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             ids = prompt_ids(tokenizer, prompt, model.config.max_len)
             text, tokens = "", 0
-            for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen):
+            for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen,
+                                              stop_at_eos):
                 text += piece
         return {"prompt": prompt, "text": text, "new_tokens": tokens}
 
@@ -127,7 +134,7 @@ def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allo
         raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {name!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int too
         raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):  # json.loads refuses NaN already; a caller's dict may not
         raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a finite number, got {value!r}")
@@ -231,27 +238,60 @@ def make_handler(models: Models, quiet: bool):
 
 
 class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a bounded number of connection threads and a longer listen queue."""
+    """The standard library's HTTP server with a waiting room: an accepted connection costs no thread until its
+    request starts to arrive. A watcher thread holds the silent connections in one selector (closing those idle
+    for IDLE_TIMEOUT); a readable one goes to a pool of MAX_WORKERS threads, which serves its one request
+    (HTTP/1.0: the connection then closes). So idle or slow-to-start clients cannot use up the workers, and the
+    thread count stays at MAX_WORKERS + 2 however many connections are open."""
     daemon_threads = True
     request_queue_size = BACKLOG
 
     def __init__(self, *args, **kwargs):
-        self.workers = threading.BoundedSemaphore(MAX_WORKERS)
         super().__init__(*args, **kwargs)
+        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="api")
+        self.waiting = selectors.DefaultSelector()
+        self.arrivals: queue.SimpleQueue = queue.SimpleQueue()  # accepted connections for the watcher to park
+        self.bell, bell_rx = socket.socketpair()  # wakes the watcher when a connection arrives
+        self.waiting.register(bell_rx, selectors.EVENT_READ)
+        self.closing = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="api-waiting-room", daemon=True)
+        self.watcher.start()
 
     def process_request(self, request, client_address):
-        self.workers.acquire()  # at MAX_WORKERS the accept loop waits; new clients queue in the backlog
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.workers.release()
-            raise
+        self.arrivals.put((request, client_address))
+        self.bell.send(b"\0")
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.workers.release()
+    def watch(self):
+        """Park new connections; hand each to the pool when its first bytes arrive; close the long-silent."""
+        while not self.closing.is_set():
+            for key, _ in self.waiting.select(timeout=min(1.0, IDLE_TIMEOUT / 4)):
+                if key.data is None:  # the bell: take in the new arrivals
+                    key.fileobj.recv(4096)
+                    while not self.arrivals.empty():
+                        request, address = self.arrivals.get()
+                        self.waiting.register(request, selectors.EVENT_READ, (address, time.monotonic()))
+                else:
+                    self.waiting.unregister(key.fileobj)
+                    self.pool.submit(self.process_request_thread, key.fileobj, key.data[0])
+            now = time.monotonic()
+            for key in list(self.waiting.get_map().values()):
+                if key.data is not None and now - key.data[1] > IDLE_TIMEOUT:
+                    self.waiting.unregister(key.fileobj)
+                    self.shutdown_request(key.fileobj)
+
+    def server_close(self):
+        self.closing.set()
+        self.bell.send(b"\0")
+        self.watcher.join()
+        for key in list(self.waiting.get_map().values()):
+            if key.data is None:
+                key.fileobj.close()
+            else:
+                self.shutdown_request(key.fileobj)
+        self.waiting.close()
+        self.bell.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        super().server_close()
 
 
 def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool = False) -> Server:

@@ -15,8 +15,8 @@ from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts
                   length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, is_main_process, load_checkpoint,
-                     load_trained, markdown_table, run_log, save_checkpoint, seed_everything, train_variants,
+from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path,
+                     load_checkpoint, load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything, train_variants,
                      write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"
@@ -107,8 +107,10 @@ def evaluate_mlm(model, tokenizer, seqs, max_len: int, batch_size: int, device, 
 
 
 def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg: ModelConfig,
-             train_cfg: TrainConfig, out_dir: str, device, quiet: bool) -> dict:
-    """Phase 1 of --train when pretrain_epochs > 0: masked-LM on unlabelled text (until epochs or seconds end)."""
+             train_cfg: TrainConfig, out_dir: str, device, quiet: bool,
+             last: tuple | None = None, resume: dict | None = None) -> dict:
+    """Phase 1 of --train when pretrain_epochs > 0: masked-LM on unlabelled text (until pretrain_steps, or the
+    epochs, or the seconds end). `last` = (path, payload(model, metrics)) for the resume state, as in fit."""
     from data import people_daily_paragraphs, windows
     from models import MaskedLM
     if train_cfg.pretrain_news:
@@ -116,42 +118,57 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
     seqs = windows(encode_texts(tokenizer, texts), model_cfg.max_len - 2)
     val_seqs = encode_texts(tokenizer, val_texts)
     cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
-                  max_steps=0, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0)
+                  max_steps=train_cfg.pretrain_steps, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0)
     steps_per_epoch = -(-len(seqs) // (cfg.batch_size * cfg.accum_steps))
     cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
     if not quiet:
-        print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences "
-              f"({'training texts + People' + chr(39) + 's Daily' if train_cfg.pretrain_news else 'training texts'})"
-              f" for {cfg.epochs} epoch(s), at most {cfg.time_budget or '-'} s", file=sys.stderr)
+        corpus = "training texts + People's Daily" if train_cfg.pretrain_news else "training texts"
+        until = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epoch(s)"
+        cap = f", at most {cfg.time_budget:.0f} s" if cfg.time_budget else ""
+        print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {until}{cap}",
+              file=sys.stderr)
     mlm = MaskedLM(model)
-    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl") if is_main_process() else None)
+    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl") if is_main_process() else None,
+                     append=resume is not None)
     result = fit(mlm, cfg, mlm_stream(tokenizer, seqs, model_cfg.max_len, cfg.batch_size, cfg.seed, device),
                  steps_per_epoch,
                  evaluate=lambda: evaluate_mlm(mlm, tokenizer, val_seqs, model_cfg.max_len, cfg.batch_size * 2,
                                                device, cfg.dtype),
-                 select="-val_loss", on_best=lambda m: None, device=device, log=log, quiet=quiet)
-    if is_main_process():
+                 select="-val_loss", on_best=lambda m: None, device=device, log=log, quiet=quiet,
+                 last=last and (last[0], lambda m: last[1](mlm, m)), resume=resume)
+    if is_main_process() and not result["halted"]:
         plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
     return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 1),
-            "pretrain_val_loss": result.get("val_loss")}
+            "pretrain_val_loss": result.get("val_loss"), "_halted": result["halted"]}
 
 
 # -----------------------------------------------------------------------------
 # Training
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    """The whole --train run. Returns the summary dict (printed by main.py as the last line)."""
+    """The whole --train run. Returns the summary dict (printed by main.py as the last line).
+
+    The resume state (<checkpoint>.last.pt) says which phase it was saved in: --resume goes on with masked-LM
+    pretraining and then fine-tunes, or goes on with fine-tuning."""
     t_start = time.time()
+    resume = load_resume(args, "cls", TRAIN_HINT)
+    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
+        model_cfg, train_cfg, tokenizer, resume = resume
     seed_everything(train_cfg.seed)
     quiet = args.quiet
     splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, quiet)
     names = label_names(splits["train"].label)
-    cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
-    t_tok = time.time()
-    tokenizer = load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
-                              progress=not quiet)
-    tok_seconds = time.time() - t_tok
-    model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(names))
+    tok_seconds = 0.0
+    if resume is None:
+        cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
+        t_tok = time.time()
+        tokenizer = load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
+                                  progress=not quiet)
+        tok_seconds = time.time() - t_tok
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(names))
+    elif resume["saved"].get("label_names") != names:
+        raise DataError(f"--resume: the data's classes {names} are not the interrupted run's "
+                        f"{resume['saved'].get('label_names')}; resume with the same --data")
     encoded = {s: encode_split(tokenizer, df, names, f"{args.data or 'reviews'} [{s}]") for s, df in splits.items()}
 
     model = build_model("cls", model_cfg).to(device)
@@ -163,10 +180,20 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
               f"train/val/test {len(encoded['train'][0])}/{len(encoded['val'][0])}/{len(encoded['test'][0])}",
               file=sys.stderr)
 
-    phase1 = {}
-    if train_cfg.pretrain_epochs:
+    def payload(net, metrics: dict, **extra) -> dict:  # extra: the phase, for the resume state
+        return checkpoint_payload("cls", net, model_cfg, train_cfg, tokenizer, metrics, label_names=names, **extra)
+
+    saved_phase = resume["saved"].get("phase") if resume else None
+    last = last_path(args.checkpoint)
+    phase1 = resume["saved"].get("phase1", {}) if saved_phase == "finetune" else {}
+    if train_cfg.pretrain_epochs and saved_phase != "finetune":
         phase1 = pretrain(model, tokenizer, list(splits["train"].text), list(splits["val"].text), model_cfg,
-                          train_cfg, args.out_dir, device, quiet)
+                          train_cfg, args.out_dir, device, quiet,
+                          last=(last, lambda net, m: payload(net, m, phase="pretrain")),
+                          resume=resume if saved_phase == "pretrain" else None)
+        if phase1.pop("_halted"):
+            return {"task": "cls", "halted": True, "phase": "pretrain", "pretrain_steps": phase1["pretrain_steps"],
+                    "last_state": last}
         if not quiet:
             print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
 
@@ -175,18 +202,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     batches = batch_stream(tokenizer, train_seqs, train_labels, model_cfg.max_len, train_cfg.batch_size,
                            train_cfg.seed, device)
     val_seqs, val_labels = encoded["val"]
-
-    def payload(metrics: dict) -> dict:
-        return checkpoint_payload("cls", model, model_cfg, train_cfg, tokenizer, metrics, label_names=names)
-
-    log = run_log(args, "cls", model_cfg, train_cfg)
+    finetune_resume = resume if saved_phase == "finetune" else None
+    log = run_log(args, "cls", model_cfg, train_cfg, append=finetune_resume is not None)
     best = fit(model, train_cfg, batches, steps_per_epoch,
                evaluate=lambda: evaluate(model, tokenizer, val_seqs, val_labels, model_cfg,
                                          train_cfg.batch_size * 2, device, train_cfg.dtype),
-               select="val_f1", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
-               device=device, log=log, quiet=quiet)
-    if not is_main_process():  # under torchrun, rank 0 alone tests, plots and writes
-        return {"task": "cls", "steps": best["steps"]}
+               select="val_f1", on_best=lambda m: save_checkpoint(args.checkpoint, payload(model, m)),
+               device=device, log=log, quiet=quiet,
+               last=(last, lambda m: payload(model, m, phase="finetune", phase1=phase1)),
+               resume=finetune_resume)
+    if best["halted"] or not is_main_process():  # stopped on purpose (the test split waits for the end), or
+        log.close()                                  # a rank > 0 under torchrun: rank 0 alone tests and writes
+        return {"task": "cls", "halted": best["halted"], "phase": "finetune", "steps": best["steps"],
+                "last_state": last}
 
     # the test split is scored once, with the checkpoint chosen on validation
     ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)

@@ -181,16 +181,26 @@ def prompt_ids(tokenizer, prompt: str, max_len: int) -> list[int]:
 
 
 def continuation(model, tokenizer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float, generator) -> Iterator[tuple[str, int]]:
-    """Yield (new text, tokens so far) as the continuation of `ids` grows; stops at end-of-text.
+                 top_p: float, generator, stop_at_eos: bool = False) -> Iterator[tuple[str, int]]:
+    """Yield (new text, tokens so far) as the continuation of `ids` grows, for max_new_tokens tokens.
 
-    Text is yielded in whole characters: a character split across tokens waits for its last byte."""
+    End-of-text is the paragraph break of the training text: it yields "\n" and a new paragraph follows, or,
+    with `stop_at_eos`, it ends the continuation. Text is yielded in whole characters: a character split across
+    tokens waits for its last byte."""
     device = model.tok_emb.weight.device
     out, shown, n = [], "", 0
+    eos = tokenizer.eos_id
     for n, tok in enumerate(model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
-                                           top_p, eos_id=tokenizer.eos_id, generator=generator), 1):
-        if tok == tokenizer.eos_id:
-            break
+                                           top_p, eos_id=eos if stop_at_eos else None, generator=generator), 1):
+        if tok == eos:
+            rest = tokenizer.decode(out)[len(shown):]
+            out, shown = [], ""
+            if stop_at_eos:
+                if rest:
+                    yield rest, n
+                return
+            yield rest + "\n", n
+            continue
         out.append(tok)
         text = tokenizer.decode(out)
         if not text.endswith("\ufffd"):
@@ -215,10 +225,13 @@ def generate(args, device) -> dict:
         print(prompt, end="", flush=True)
         text, n = "", 0
         for piece, n in continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature,
-                                     args.sample_top_k, args.top_p, gen):
+                                     args.sample_top_k, args.top_p, gen, args.stop_at_eos):
             print(piece, end="", flush=True)
             text += piece
         print(flush=True)
+        if n < args.max_new_tokens and not args.quiet:
+            print(f"(stopped at end-of-text after {n} of {args.max_new_tokens} tokens: --stop_at_eos)",
+                  file=sys.stderr)
         n_tokens += n
         samples.append(prompt + text)
     path = os.path.join(args.out_dir, "generated_text.txt")

@@ -222,10 +222,14 @@ def infer(args, device) -> dict:
     if not args.text or not args.text.strip():
         raise DataError("--infer needs --text, e.g. --text \"wo ai bian cheng\"")
     model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
+    text, max_len = args.text.strip(), model.config.max_len
+    n_tokens = len(tokenizer.encode(text))
+    if n_tokens > max_len:
+        print(f"note: source is {n_tokens} tokens; only the first {max_len} are converted", file=sys.stderr)
     t0 = time.perf_counter()
-    pred = convert(model, tokenizer, source_ids(tokenizer, [args.text.strip()], model.config.max_len), device,
+    pred = convert(model, tokenizer, source_ids(tokenizer, [text], max_len), device,
                    ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty)[0]
-    return {"source": args.text.strip(), "pred": pred, "beam": args.beam,
+    return {"source": text, "pred": pred, "beam": args.beam, "truncated": n_tokens > max_len,
             "ms": round((time.perf_counter() - t0) * 1000, 1)}
 
 

@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -45,6 +45,7 @@ class TrainConfig:
     tokenizer: str = "bpe"        # bpe | bpe_hanzi | char
     seed: int = 1337
     pretrain_epochs: int = 0      # masked-LM pretraining of the encoder before fine-tuning (0: none)
+    pretrain_steps: int = 0       # step limit of that phase (0: pretrain_epochs decide)
     pretrain_seconds: float = 0.0 # time limit of that phase (0: none)
     pretrain_lr: float = 0.0      # 0: same as lr
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
@@ -56,12 +57,16 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r} must be auto, fp32, bf16 or fp16")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r} must be adamw or muon")
+        if self.tokenizer not in ("bpe", "bpe_hanzi", "char"):
+            raise ValueError(f"tokenizer={self.tokenizer!r} must be bpe, bpe_hanzi or char")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1), like [0.9, 0.95]")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r} must be auto, on or off")
         for name in ("batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs"):
+        for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs", "pretrain_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -70,6 +75,11 @@ class TrainConfig:
                      "label_smoothing", "warmup_ratio", "min_lr_ratio"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be <= 1")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be < 1")
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("epochs=0 and max_steps=0: nothing to train")
         self.betas = tuple(self.betas)
@@ -279,8 +289,10 @@ def load_resume(args, task: str, train_hint: str):
         raise DataError(f"{path}: not a resumable {task} run")
     if not args.quiet:
         print(f"resuming from {path} at step {state['resume']['step']}", file=sys.stderr)
+    saved = {k: v for k, v in state.items() if k not in ("resume", "state_dict")}  # the task's own extras too
     return (ModelConfig(**state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
-            tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"]})
+            tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"],
+                                                       "saved": saved})
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +515,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             path, payload = last
             save_checkpoint(path, {**payload(metrics), "resume": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped, "best": best,
+                "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped,
+                "best": {k: v for k, v in best.items() if not k.startswith("_")},  # plain data, no arrays
                 "best_score": best_score, "train_seconds": time.time() - clock["t0"], "rng": rng_state()}})
 
     # running sums stay on the device between log steps: no per-step host sync (it stalls a GPU)
@@ -627,19 +640,34 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
 def train_variants(train_fn, variants: dict, train_cfg: TrainConfig, args, device) -> tuple[dict, dict]:
     """Run a task's train() once per model-config variant, each in <out_dir>/<name>/ with its own checkpoint.
 
-    Returns ({name: summary}, {name: metrics-log rows}) for the comparison table and plot.
+    The comparison is at equal wall-clock: where the preset stops at a step count, the variants after the first
+    train for the seconds the first one took (see same_seconds). Returns ({name: summary}, {name: metrics-log
+    rows}) for the comparison table and plot.
     """
     import copy
     results, curves = {}, {}
-    for name, cfg in variants.items():
+    for i, (name, cfg) in enumerate(variants.items()):
         a = copy.copy(args)
         a.out_dir = os.path.join(args.out_dir, name)
         a.checkpoint = os.path.join(args.out_dir, name, "model.pt")
+        tcfg = same_seconds(train_cfg, next(iter(results.values()))) if i else train_cfg
         if not args.quiet:
-            print(f"== {name} ==", file=sys.stderr)
-        results[name] = train_fn(cfg, train_cfg, a, device)
+            limit = f", {tcfg.time_budget:.0f} s as the first variant took" if tcfg is not train_cfg else ""
+            print(f"== {name}{limit} ==", file=sys.stderr)
+        results[name] = train_fn(cfg, tcfg, a, device)
         curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))
     return results, curves
+
+
+def same_seconds(cfg: TrainConfig, first: dict) -> TrainConfig:
+    """The training config of a later --compare variant: a step count of the preset becomes the seconds the
+    first variant spent on it (a faster model then makes more steps, as it would in the same wall-clock)."""
+    if cfg.max_steps and not cfg.time_budget:
+        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, 10 ** 6), time_budget=first["train_seconds"])
+    if cfg.pretrain_steps and not cfg.pretrain_seconds and first.get("pretrain_seconds"):
+        cfg = replace(cfg, pretrain_steps=0, pretrain_epochs=max(cfg.pretrain_epochs, 10 ** 6),
+                      pretrain_seconds=first["pretrain_seconds"])
+    return cfg
 
 
 def markdown_table(results: dict, columns: list[str]) -> str:

@@ -163,40 +163,121 @@ def test_bad_training_data(tmp_path, case, expect):
     assert not ckpt.exists()
 
 
-@pytest.mark.parametrize("args,expect", [
+FIXTURE_ARGS = ["--preset", "tiny", "--data", FIXTURE]
+BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
+    # modes and flags argparse refuses: one line, not the usage block
+    ([], "one of the arguments --train"),
+    (["--train", "--generate"], "not allowed with argument --train"),
+    (["--train", "--task", "foo"], "invalid choice: 'foo'"),
+    (["--train", "--batch_size", "abc"], "invalid int value: 'abc'"),
+    (["--train", "--tokenizer", "wordpiece"], "invalid choice: 'wordpiece'"),
+    (["--export", "tflite"], "invalid choice: 'tflite'"),
+    (["--generate", "--top_k", "abc"], "invalid int value: 'abc'"),
+    # modes that do not fit the task
+    (["--infer", "--task", "lm", "--text", "x"], "--infer and --classify are for --task cls"),
+    (["--generate", "--task", "cls"], "--generate and --eval are for --task lm"),
+    (["--eval", "--task", "lm"], "--eval needs --input FILE"),
+    (["--infer", "--resume", "--text", "x"], "--resume works with --train"),
+    (["--export", "onnx", "--task", "seq2seq"], "--task seq2seq does not export"),
+    (["--infer"], "empty text"),
     (["--infer", "--text", "   "], "empty text"),
-    (["--infer", "--text", "好", "--checkpoint", "/nonexistent/x.pt"], "python main.py --train --task cls"),
-    (["--train", "--set", "d_modle=64"], "unknown key"),
-    (["--train", "--set", "top_k=abc"], "expected a int"),
-    (["--train", "--preset", "huge"], "no preset 'huge'"),
-    (["--train", "--top_k", "9"], "top_k=9"),
-    (["--train", "--set", "noise_init=0"], "noise_init=0.0 must be > 0"),
+    (["--classify"], "--classify needs --input FILE"),
     (["--classify", "--checkpoint", "/nonexistent/x.pt"], "--input"),
-    (["--train", "--preset", "tiny", "--max_steps", "5", "--batch_size", "-4"], "batch_size=-4 must be >= 1"),
+    # missing checkpoints name the command that makes one
+    (["--infer", "--text", "好", "--checkpoint", "/nonexistent/x.pt"], "python main.py --train --task cls"),
+    (["--generate", "--checkpoint", "/nonexistent/lm.pt"], "python main.py --train --task lm"),
+    (["--train", "--resume", "--preset", "tiny", "--checkpoint", "/nonexistent/m.pt"], "m.last.pt: no checkpoint"),
+    # presets and --set
+    (["--train", "--preset", "huge"], "no preset 'huge'"),
+    (["--train", "--set", "d_modle=64"], "unknown key"),
+    (["--train", "--set", "foo"], "expected KEY=VALUE"),
+    (["--train", "--set", "top_k=abc"], "expected a int"),
+    (["--train", "--task", "seq2seq", "--set", "rope=maybe"], "expected a bool"),
+    (["--train", "--task", "lm", "--set", "rope=true"], "rope=true is for --task seq2seq"),
+    # model config values
+    (["--train", "--top_k", "9"], "top_k=9"),
+    (["--train", "--set", "top_k=0"], "top_k=0 must be between 1 and num_experts=8"),
+    (["--train", "--set", "num_experts=-1"], "num_experts=-1 must be >= 0"),
+    (["--train", "--set", "vocab_size=0"], "vocab_size=0 must be >= 1"),
+    (["--train", "--set", "max_len=1"], "max_len=1 must be >= 2"),
+    (["--train", "--set", "n_heads=0"], "n_heads=0 must be >= 1"),
+    (["--train", "--set", "d_model=130"], "d_model=130 is not divisible by n_heads=4"),
+    (["--train", "--set", "d_ff=0"], "d_ff=0 must be >= 1"),
+    (["--train", "--set", "num_classes=0"], "num_classes=0 must be >= 1"),
+    (["--train", "--task", "seq2seq", "--set", "decoder_layers=-1"], "decoder_layers=-1 must be >= 0"),
+    (["--train", "--set", "dropout=1.5"], "dropout=1.5 must be in [0, 1)"),
+    (["--train", "--set", "moe_layers=oddd"], "moe_layers='oddd' must be all, none, odd or layer indices"),
+    (["--train", "--preset", "tiny", "--set", "moe_layers=7"], "layer indices below 1"),
+    (["--train", "--set", "pooling=max"], "pooling='max' must be 'cls' or 'mean'"),
+    (["--train", "--set", "capacity_factor=-1"], "capacity_factor=-1.0 must be a number >= 0"),
+    (["--train", "--set", "balance_coef=nan"], "balance_coef=nan must be a number >= 0"),
+    (["--train", "--set", "noise_init=0"], "noise_init=0.0 must be > 0"),
+    (["--train", "--set", "moe_impl=fast"], "moe_impl='fast'"),
+    # training config values
     (["--train", "--batch_size", "0"], "batch_size=0 must be >= 1"),
+    (["--train", "--preset", "tiny", "--max_steps", "5", "--batch_size", "-4"], "batch_size=-4 must be >= 1"),
     (["--train", "--lr", "-1"], "lr=-1.0 must be a number > 0"),
     (["--train", "--lr", "nan"], "lr=nan must be a number > 0"),
+    (["--train", "--set", "lr=0"], "lr=0.0 must be a number > 0"),
     (["--train", "--max_steps", "-5"], "--max_steps -5: must be > 0"),
     (["--train", "--max_steps", "0"], "--max_steps 0: must be > 0"),
+    (["--train", "--epochs", "0"], "--epochs 0: must be > 0"),
     (["--train", "--task", "lm", "--time_budget", "-1"], "--time_budget -1.0: must be > 0"),
+    (["--train", "--set", "time_budget=-5"], "time_budget=-5.0 must be a number >= 0"),
     (["--train", "--set", "weight_decay=inf"], "weight_decay=inf must be a number >= 0"),
-    (["--train", "--set", "moe_impl=fast"], "moe_impl='fast'"),
-    (["--generate", "--top_k", "-3"], "top_k >= 0"),
-    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--length_penalty", "nan"], "--length_penalty nan"),
+    (["--train", "--set", "grad_clip=nan"], "grad_clip=nan must be a number >= 0"),
+    (["--train", "--set", "warmup_ratio=2"], "warmup_ratio=2.0 must be <= 1"),
+    (["--train", "--set", "min_lr_ratio=2"], "min_lr_ratio=2.0 must be <= 1"),
+    (["--train", "--set", "label_smoothing=1"], "label_smoothing=1.0 must be < 1"),
+    (["--train", "--set", "betas=[0.9]"], "betas=[0.9] must be two numbers in [0, 1)"),
+    (["--train", "--set", "accum_steps=0"], "accum_steps=0 must be >= 1"),
+    (["--train", "--set", "log_every=0"], "log_every=0 must be >= 1"),
+    (["--train", "--set", "eval_every=-1"], "eval_every=-1 must be >= 0"),
+    (["--train", "--set", "halt_after=-1"], "halt_after=-1 must be >= 0"),
+    (["--train", "--set", "pretrain_steps=-1"], "pretrain_steps=-1 must be >= 0"),
+    (["--train", "--set", "optimizer=sgd"], "optimizer='sgd' must be adamw or muon"),
+    (["--train", "--set", "tokenizer=word"], "tokenizer='word' must be bpe, bpe_hanzi or char"),
+    (["--train", "--set", "dtype=fp8"], "dtype='fp8' must be auto, fp32, bf16 or fp16"),
     (["--train", "--set", "compile=maybe"], "compile='maybe' must be auto, on or off"),
+    (["--train", "--device", "cuda"], "--device cuda: no CUDA device is available"),
+    # data columns and folders
+    ([*FIXTURE_ARGS, "--train", "--text_col", "missing"], "missing column 'missing' (columns: text, label)"),
+    ([*FIXTURE_ARGS, "--train", "--label_col", "nope"], "missing column 'nope'"),
+    (["--train", "--preset", "tiny", "--data", os.path.join(ROOT, "tests")], "directory has no train/val/test"),
+    # generation and decoding settings
+    (["--generate", "--top_k", "-3"], "top_k >= 0"),
+    (["--generate", "--temperature", "-1"], "0 <= temperature < inf"),
+    (["--generate", "--top_p", "0"], "0 < top_p <= 1"),
+    (["--generate", "--max_new_tokens", "0"], "max_new_tokens >= 1"),
+    (["--generate", "--num_samples", "0"], "num_samples >= 1"),
+    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--beam", "0"], "--beam 0: must be >= 1"),
+    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--length_penalty", "nan"], "--length_penalty nan"),
+    (["--serve", "--port", "-1"], "--port -1: must be 0-65535"),
+    (["--serve", "--port", "70000"], "--port 70000"),
     # unwritable outputs fail before any training or loading
     (["--train", "--preset", "tiny", "--checkpoint", "/proc/x/y.pt"], "--checkpoint /proc/x/y.pt: cannot write"),
-    (["--train", "--preset", "tiny", "--checkpoint", "README.md/y.pt"], "README.md is a file, not a folder"),
-    (["--train", "--preset", "tiny", "--checkpoint", "tests"], "--checkpoint tests: is a directory"),
+    (["--train", "--preset", "tiny", "--checkpoint", os.path.join(ROOT, "README.md", "y.pt")],
+     "README.md is a file, not a folder"),
+    (["--train", "--preset", "tiny", "--checkpoint", os.path.join(ROOT, "tests")], "tests: is a directory"),
     (["--train", "--preset", "tiny", "--out_dir", "/sys/runs"], "--out_dir /sys/runs: cannot write"),
     (["--classify", "--input", "x.csv", "--output", "/sys/p.csv"], "--output /sys/p.csv: cannot write"),
-    (["--classify", "--input", "x.csv", "--output", "README.md/p.csv"], "--output README.md/p.csv: "),
+    (["--classify", "--input", "x.csv", "--output", os.path.join(ROOT, "README.md", "p.csv")], "p.csv: "),
     (["--export", "onnx", "--output", "/sys/cls.onnx"], "--output /sys/cls.onnx: cannot write"),
-])
-def test_bad_arguments(args, expect):
-    proc = run_main(*args, check=False)
-    assert proc.returncode == 2
-    assert expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+]
+
+
+@pytest.mark.parametrize("args,expect", BAD_ARGUMENTS, ids=[" ".join(a) or "no_mode" for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments(args, expect, tmp_path, monkeypatch, capsys):
+    """In-process (a subprocess per case would cost a torch import each): exit 2, one line, no file written."""
+    import main
+    monkeypatch.chdir(tmp_path)  # the default outputs (checkpoints/, runs/) would land here
+    try:
+        code = main.main([*args, "--quiet"])
+    except SystemExit as e:  # argparse's way out
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expect in err and len(err.splitlines()) == 1, err
+    assert [f for _, _, files in os.walk(tmp_path) for f in files] == []
 
 
 def test_corrupt_checkpoint(tmp_path):
@@ -204,3 +285,31 @@ def test_corrupt_checkpoint(tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     proc = run_main("--infer", "--text", "好", "--checkpoint", str(ckpt), check=False)
     assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("halt", [3, 7], ids=["in_pretraining", "in_fine_tuning"])
+def test_cls_resume_continues_exactly(tmp_path, halt):
+    """An interrupted classifier run goes on in the phase it stopped in (masked-LM or fine-tuning) and ends
+    with the same weights as the run that was never interrupted."""
+    import main
+    from trainer import last_path
+    common = ["--train", "--task", "cls", "--preset", "tiny", "--data", FIXTURE, "--max_steps", "8",
+              "--set", "pretrain_epochs=1", "--set", "pretrain_steps=6", "--set", "pretrain_news=false",
+              "--set", "eval_every=4", "--set", "dropout=0.1", "--quiet"]
+
+    def run(name, *extra):
+        d = tmp_path / name
+        assert main.main(common + ["--checkpoint", str(d / "m.pt"), "--out_dir", str(d), *extra]) == 0
+        return d
+
+    straight = run("straight")
+    run("halted", "--set", f"halt_after={halt}")
+    state = torch.load(last_path(str(tmp_path / "halted" / "m.pt")), weights_only=True)
+    assert (state["phase"], state["resume"]["step"]) == (("pretrain", 3) if halt == 3 else ("finetune", 7))
+    resumed = run("halted", "--resume")
+    assert torch.load(str(resumed / "m.pt"), weights_only=True)["metrics"]["test_acc"] > 0  # the run ended
+    a = torch.load(last_path(str(straight / "m.pt")), weights_only=True)  # the final weights (the best
+    b = torch.load(last_path(str(resumed / "m.pt")), weights_only=True)  # checkpoint may differ: the halt evaluates)
+    assert a["phase"] == b["phase"] == "finetune" and b["resume"]["step"] == 8
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], atol=1e-5, rtol=1e-5)

@@ -2,12 +2,14 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from models import LanguageModel, ModelConfig, filter_logits, sample_next
-from test_cli import run_main
+from test_cli import ROOT, run_main
 
 
 def tiny_lm(**kw):
@@ -104,6 +106,22 @@ def test_generate_through_main(trained_lm, tmp_path):
     greedy = run_main(*args, "--temperature", "0", "--num_samples", "2").stdout
     samples = greedy.split("--- sample ")[1:]
     assert len(samples) == 2 and samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]
+
+
+def test_generate_runs_past_end_of_text_unless_told_to_stop(trained_lm, tmp_path):
+    """--max_new_tokens 200 gives 200 tokens: an end-of-text is a paragraph break; --stop_at_eos ends there."""
+    ckpt, _, _ = trained_lm
+    args = ("--generate", "--checkpoint", ckpt, "--out_dir", str(tmp_path), "--max_new_tokens", "200", "--seed", "1")
+    full = run_main(*args)
+    assert json.loads(full.stderr.strip().splitlines()[-1])["new_tokens"] == 200
+    text = (tmp_path / "generated_text.txt").read_text(encoding="utf-8").rstrip("\n")
+    assert "\n" in text  # the tiny model ends a paragraph within 200 tokens: the text went on after it
+    stopped = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, "--stop_at_eos"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert stopped.returncode == 0
+    assert stopped.stdout.rstrip("\n") == text.split("\n")[0]  # same seed: the same first paragraph, then stop
+    assert "stopped at end-of-text after" in stopped.stderr
+    assert json.loads(stopped.stderr.strip().splitlines()[-1])["new_tokens"] < 200
 
 
 def test_long_prompt_is_cropped(trained_lm, tmp_path):

@@ -340,7 +340,10 @@ def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
     assert result["source"] == "wo ai bian cheng" and isinstance(result["pred"], str)
     beam = json.loads(run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng",
                                "--json", "--beam", "3").stdout)
-    assert beam["beam"] == 3
+    assert beam["beam"] == 3 and beam["truncated"] is False
+    long = run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng " * 40,
+                    "--json")
+    assert json.loads(long.stdout)["truncated"] is True and "only the first 48 are converted" in long.stderr
 
     src = tmp_path / "in.csv"
     pd.DataFrame({"id": [1, 2], "source": ["wo ai bian cheng", "jin tian tian qi hen hao 。"],

@@ -261,11 +261,6 @@ def test_serve_command_binds_localhost(models):
         proc.wait(timeout=30)
 
 
-def test_serve_bad_port_is_one_line():
-    proc = run_main("--serve", "--port", "70000", check=False)
-    assert proc.returncode == 2 and "--port 70000" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_page_in_headless_chromium(server):
     """Load the page in a real browser, submit text in two panels and read the results; the panel of a missing
     model shows its message."""
