@@ -320,6 +320,7 @@ def read_text_lines(path: str, text_col: str = "text") -> list[str]:
 # Source -> target pairs (seq2seq): pinyin -> characters from People's Daily, or the user's pairs
 
 SENTENCE_END = "。！？；"
+ASCII_MARKS = str.maketrans(".,!?;", "。，！？；")
 PAIR_COLUMNS = (("source", "target"), ("question", "answer"))
 
 
@@ -340,6 +341,70 @@ def to_pinyin(sentence: str) -> str:
     except ImportError:
         raise DataError("the pinyin task needs pypinyin: pip install pypinyin") from None
     return " ".join(p.strip() for p in lazy_pinyin(sentence) if p.strip())
+
+
+_SYLLABLES: frozenset = frozenset()
+
+
+def pinyin_syllables() -> frozenset:
+    """Every toneless syllable pypinyin writes (ü as v), read from its character dictionary (about 410)."""
+    global _SYLLABLES
+    if not _SYLLABLES:
+        from pypinyin.contrib.tone_convert import to_normal
+        from pypinyin.pinyin_dict import pinyin_dict
+        _SYLLABLES = frozenset(to_normal(p) for readings in pinyin_dict.values() for p in readings.split(","))
+    return _SYLLABLES
+
+
+def split_syllables(run: str, limit: int = 4) -> list[list[str]]:
+    """The ways to write a run of letters as pinyin syllables with the fewest syllables (at most `limit`,
+    longest first syllable first): "woaibiancheng" -> [[wo, ai, bian, cheng]], "xian" -> [[xian]] (a user
+    who means 西安 types xi'an), "fangan" -> [[fang, an], [fan, gan]]. [] when there is no way."""
+    syllables, n = pinyin_syllables(), len(run)
+    fewest = [n + 1] * n + [0]  # fewest[i]: syllables needed for run[i:] (n + 1: none), filled from the end
+    for i in range(n - 1, -1, -1):
+        fewest[i] = min((1 + fewest[j] for j in range(i + 1, min(n, i + 6) + 1) if run[i:j] in syllables),
+                        default=n + 1)
+    if fewest[0] > n:
+        return []
+    out: list[list[str]] = []
+
+    def walk(i: int, path: list[str]) -> None:
+        if len(out) >= limit:
+            return
+        if i == n:
+            out.append(list(path))
+            return
+        for j in range(min(n, i + 6), i, -1):
+            if run[i:j] in syllables and fewest[j] == fewest[i] - 1:
+                walk(j, path + [run[i:j]])
+
+    walk(0, [])
+    return out
+
+
+def pinyin_sources(text: str, limit: int = 4) -> list[str]:
+    """A user's pinyin in the training sources' form: lower case, ü as v, syllables and marks separated by one
+    space, ending in a sentence mark (the training sentences all do; without one the model tends to add a
+    character). Runs of letters that are not one syllable are split into syllables; a run with several
+    fewest-syllable splits gives one source per split (up to `limit`, for the model to choose by score).
+    Runs that are no pinyin at all (Latin words) and everything else are kept as they are."""
+    import re
+    text = text.lower().replace("ü", "v").replace("u:", "v")  # marks stay as typed: the sources keep ，and ！
+    choices: list[list[str]] = []
+    for piece in re.findall(r"[a-z]+|[^a-z\s']+", text):
+        if piece[0].isalpha() and piece.isascii() and piece not in pinyin_syllables():
+            choices.append([" ".join(split) for split in split_syllables(piece, limit)] or [piece])
+        else:  # a bare ASCII mark means the Chinese one (the sources have 。，！？；), "3.5" stays
+            choices.append([piece.translate(ASCII_MARKS) if set(piece) <= set(".,!?;") else piece])
+    if not choices:
+        return [text.strip()]
+    if choices[-1][0][-1] not in SENTENCE_END:
+        choices.append(["。"])
+    sources = [""]
+    for options in choices:  # the alternatives of each run, multiplied out, then capped
+        sources = [f"{s} {o}".strip() for s in sources for o in options][:limit]
+    return sources
 
 
 def pinyin_splits(quiet: bool = False) -> dict:

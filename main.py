@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "text goes on for --max_new_tokens tokens)")
     s2s = p.add_argument_group("seq2seq decoding (--infer/--classify --task seq2seq)")
     s2s.add_argument("--beam", type=int, default=4,
-                     help="beam size (default 4, chosen on validation: +0.011 character accuracy over greedy, the "
-                          "same as 8; 1: greedy, 3-4x faster)")
+                     help="beam size (default 4, chosen on validation, see docs/results.md; 1: greedy, faster)")
+    s2s.add_argument("--num_candidates", type=int, default=1,
+                     help="--infer: show the N best conversions with their scores, as an input method does")
     s2s.add_argument("--length_penalty", type=float, default=1.0,
                      help="beam score = log-probability / length ** length_penalty")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -195,6 +196,13 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         if f is None:
             raise DataError(f"--set {key}: unknown key; known: {', '.join(sorted({**model_fields, **train_fields}))}")
         values[key] = coerce(key, value, f.default)
+    explicit_batch = getattr(args, "batch_size", None) is not None or any(
+        item.startswith("batch_size=") for item in getattr(args, "set", []))
+    if getattr(args, "time_budget", None) and not explicit_batch:
+        # the recipe's batch for this budget: short runs need many small steps (docs/experiments.md)
+        fits = [batch for seconds, batch in values.get("budget_batch", ()) if args.time_budget < seconds]
+        if fits:
+            values["batch_size"] = int(fits[0])
     unknown = sorted(set(values) - set(model_fields) - set(train_fields))
     if unknown:
         raise DataError(f"configs.json {task}.{preset_name}: unknown key(s) {', '.join(unknown)}")
@@ -307,6 +315,8 @@ def run(args) -> int:
         raise DataError("--resume works with --train (it goes on with an interrupted training run)")
     if args.beam < 1:
         raise DataError(f"--beam {args.beam}: must be >= 1")
+    if not 1 <= args.num_candidates <= 16:
+        raise DataError(f"--num_candidates {args.num_candidates}: must be 1-16")
     if not math.isfinite(args.length_penalty):
         raise DataError(f"--length_penalty {args.length_penalty}: must be a finite number")
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
@@ -339,7 +349,11 @@ def run(args) -> int:
             print(json.dumps(summary, ensure_ascii=False))
     elif args.infer and args.task == "seq2seq":
         result = task_s2s.infer(args, device)
-        print(json.dumps(result, ensure_ascii=False) if args.json else result["pred"])
+        if args.json or args.num_candidates == 1:
+            print(json.dumps(result, ensure_ascii=False) if args.json else result["pred"])
+        else:
+            for i, c in enumerate(result["candidates"], 1):
+                print(f"{i}. {c['text']}  ({c['score']:.3f})")
     elif args.infer:
         result = task_cls.infer(args, device)
         if args.json:

@@ -40,6 +40,8 @@ class ModelConfig:
     z_coef: float = 0.001         # router z-loss weight (ST-MoE)
     dropout: float = 0.1
     pooling: str = "cls"          # classifier: "cls" or "mean"
+    ngram_buckets: int = 0        # classifier: a linear "wide" part over hashed token 1-3-grams, added to the
+                                  # logits (fastText / wide & deep); this many hash buckets (0: none)
     num_classes: int = 2
     type_vocab_size: int = 2      # segment embeddings (sentence A / B)
     causal: bool = False
@@ -51,7 +53,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, lo in (("vocab_size", 1), ("max_len", 2), ("d_model", 1), ("n_heads", 1), ("d_ff", 1),
-                         ("num_layers", 0), ("num_experts", 0), ("decoder_layers", 0), ("num_classes", 1)):
+                         ("num_layers", 0), ("num_experts", 0), ("decoder_layers", 0), ("num_classes", 1),
+                         ("ngram_buckets", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
         if self.d_model % self.n_heads:
@@ -513,7 +516,10 @@ class Classifier(nn.Module):
             self.pooled_ffn = Block(config, config.num_experts > 0).ffn
         self.norm = RMSNorm(C)
         self.head = nn.Linear(C, config.num_classes)
+        self.ngram = nn.Embedding(config.ngram_buckets, config.num_classes) if config.ngram_buckets else None
         init_weights(self, config.num_layers)
+        if self.ngram is not None:
+            nn.init.zeros_(self.ngram.weight)  # at step 0 the model is the deep part alone
 
     def encode(self, input_ids, attention_mask, token_type_ids=None):
         """input_ids, attention_mask (B, T) -> hidden states (B, T, C) after the final norm, MoE stats."""
@@ -542,7 +548,23 @@ class Classifier(nn.Module):
                 y = self.pooled_ffn(h)
             pooled = self.norm(pooled + y[:, 0])
         logits = self.head(self.drop(pooled)).float()  # (B, classes)
+        if self.ngram is not None:
+            logits = logits + self.wide(input_ids, mask)
         return logits, *task_loss(logits, labels, stats, label_smoothing)
+
+    def wide(self, input_ids, mask):
+        """The linear part: each token 1-, 2- and 3-gram hashed to one of ngram_buckets rows of class weights,
+        summed over the text / sqrt(count) -> logits (B, classes). Token n-grams of the byte-level BPE span about
+        1-5 characters, the features a TF-IDF + linear SVM baseline uses; here they train with the encoder."""
+        ids = input_ids.long()
+        grams, valid = [ids], [mask]
+        for n in (2, 3):  # polynomial rolling hash of the n tokens (fits int64 for ids < 2^16)
+            grams.append(grams[-1][:, :-1] * 1_000_003 + ids[:, n - 1:])
+            valid.append(valid[-1][:, :-1] & mask[:, n - 1:])
+        rows = torch.cat([(g * 31 + n) % self.config.ngram_buckets for n, g in enumerate(grams, 1)], 1)  # (B, N)
+        keep = torch.cat(valid, 1).to(self.ngram.weight.dtype)  # (B, N)
+        summed = (self.ngram(rows) * keep[..., None]).sum(1)  # (B, classes)
+        return (summed / keep.sum(1, keepdim=True).clamp(min=1).sqrt()).float()
 
     def mlm(self, input_ids, attention_mask, labels, label_smoothing=0.0):
         """Masked-LM pretraining of the encoder (BERT): predict the original token where labels != -100.
@@ -566,6 +588,14 @@ class MaskedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, label_smoothing=0.0):
         return self.classifier.mlm(input_ids, attention_mask, labels, label_smoothing)
+
+    @property
+    def grad_checkpoint(self) -> bool:  # the trainer sets it on the model it runs: pass it to the encoder
+        return self.classifier.grad_checkpoint
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, on: bool):
+        self.classifier.grad_checkpoint = on
 
 
 def masked_mean(x, mask):
@@ -719,7 +749,14 @@ class Seq2Seq(nn.Module):
     @torch.no_grad()
     def beam_search(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
                     beam_size: int = 4, length_penalty: float = 1.0) -> list[list[int]]:
-        """Batched beam search with the KV cache -> the best hypothesis per source (without bos/eos).
+        """Batched beam search with the KV cache -> the best hypothesis per source (without bos/eos)."""
+        return [hyps[0][1] for hyps in self.beam_hypotheses(input_ids, attention_mask, bos_id, eos_id,
+                                                            max_new_tokens, beam_size, length_penalty)]
+
+    def beam_hypotheses(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
+                        beam_size: int = 4, length_penalty: float = 1.0) -> list[list[tuple[float, list[int]]]]:
+        """Batched beam search with the KV cache -> per source, its finished hypotheses as (score, ids without
+        bos/eos), best first: the candidates an input method shows.
 
         A hypothesis' score is its summed log-probability / length ** length_penalty. Each source keeps
         `beam_size` live beams; a source is done once it has `beam_size` finished hypotheses (early stopping).
@@ -772,7 +809,7 @@ class Seq2Seq(nn.Module):
                 L = tokens.size(1) - 1
                 finished[b] = [(float(scores[b, w]) / L ** length_penalty, tokens[b * W + w, 1:].tolist())
                                for w in range(W) if scores[b, w] > float("-inf")]
-            out.append(max(finished[b], key=lambda f: f[0])[1])
+            out.append(sorted(finished[b], key=lambda f: -f[0]))
         return out
 
 

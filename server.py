@@ -7,7 +7,8 @@
     POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}}
     POST /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
                             "top_k": 0, "seed": 1337, "stop_at_eos": false} -> {"text": "...", "new_tokens": n}
-    POST /api/pinyin       {"text": "wo ai bian cheng", "beam": 4} -> {"pred": "..."}
+    POST /api/pinyin       {"text": "woaibiancheng", "beam": 4, "num_candidates": 1}
+                           -> {"pred": "...", "candidates": [{"text": "...", "score": -0.1}, ...]}
 
 Errors are JSON {"error": "..."}: 400 bad JSON or field (NaN and Infinity included), 404 unknown path, 413 body
 over 64 KiB (the body is read and dropped first, up to 16 MiB, so every client sees the answer), 501 any other
@@ -116,15 +117,15 @@ class Models:
         return {"prompt": prompt, "text": text, "new_tokens": tokens}
 
     def pinyin(self, req: dict) -> dict:
-        from task_s2s import convert, source_ids
+        from task_s2s import candidates
         self.need("seq2seq")
         model, tokenizer, ckpt = self.s2s
         text = field(req, "text", str).strip()
         beam = field(req, "beam", int, 4, lo=1, hi=8)  # 4: the CLI's default, chosen on validation
+        n = field(req, "num_candidates", int, 1, lo=1, hi=16)
         with self.locks["seq2seq"]:
-            pred = convert(model, tokenizer, source_ids(tokenizer, [text], model.config.max_len), self.device,
-                           ckpt["train_config"].get("dtype", "fp32"), beam)[0]
-        return {"source": text, "pred": pred, "beam": beam}
+            out = candidates(model, tokenizer, ckpt, text, self.device, beam, n=n)
+        return {"source": text, "pred": out["pred"], "candidates": out["candidates"], "beam": beam}
 
 
 def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allow_empty: bool = False):

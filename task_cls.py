@@ -318,6 +318,7 @@ def classify(args, device) -> dict:
         summary["macro_f1"] = float(f1_score(truth, out["pred"], average="macro", labels=labels, zero_division=0))
         print(classification_report(truth, out["pred"], labels=labels, zero_division=0, digits=4), file=sys.stderr)
         cm = confusion_matrix(truth, out["pred"], labels=labels)
+        os.makedirs(args.out_dir, exist_ok=True)  # --output may have put the predictions elsewhere
         summary["confusion_matrix"] = plots.confusion_matrix_png(
             cm, labels, os.path.join(args.out_dir, "confusion_matrix.png"), f"confusion matrix: {args.input}")
     return summary

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import plots
-from data import (DataError, atomic_write_csv, length_bucketed_batches, pinyin_splits, read_table, tokenizer_cache,
-                  user_pair_splits)
+from data import (SENTENCE_END, DataError, atomic_write_csv, length_bucketed_batches, pinyin_sources, pinyin_splits,
+                  read_table, tokenizer_cache, user_pair_splits)
 from models import ModelConfig, build_model, count_params
 from task_lm import routing_trace
 from tokenizer import load_or_train
@@ -153,8 +153,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
         print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
               f"{tokenizer.n_vocab}; train/val/test pairs {sizes}", file=sys.stderr)
 
-    def payload(metrics: dict) -> dict:
-        return checkpoint_payload("seq2seq", model, model_cfg, train_cfg, tokenizer, metrics)
+    def payload(metrics: dict) -> dict:  # source "pinyin": --infer may normalise what a user types (pinyin_sources)
+        return checkpoint_payload("seq2seq", model, model_cfg, train_cfg, tokenizer, metrics,
+                                  source="text" if args.data else "pinyin")
 
     log = run_log(args, "seq2seq", model_cfg, train_cfg, append=resume is not None)
     B = train_cfg.batch_size
@@ -217,20 +218,48 @@ def source_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     return [s[:max_len] for s in tokenizer.encode_batch(texts)]
 
 
+@torch.no_grad()
+def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, length_penalty: float = 1.0,
+               n: int = 1) -> dict:
+    """One user input -> its `n` best conversions with their scores (an input method's candidate list).
+
+    For a pinyin model the input is first put in the training sources' form (`data.pinyin_sources`: case, ü,
+    spacing, syllables typed together, a final mark); when a run of letters splits into syllables in several
+    ways, each split is decoded and the scores decide. A final mark added for the model is dropped again."""
+    text = text.strip()
+    sources = pinyin_sources(text) if ckpt.get("source") == "pinyin" else [text]
+    added_mark = ckpt.get("source") == "pinyin" and text[-1:] not in SENTENCE_END + ".!?;"
+    max_len = model.config.max_len
+    ids = source_ids(tokenizer, sources, max_len)
+    batch = collate(tokenizer, [i or [tokenizer.eos_id] for i in ids], None, device)
+    with autocast(device, ckpt["train_config"].get("dtype", "fp32")):
+        hyps = model.beam_hypotheses(batch["input_ids"], batch["attention_mask"], tokenizer.bos_id,
+                                     tokenizer.eos_id, max_len - 1, max(beam, n), length_penalty)
+    seen, found = set(), []
+    for score, out in sorted((h for per_source in hyps for h in per_source), key=lambda h: -h[0]):
+        words = tokenizer.decode(out)
+        if added_mark and words.endswith("。"):
+            words = words[:-1]
+        if words not in seen:
+            seen.add(words)
+            found.append({"text": words, "score": round(score, 4)})
+    n_tokens = len(tokenizer.encode(sources[0]))
+    return {"source": sources[0], "pred": found[0]["text"] if found else "", "candidates": found[:n],
+            "truncated": n_tokens > max_len, "source_tokens": n_tokens}
+
+
 def infer(args, device) -> dict:
     """Convert one --text (pinyin for the default model; any source text for a model trained on your pairs)."""
     if not args.text or not args.text.strip():
         raise DataError("--infer needs --text, e.g. --text \"wo ai bian cheng\"")
     model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
-    text, max_len = args.text.strip(), model.config.max_len
-    n_tokens = len(tokenizer.encode(text))
-    if n_tokens > max_len:
-        print(f"note: source is {n_tokens} tokens; only the first {max_len} are converted", file=sys.stderr)
     t0 = time.perf_counter()
-    pred = convert(model, tokenizer, source_ids(tokenizer, [text], max_len), device,
-                   ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty)[0]
-    return {"source": text, "pred": pred, "beam": args.beam, "truncated": n_tokens > max_len,
-            "ms": round((time.perf_counter() - t0) * 1000, 1)}
+    out = candidates(model, tokenizer, ckpt, args.text, device, args.beam, args.length_penalty, args.num_candidates)
+    if out["truncated"]:
+        print(f"note: source is {out.pop('source_tokens')} tokens; only the first {model.config.max_len} are "
+              f"converted", file=sys.stderr)
+    out.pop("source_tokens", None)
+    return {**out, "beam": args.beam, "ms": round((time.perf_counter() - t0) * 1000, 1)}
 
 
 def classify(args, device) -> dict:

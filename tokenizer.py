@@ -294,6 +294,8 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     if tuple(d["special_tokens"]) != SPECIAL_TOKENS:
         raise ValueError("tokenizer special tokens differ from this version's")
     if d["kind"] in PATTERNS:
+        if d.get("pat_str", PATTERNS[d["kind"]]) != PATTERNS[d["kind"]]:  # the split decides every encoding
+            raise ValueError(f"tokenizer {d['kind']!r} was saved with another split pattern than this version's")
         return BPETokenizer([tuple(m) for m in d["merges"]], d["kind"])
     if d["kind"] == "char":
         return CharTokenizer(d["chars"])

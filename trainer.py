@@ -26,6 +26,8 @@ class TrainConfig:
     max_steps: int = 0            # 0: epochs * steps per epoch
     time_budget: float = 0.0      # seconds of training (0: no limit); the schedule then follows the clock
     batch_size: int = 64
+    budget_batch: tuple = ()      # ((seconds, batch), ...): under --time_budget below `seconds`, the batch size
+                                  # (the first pair that fits; measured per recipe, see configs.json); --batch_size wins
     lr: float = 1e-3
     min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = 0.05    # share of the run spent in linear warmup
@@ -48,6 +50,7 @@ class TrainConfig:
     pretrain_steps: int = 0       # step limit of that phase (0: pretrain_epochs decide)
     pretrain_seconds: float = 0.0 # time limit of that phase (0: none)
     pretrain_lr: float = 0.0      # 0: same as lr
+    ngram_lr: float = 0.0         # learning rate of the classifier's hashed n-gram weights (0: same as lr)
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
     log_every: int = 10           # steps between metrics-log rows
     eval_every: int = 0           # steps between evaluations (0: once per epoch)
@@ -71,7 +74,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a number > 0")
-        for name in ("time_budget", "pretrain_seconds", "pretrain_lr", "weight_decay", "grad_clip",
+        for name in ("time_budget", "pretrain_seconds", "pretrain_lr", "ngram_lr", "weight_decay", "grad_clip",
                      "label_smoothing", "warmup_ratio", "min_lr_ratio"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
@@ -83,6 +86,10 @@ class TrainConfig:
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("epochs=0 and max_steps=0: nothing to train")
         self.betas = tuple(self.betas)
+        self.budget_batch = tuple(tuple(pair) for pair in self.budget_batch)
+        if not all(len(pair) == 2 and pair[0] > 0 and int(pair[1]) == pair[1] >= 1 for pair in self.budget_batch):
+            raise ValueError(f"budget_batch={[list(p) for p in self.budget_batch]} must be [seconds, batch] pairs "
+                             "like [[120, 8], [360, 16]]")
 
 
 def pick_device(name: str) -> torch.device:
@@ -213,10 +220,15 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, muon=cfg.optimizer == "muon")
+    ngram = getattr(model, "ngram", None)
+    if ngram is not None and cfg.ngram_lr:  # sparse features: each row sees few batches, so a larger step
+        groups = [{**g, "params": [p for p in g["params"] if p is not ngram.weight]} for g in groups]
+        groups.append({"params": [ngram.weight], "weight_decay": 0.0, "lr": cfg.ngram_lr})
     if cfg.optimizer == "muon":
-        return Muon(param_groups(model, cfg.weight_decay, muon=True), lr=cfg.lr, betas=cfg.betas)
+        return Muon(groups, lr=cfg.lr, betas=cfg.betas)
     fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fused)
 
 
 def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:

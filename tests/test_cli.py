@@ -81,8 +81,9 @@ def test_classify_with_labels(trained, tmp_path):
     df.insert(0, "id", range(len(df)))
     df.to_csv(src, index=False)
     preds = tmp_path / "preds.csv"
+    run_dir = tmp_path / "not" / "yet"  # --out_dir need not exist: the confusion matrix goes there
     proc = run_main("--classify", "--input", str(src), "--output", str(preds), "--checkpoint", ckpt,
-                    "--out_dir", str(tmp_path))
+                    "--out_dir", str(run_dir))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     out = pd.read_csv(preds)
     assert list(out.columns) == ["id", "text", "label", "pred", "prob_negative", "prob_positive"]
@@ -90,7 +91,7 @@ def test_classify_with_labels(trained, tmp_path):
     assert ((out.prob_negative + out.prob_positive - 1).abs() < 1e-5).all()
     assert summary["accuracy"] == pytest.approx((out.pred == out.label).mean())
     assert "precision" in proc.stderr  # the classification report
-    assert os.path.getsize(tmp_path / "confusion_matrix.png") > 5_000
+    assert os.path.getsize(run_dir / "confusion_matrix.png") > 5_000
 
 
 def test_classify_without_labels_other_text_column(trained, tmp_path):
@@ -251,6 +252,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--generate", "--max_new_tokens", "0"], "max_new_tokens >= 1"),
     (["--generate", "--num_samples", "0"], "num_samples >= 1"),
     (["--infer", "--task", "seq2seq", "--text", "ni hao", "--beam", "0"], "--beam 0: must be >= 1"),
+    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--num_candidates", "0"], "--num_candidates 0: must be 1-16"),
     (["--infer", "--task", "seq2seq", "--text", "ni hao", "--length_penalty", "nan"], "--length_penalty nan"),
     (["--serve", "--port", "-1"], "--port -1: must be 0-65535"),
     (["--serve", "--port", "70000"], "--port 70000"),

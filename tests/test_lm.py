@@ -244,3 +244,20 @@ def test_muon_optimizer_trains_and_resumes(tmp_path):
     assert any("momentum_buffer" in s for s in state.values()) and any("exp_avg" in s for s in state.values())
     summary = json.loads(run_main(*args, "--resume").stdout.strip().splitlines()[-1])
     assert summary["steps"] == 60 and summary["val_loss"] < 5.5  # tiny LM starts at ln(400) = 6.0
+
+
+@pytest.mark.parametrize("argv,batch,max_steps", [
+    ([], 32, 730),                                            # the preset: a step count, no clock
+    (["--time_budget", "60"], 8, 0),                          # a short budget: many small steps
+    (["--time_budget", "150"], 16, 0),
+    (["--time_budget", "900"], 32, 0),                        # long enough for the preset's batch
+    (["--time_budget", "60", "--batch_size", "12"], 12, 0),   # an explicit batch wins
+    (["--time_budget", "60", "--set", "batch_size=24"], 24, 0),
+    (["--time_budget", "60", "--max_steps", "50"], 8, 50),    # both limits: whichever comes first
+    (["--time_budget", "60", "--preset", "babygpt"], 12, 0),  # the baseline recipe keeps its own batch
+])
+def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, max_steps):
+    import main
+    args = main.build_parser().parse_args(["--train", "--task", "lm", *argv])
+    _, _, train_cfg = main.resolve_config("lm", args.preset, args)
+    assert (train_cfg.batch_size, train_cfg.max_steps) == (batch, max_steps)

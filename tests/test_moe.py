@@ -303,3 +303,49 @@ def test_orthogonalize_each_expert_matrix_on_its_own():
     s = torch.linalg.svdvals(orthogonalize(g))  # (2, 16)
     assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's "about orthogonal" band (Jordan et al.)
     assert torch.allclose(orthogonalize(g)[0], orthogonalize(g[:1])[0], atol=1e-5)
+
+
+def test_wide_ngram_part_is_the_hashed_bag_and_ignores_padding():
+    """The classifier's wide part equals the hand-written bag of hashed token 1-3-grams / sqrt(count); padding
+    (and whatever ids sit under it) changes nothing; at init it adds nothing; ngram_lr gives it its own group."""
+    from trainer import TrainConfig, build_optimizer
+    torch.manual_seed(0)
+    model = Classifier(tiny(num_layers=1, ngram_buckets=97))
+    assert model.wide(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).abs().max() == 0
+    nn_w = torch.randn(97, 2)
+    model.ngram.weight.data.copy_(nn_w)
+    ids = torch.tensor([[5, 6, 7, 0, 0], [9, 8, 7, 6, 5]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for b, n_real in enumerate((3, 5)):
+        t = ids[b, :n_real].tolist()
+        grams = [(t[i], 1) for i in range(n_real)] + \
+                [(t[i] * 1_000_003 + t[i + 1], 2) for i in range(n_real - 1)] + \
+                [((t[i] * 1_000_003 + t[i + 1]) * 1_000_003 + t[i + 2], 3) for i in range(n_real - 2)]
+        want = sum(nn_w[(g * 31 + n) % 97] for g, n in grams) / math.sqrt(len(grams))
+        torch.testing.assert_close(model.wide(ids, mask)[b], want)
+    other = ids.clone()
+    other[0, 3:] = 42  # different ids under the padding
+    torch.testing.assert_close(model.wide(other, mask), model.wide(ids, mask))
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, ngram_lr=0.05), torch.device("cpu"))
+    own = [g for g in opt.param_groups if any(p is model.ngram.weight for p in g["params"])]
+    assert len(own) == 1 and own[0]["lr"] == 0.05 and len(own[0]["params"]) == 1
+
+
+def test_masked_lm_view_passes_grad_checkpoint_to_the_encoder():
+    """The trainer sets grad_checkpoint on the model it runs; in pretraining that is the MaskedLM view."""
+    from models import MaskedLM
+    torch.manual_seed(0)
+    model = Classifier(tiny(num_layers=2))
+    mlm = MaskedLM(model)
+    ids = torch.randint(5, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    labels = torch.where(torch.rand(2, 8) < 0.5, ids, torch.full_like(ids, -100))
+    grads = []
+    for on in (False, True):
+        mlm.grad_checkpoint = on
+        assert model.grad_checkpoint is on
+        model.zero_grad()
+        mlm(ids, mask, labels)[1].backward()
+        grads.append([p.grad.clone() for p in model.blocks.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

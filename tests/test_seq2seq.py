@@ -58,6 +58,23 @@ def test_pinyin_and_sentence_splitting():
     assert data.split_sentences("他说：“走吧。”好的！短。这句话没有句号") == ["他说：“走吧。”", "这句话没有句号"]
 
 
+@pytest.mark.parametrize("typed,sources", [
+    ("wo ai bian cheng", ["wo ai bian cheng 。"]),               # the sources all end in a sentence mark
+    ("woaibiancheng", ["wo ai bian cheng 。"]),                  # syllables typed together
+    ("Wo  Ai BIAN cheng", ["wo ai bian cheng 。"]),              # case and spacing
+    ("wo ai bian cheng.", ["wo ai bian cheng 。"]),              # an ASCII mark means the Chinese one
+    ("ni hao, shi jie!", ["ni hao ， shi jie ！"]),
+    ("nü ren", ["nv ren 。"]), ("lu:se", ["lv se 。"]),           # ü as v, as pypinyin writes it
+    ("xi'an", ["xi an 。"]), ("xian", ["xian 。"]),              # the apostrophe separates syllables
+    ("fangan", ["fang an 。", "fan gan 。"]),                    # two splits: the model's score decides
+    ("mai 3.5 jin iPhone", ["mai 3.5 jin iphone 。"]),          # digits and Latin words are kept
+    ("zhongguorenmin", ["zhong guo ren min 。"]),
+])
+def test_typed_pinyin_becomes_the_training_source_form(typed, sources):
+    assert data.pinyin_sources(typed) == sources
+    assert data.split_syllables("qwrtz") == []
+
+
 def test_builtin_pinyin_pairs_follow_the_paragraph_split():
     splits = data.pinyin_splits(quiet=True)
     assert len(splits["train"]) > 30_000 and len(splits["val"]) > 1_000 and len(splits["test"]) > 1_000
@@ -355,6 +372,29 @@ def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
     out_df = pd.read_csv(dst)
     assert list(out_df.columns) == ["id", "source", "target", "pred"] and result["rows"] == 2
     assert "char_acc" in result and "exact_match" in result
+
+
+def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained, tmp_path):
+    ckpt, _, _ = trained
+    state = torch.load(ckpt, weights_only=True)
+    state["source"] = "pinyin"  # what a model trained on the built-in pinyin pairs records
+    pinyin_ckpt = str(tmp_path / "pinyin.pt")
+    torch.save(state, pinyin_ckpt)
+
+    def infer(text, *extra):
+        return run_main("--infer", "--task", "seq2seq", "--checkpoint", pinyin_ckpt, "--text", text, *extra)
+
+    spaced = json.loads(infer("wo ai bian cheng", "--json").stdout)
+    assert spaced["source"] == "wo ai bian cheng 。"
+    for typed in ("woaibiancheng", "Wo  Ai BIAN cheng", "wo ai bian cheng."):
+        same = json.loads(infer(typed, "--json").stdout)
+        assert (same["source"], same["pred"]) == (spaced["source"], spaced["pred"])
+    many = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "3").stdout)
+    scores = [c["score"] for c in many["candidates"]]
+    assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+    assert len({c["text"] for c in many["candidates"]}) == len(scores) and many["pred"] == many["candidates"][0]["text"]
+    listed = infer("wo ai bian cheng", "--num_candidates", "2").stdout.strip().splitlines()
+    assert listed[0].startswith("1. ") and len(listed) <= 2
 
 
 def test_infer_without_checkpoint_says_how_to_train(tmp_path):

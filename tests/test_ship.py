@@ -180,8 +180,9 @@ def test_api_serves_the_three_models(server, models):
     status, gen = request(port, "POST", "/api/generate", body)
     assert status == 200 and isinstance(gen["text"], str) and 0 < gen["new_tokens"] <= 12
     assert request(port, "POST", "/api/generate", body)[1] == gen  # same seed, same text
-    status, conv = request(port, "POST", "/api/pinyin", {"text": "wo ai bian cheng", "beam": 2})
+    status, conv = request(port, "POST", "/api/pinyin", {"text": "wo ai bian cheng", "beam": 2, "num_candidates": 2})
     assert status == 200 and conv["source"] == "wo ai bian cheng" and isinstance(conv["pred"], str)
+    assert 1 <= len(conv["candidates"]) <= 2 and conv["candidates"][0]["text"] == conv["pred"]
 
 
 def test_api_errors(server):
@@ -293,7 +294,7 @@ def test_page_in_headless_chromium(server):
         driver.find_element(By.ID, "s2s-go").click()
         pred = wait.until(lambda d: d.find_element(By.ID, "s2s-result").text not in ("", "…") and
                           d.find_element(By.ID, "s2s-result").text)
-        assert pred == request(port, "POST", "/api/pinyin", {"text": "wo ai bian cheng"})[1]["pred"]
+        assert pred == request(port, "POST", "/api/pinyin", {"text": "woaibiancheng"})[1]["pred"]
         driver.get(f"http://127.0.0.1:{partial}/")
         msg = wait.until(lambda d: d.find_element(By.ID, "seq2seq-status").text)
         assert "python main.py --train --task seq2seq" in msg

@@ -4,7 +4,7 @@ from collections import Counter
 
 from data import people_daily_paragraphs
 from tokenizer import (SPLIT_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, merge_chunk, render_token,
-                       train_bpe)
+                       tokenizer_from_dict, train_bpe)
 
 CASES = ["", "我", "我爱编程", "今天天气很好！😀👍", "Hello 世界, GPT-4 与 MoE 模型 2024 年",
          "<|pad|><|bos|> 特殊 <|mask|>", "  多 空格\n换行\t制表 ", "é ü ß ñ", "\x00\x01"]
@@ -101,6 +101,9 @@ def test_save_load_and_readable_vocab(bpe, tmp_path):
     vocab = (tmp_path / "tok.vocab").read_text(encoding="utf-8")
     assert "中国" in vocab or "人民" in vocab  # merged Chinese tokens show as characters, not byte soup
     assert "<|pad|>" in vocab
+    other = {**bpe.to_dict(), "pat_str": r"\S+"}  # a tokenizer saved with another split would encode differently
+    with pytest.raises(ValueError, match="another split pattern"):
+        tokenizer_from_dict(other)
 
 
 def test_render_token():
