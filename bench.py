@@ -249,7 +249,8 @@ def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, i
     from data import reviews_splits
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, os.path.join(here, "main.py"), "--serve", "--port", "0",
-                             "--checkpoint_dir", os.path.dirname(checkpoint) or ".", "--device", "cpu"],
+                             "--checkpoint_dir", os.path.dirname(checkpoint) or ".", "--device", "cpu",
+                             "--quiet"],  # no request log: nobody reads the pipe after the start line
                             stderr=subprocess.PIPE, text=True)
     try:
         port = None

@@ -16,8 +16,8 @@ from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
 from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path,
-                     load_checkpoint, load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything, train_variants,
-                     write_comparison)
+                     load_checkpoint, load_resume, load_trained, markdown_table, run_log, save_checkpoint,
+                     seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"
 

@@ -249,7 +249,7 @@ def test_muon_optimizer_trains_and_resumes(tmp_path):
 @pytest.mark.parametrize("argv,batch,max_steps", [
     ([], 32, 730),                                            # the preset: a step count, no clock
     (["--time_budget", "60"], 8, 0),                          # a short budget: many small steps
-    (["--time_budget", "150"], 16, 0),
+    (["--time_budget", "300"], 16, 0),
     (["--time_budget", "900"], 32, 0),                        # long enough for the preset's batch
     (["--time_budget", "60", "--batch_size", "12"], 12, 0),   # an explicit batch wins
     (["--time_budget", "60", "--set", "batch_size=24"], 24, 0),
