@@ -270,7 +270,10 @@ class Server(ThreadingHTTPServer):
                     key.fileobj.recv(4096)
                     while not self.arrivals.empty():
                         request, address = self.arrivals.get()
-                        self.waiting.register(request, selectors.EVENT_READ, (address, time.monotonic()))
+                        try:
+                            self.waiting.register(request, selectors.EVENT_READ, (address, time.monotonic()))
+                        except (OSError, ValueError):  # gone already: the watcher itself must not die
+                            self.shutdown_request(request)
                 else:
                     self.waiting.unregister(key.fileobj)
                     self.pool.submit(self.process_request_thread, key.fileobj, key.data[0])
