@@ -384,9 +384,21 @@ def split_syllables(run: str, limit: int = 4) -> list[list[str]]:
 
 
 def pinyin_sources(text: str, limit: int = 4) -> list[str]:
-    """A user's pinyin in the training sources' form: lower case, ü as v, syllables and marks separated by one
-    space, ending in a sentence mark (the training sentences all do; without one the model tends to add a
-    character). Runs of letters that are not one syllable are split into syllables; a run with several
+    """A user's pinyin in the training sources' form (see open_pinyin_sources), ending in a sentence mark."""
+    return close_sentence(open_pinyin_sources(text, limit))[0]
+
+
+def close_sentence(sources: list[str]) -> tuple[list[str], bool]:
+    """(sources, whether a final 。 was added): the training sentences all end in a sentence mark, and without
+    one the model tends to add a character. The alternatives of one input share their last piece."""
+    if sources[0][-1:] in SENTENCE_END:
+        return sources, False
+    return [f"{s} 。".strip() for s in sources], True
+
+
+def open_pinyin_sources(text: str, limit: int = 4) -> list[str]:
+    """A user's pinyin in the training sources' form, as typed at its end: lower case, ü as v, syllables and marks
+    separated by one space. Runs of letters that are not one syllable are split into syllables; a run with several
     fewest-syllable splits gives one source per split (up to `limit`, for the model to choose by score).
     Runs that are no pinyin at all (Latin words) and everything else are kept as they are."""
     import re
@@ -399,8 +411,6 @@ def pinyin_sources(text: str, limit: int = 4) -> list[str]:
             choices.append([piece.translate(ASCII_MARKS) if set(piece) <= set(".,!?;") else piece])
     if not choices:
         return [text.strip()]
-    if choices[-1][0][-1] not in SENTENCE_END:
-        choices.append(["。"])
     sources = [""]
     for options in choices:  # the alternatives of each run, multiplied out, then capped
         sources = [f"{s} {o}".strip() for s in sources for o in options][:limit]

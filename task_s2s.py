@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import plots
-from data import (SENTENCE_END, DataError, atomic_write_csv, length_bucketed_batches, pinyin_sources, pinyin_splits,
-                  read_table, tokenizer_cache, user_pair_splits)
+from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, open_pinyin_sources,
+                  pinyin_splits, read_table, tokenizer_cache, user_pair_splits)
 from models import ModelConfig, build_model, count_params
 from task_lm import routing_trace
 from tokenizer import load_or_train
@@ -227,11 +227,12 @@ def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, l
     spacing, syllables typed together, a final mark); when a run of letters splits into syllables in several
     ways, each split is decoded and the scores decide. A final mark added for the model is dropped again."""
     text = text.strip()
-    sources = pinyin_sources(text) if ckpt.get("source") == "pinyin" else [text]
-    added_mark = ckpt.get("source") == "pinyin" and text[-1:] not in SENTENCE_END + ".!?;"
+    sources, added_mark = [text], False
+    if ckpt.get("source") == "pinyin":
+        sources, added_mark = close_sentence(open_pinyin_sources(text))
     max_len = model.config.max_len
-    ids = source_ids(tokenizer, sources, max_len)
-    batch = collate(tokenizer, [i or [tokenizer.eos_id] for i in ids], None, device)
+    encoded = tokenizer.encode_batch(sources)
+    batch = collate(tokenizer, [s[:max_len] or [tokenizer.eos_id] for s in encoded], None, device)
     with autocast(device, ckpt["train_config"].get("dtype", "fp32")):
         hyps = model.beam_hypotheses(batch["input_ids"], batch["attention_mask"], tokenizer.bos_id,
                                      tokenizer.eos_id, max_len - 1, max(beam, n), length_penalty)
@@ -243,9 +244,8 @@ def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, l
         if words not in seen:
             seen.add(words)
             found.append({"text": words, "score": round(score, 4)})
-    n_tokens = len(tokenizer.encode(sources[0]))
     return {"source": sources[0], "pred": found[0]["text"] if found else "", "candidates": found[:n],
-            "truncated": n_tokens > max_len, "source_tokens": n_tokens}
+            "truncated": len(encoded[0]) > max_len, "source_tokens": len(encoded[0])}
 
 
 def infer(args, device) -> dict:
@@ -255,10 +255,10 @@ def infer(args, device) -> dict:
     model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
     t0 = time.perf_counter()
     out = candidates(model, tokenizer, ckpt, args.text, device, args.beam, args.length_penalty, args.num_candidates)
+    n_tokens = out.pop("source_tokens")
     if out["truncated"]:
-        print(f"note: source is {out.pop('source_tokens')} tokens; only the first {model.config.max_len} are "
-              f"converted", file=sys.stderr)
-    out.pop("source_tokens", None)
+        print(f"note: source is {n_tokens} tokens; only the first {model.config.max_len} are converted",
+              file=sys.stderr)
     return {**out, "beam": args.beam, "ms": round((time.perf_counter() - t0) * 1000, 1)}
 
 
