@@ -336,31 +336,39 @@ def pinyin2hanzi(source: str, engine: str, params) -> str:
     return "".join(out)
 
 
-def bench_pinyin(checkpoint: str, hmm_sentences: int = 200) -> dict:
-    """Character accuracy / exact match / sentences per second on the pinyin test split: our seq2seq checkpoint
-    (greedy and beam 4) vs Pinyin2Hanzi's DAG (all sentences) and HMM (the first `hmm_sentences`: it is slow)."""
+def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences: int = 200) -> dict:
+    """Pinyin -> characters: our seq2seq checkpoint (greedy and beam 4) vs Pinyin2Hanzi's DAG engine, on the
+    in-domain test split (news; plus the HMM engine on its first `hmm_sentences`: it is slow), on the
+    out-of-domain review sentences (data.review_pinyin_test) and on the hand-checked everyday phrases of
+    tests/everyday_pinyin.tsv (typed as a user types them: no final mark); then candidate-list decoding speed
+    (task_s2s.candidates, the --infer path) at N = 1 and N = 5 on the first `candidate_sentences` test inputs."""
     try:
         from Pinyin2Hanzi import DefaultDagParams, DefaultHmmParams
     except ImportError:
         raise SystemExit("the pinyin benchmark needs the baseline engine: pip install Pinyin2Hanzi")
-    from data import pinyin_splits
-    from task_s2s import convert, score, source_ids
-    from trainer import load_trained
-    test = pinyin_splits(quiet=True)["test"]
-    sources, targets = list(test.source), list(test.target)
-    out = {"pinyin_test_sentences": len(test)}
+    from data import pair_frame, pinyin_splits, review_pinyin_test
+    from task_s2s import candidates, convert, score, source_ids
+    from checkpoint import load_trained
+    sets = {"": pinyin_splits(quiet=True)["test"], "reviews_": review_pinyin_test(quiet=True),
+            "everyday_": pair_frame(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
+                                                 "everyday_pinyin.tsv"))}
+    out = {"pinyin_test_sentences": len(sets[""]), "pinyin_reviews_sentences": len(sets["reviews_"]),
+           "pinyin_everyday_phrases": len(sets["everyday_"])}
 
-    def measure(name, fn, n):
+    def measure(name, fn, df, n=None):
+        sources, targets = list(df.source)[:n], list(df.target)[:n]
         t = time.perf_counter()
-        preds = fn(sources[:n])
+        preds = fn(sources)
         seconds = time.perf_counter() - t
-        s = score(preds, targets[:n])
+        s = score(preds, targets)
         out.update({f"{name}_char_acc": s["char_acc"], f"{name}_exact_match": s["exact_match"],
-                    f"{name}_sentences_per_s": n / seconds})
+                    f"{name}_sentences_per_s": len(sources) / seconds})
 
     dag_params, hmm_params = DefaultDagParams(), DefaultHmmParams()
-    measure("pinyin2hanzi_dag", lambda xs: [pinyin2hanzi(x, "dag", dag_params) for x in xs], len(test))
-    measure(f"pinyin2hanzi_hmm_first{hmm_sentences}", lambda xs: [pinyin2hanzi(x, "hmm", hmm_params) for x in xs], hmm_sentences)
+    for prefix, df in sets.items():
+        measure(f"{prefix}pinyin2hanzi_dag", lambda xs: [pinyin2hanzi(x, "dag", dag_params) for x in xs], df)
+    measure(f"pinyin2hanzi_hmm_first{hmm_sentences}", lambda xs: [pinyin2hanzi(x, "hmm", hmm_params) for x in xs],
+            sets[""], hmm_sentences)
     if not os.path.exists(checkpoint):
         print(f"(skipping the model: no {checkpoint}; train with python main.py --train --task seq2seq)",
               file=sys.stderr)
@@ -368,12 +376,20 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200) -> dict:
     device = torch.device("cpu")
     model, tok, ckpt = load_trained(checkpoint, "seq2seq", "", device)
     dtype = ckpt["train_config"].get("dtype", "fp32")
-    for beam in (1, 4):
-        measure(f"model_beam{beam}", lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len),
-                                                        device, dtype, beam=beam), len(test))
+
+    def batch_convert(beam):
+        return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam)
+
+    for prefix in ("", "reviews_"):
+        for beam in (1, 4):
+            measure(f"{prefix}model_beam{beam}", batch_convert(beam), sets[prefix])
     for beam in (1, 4):  # the model on the HMM's subset too, for a like-for-like row
-        measure(f"model_beam{beam}_first{hmm_sentences}", lambda xs: convert(
-            model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam), hmm_sentences)
+        measure(f"model_beam{beam}_first{hmm_sentences}", batch_convert(beam), sets[""], hmm_sentences)
+    measure("everyday_model_beam4", lambda xs: [candidates(model, tok, ckpt, x, device, beam=4)["pred"] for x in xs],
+            sets["everyday_"])
+    for n in (1, 5):  # one input at a time, as an input method asks
+        measure(f"candidates_n{n}", lambda xs: [candidates(model, tok, ckpt, x, device, beam=max(4, n), n=n)["pred"]
+                                                for x in xs], sets[""], candidate_sentences)
     return out
 
 

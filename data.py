@@ -5,11 +5,14 @@ main.py prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import random
+import re
 import sys
 
+import numpy as np
 import pandas as pd
 
 DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
@@ -129,18 +132,28 @@ def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
     return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
 
 
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yields a temporary path beside `path` to write; it becomes `path` (one rename) only if the block
+    succeeds, so a crash or an error never leaves half a file, and the previous file stays until then."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_text(text: str, path: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
-def atomic_write_csv(df: pd.DataFrame, path: str) -> None:
-    tmp = path + ".tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+def atomic_write_csv(df: pd.DataFrame, path: str, **to_csv) -> None:
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False, **to_csv)
 
 
 def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
@@ -429,13 +442,76 @@ def pinyin_splits(quiet: bool = False) -> dict:
         for s in SPLITS:
             targets = [t for p in paragraphs[s] for t in split_sentences(p)]
             sources = [to_pinyin(t) for t in tqdm(targets, desc=f"pinyin {s}", disable=quiet, unit="sent")]
-            df = pd.DataFrame({"source": sources, "target": targets})
-            tmp = paths[s] + ".tmp"
-            df.to_csv(tmp, sep="\t", index=False, quoting=3)
-            os.replace(tmp, paths[s])
+            atomic_write_csv(pd.DataFrame({"source": sources, "target": targets}), paths[s], sep="\t", quoting=3)
         if not quiet:
             print(f"prepared pinyin -> characters pairs into {out_dir}", file=sys.stderr)
     return {s: pair_frame(p) for s, p in paths.items()}
+
+
+HAN_WORD = re.compile(r"[\u4e00-\u9fff]+")
+HAN_SENTENCE = re.compile(r"[\u4e00-\u9fff，、：“”。！？；]+")  # Han characters and the common Chinese marks
+
+
+def jieba_words(min_chars: int = 2, max_chars: int = 4) -> tuple[list[str], list[int]]:
+    """(words, counts) from jieba's dictionary (about 350k words with corpus counts): the Han-only words of
+    min_chars..max_chars characters, in the dictionary's order."""
+    try:
+        text = importlib.resources.files("jieba").joinpath("dict.txt").read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        raise DataError("the pinyin lexicon comes from jieba's dictionary: pip install jieba") from None
+    words, counts = [], []
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if len(parts) >= 2 and min_chars <= len(parts[0]) <= max_chars and HAN_WORD.fullmatch(parts[0]):
+            words.append(parts[0])
+            counts.append(int(parts[1]))
+    return words, counts
+
+
+def lexicon_pairs(n: int, seed: int = 1337, per_row: tuple = (4, 8), min_count: int = 100,
+                  power: float = 0.75) -> pd.DataFrame:
+    """`n` word-list pairs for the pinyin model, so that it learns words the news never used (编程, 手机):
+    source "bian cheng ， shou ji 。", target "编程，手机。". Words of 2-4 characters from jieba's dictionary: each
+    word counted at least `min_count` times there (about 31k) once, the remaining draws with probability
+    proportional to count ** power (word2vec's smoothing: frequent words often, rare ones sometimes); shuffled,
+    per_row[0]..per_row[1] words a row, separated by ， (no sentence context is implied) and ended by 。 as the
+    training sentences are. Pronunciations come from pypinyin, phrase-aware, per word."""
+    words, counts = jieba_words()
+    rng = np.random.default_rng(seed)
+    counts = np.asarray(counts, dtype=np.float64)
+    sizes = rng.integers(per_row[0], per_row[1] + 1, size=n)
+    once = np.flatnonzero(counts >= min_count)
+    weights = counts ** power
+    extra = rng.choice(len(words), size=max(int(sizes.sum()) - len(once), 0), p=weights / weights.sum())
+    picks = rng.permutation(np.concatenate([once, extra]))[:int(sizes.sum())]
+    pinyin: dict[int, str] = {}
+    sources, targets, at = [], [], 0
+    for size in sizes:
+        row = picks[at:at + size]
+        at += size
+        for i in row:
+            if i not in pinyin:
+                pinyin[i] = to_pinyin(words[i])
+        sources.append(" ， ".join(pinyin[i] for i in row) + " 。")
+        targets.append("，".join(words[i] for i in row) + "。")
+    return pd.DataFrame({"source": sources, "target": targets})
+
+
+def review_pinyin_test(n: int = 1000, seed: int = 1337, quiet: bool = False) -> pd.DataFrame:
+    """An out-of-domain pinyin test set: `n` sentences of the review corpus's test split (everyday language; the
+    pinyin model never trains on reviews), Han characters and Chinese marks only, ending in a sentence mark,
+    4-64 characters, de-duplicated, in a seeded order; cached in dataset/pinyin/reviews_test.tsv."""
+    path = os.path.join(DATASET_DIR, "pinyin", "reviews_test.tsv")
+    if not os.path.exists(path):
+        texts = reviews_splits(seed, quiet)["test"].text
+        found = dict.fromkeys(s for t in texts for s in split_sentences(t)
+                              if HAN_SENTENCE.fullmatch(s) and s[-1] in SENTENCE_END)
+        targets = list(found)
+        random.Random(seed).shuffle(targets)
+        targets = targets[:n]
+        atomic_write_csv(pd.DataFrame({"source": [to_pinyin(t) for t in targets], "target": targets}), path,
+                         sep="\t", quoting=3)
+    return pair_frame(path)
 
 
 def pair_frame(path: str) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import DataError
+from data import DataError, atomic_write
 from models import exporting
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
@@ -71,7 +71,7 @@ def export(args) -> dict:
     """--export onnx: write the ONNX file of --checkpoint (cls or lm), check it against PyTorch, return a summary."""
     onnx, ort = require("onnx", "onnxruntime")
     require("onnxscript")
-    from trainer import load_trained
+    from checkpoint import load_trained
     task = args.task
     if task not in EXPORTABLE:
         raise DataError(f"--export onnx: --task {task} does not export (only cls and lm); seq2seq decoding "
@@ -84,8 +84,7 @@ def export(args) -> dict:
     output = args.output or onnx_path(args.checkpoint)
     inputs, names, dynamic = example_inputs(task, model.config.max_len)
     graph = LogitsOnly(model).eval()
-    tmp = f"{output}.tmp{os.getpid()}"
-    try:
+    with atomic_write(output) as tmp:  # a failed export never leaves a half-written file under the real name
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes about torchvision ops
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -98,12 +97,7 @@ def export(args) -> dict:
                 "dtype": ckpt["train_config"].get("dtype", "fp32")}
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         onnx.save(proto, tmp)
-        os.replace(tmp, output)  # a failed export never leaves a half-written file under the real name
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     # check the file against PyTorch on shapes other than the example's
     session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)

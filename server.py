@@ -59,7 +59,7 @@ class Models:
         import task_cls
         import task_lm
         import task_s2s
-        from trainer import load_trained
+        from checkpoint import load_trained
         self.device, self.paths, self.errors = device, paths, {}
         self.locks = {task: threading.Lock() for task in TASKS}
         loaders = {"cls": lambda p: task_cls.Predictor(p, device),

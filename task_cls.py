@@ -15,8 +15,8 @@ from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts
                   length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
 from models import ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (MetricsLog, TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path,
-                     load_checkpoint, load_resume, load_trained, markdown_table, run_log, save_checkpoint,
+from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
+from trainer import (MetricsLog, TrainConfig, autocast, fit, is_main_process, markdown_table, run_log,
                      seed_everything, train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task cls"

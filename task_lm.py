@@ -15,8 +15,8 @@ import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
 from models import MoE, ModelConfig, build_model, count_params
 from tokenizer import load_or_train
-from trainer import (TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path, load_checkpoint,
-                     load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything,
+from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
+from trainer import (TrainConfig, autocast, fit, is_main_process, markdown_table, run_log, seed_everything,
                      train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task lm"

@@ -8,16 +8,17 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import torch
 
 import plots
-from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, open_pinyin_sources,
-                  pinyin_splits, read_table, tokenizer_cache, user_pair_splits)
+from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, lexicon_pairs,
+                  open_pinyin_sources, pinyin_splits, read_table, tokenizer_cache, user_pair_splits)
 from models import ModelConfig, build_model, count_params
 from task_lm import routing_trace
 from tokenizer import load_or_train
-from trainer import (TrainConfig, autocast, checkpoint_payload, fit, is_main_process, last_path, load_checkpoint,
-                     load_resume, load_trained, markdown_table, run_log, save_checkpoint, seed_everything,
+from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
+from trainer import (TrainConfig, autocast, fit, is_main_process, markdown_table, run_log, seed_everything,
                      train_variants, write_comparison)
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
@@ -27,8 +28,15 @@ EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of th
 # -----------------------------------------------------------------------------
 # Data
 
-def load_splits(data: str | None, seed: int, quiet: bool) -> dict:
-    return user_pair_splits(data, seed) if data else pinyin_splits(quiet=quiet)
+def load_splits(data: str | None, seed: int, quiet: bool, lexicon: int = 0) -> dict:
+    """The user's pairs, or the built-in pinyin pairs with `lexicon` word-list pairs (data.lexicon_pairs) added
+    to the training split only: validation and test stay news sentences."""
+    if data:
+        return user_pair_splits(data, seed)
+    splits = pinyin_splits(quiet=quiet)
+    if lexicon:
+        splits["train"] = pd.concat([splits["train"], lexicon_pairs(lexicon)], ignore_index=True)
+    return splits
 
 
 class Pairs:
@@ -138,9 +146,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
     if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
         model_cfg, train_cfg, tokenizer, resume = resume
     seed_everything(train_cfg.seed)
-    splits = load_splits(args.data, train_cfg.seed, args.quiet)
+    splits = load_splits(args.data, train_cfg.seed, args.quiet, train_cfg.lexicon_pairs)
     if resume is None:
-        cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer, model_cfg.vocab_size)
+        lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
+        cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
         texts = list(splits["train"].source) + list(splits["train"].target)
         tokenizer = load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not args.quiet)
         model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab)

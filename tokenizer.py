@@ -187,12 +187,9 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Write `path` (versioned JSON) and `path` with .vocab (one token a line, readable)."""
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
-        os.replace(tmp, path)
-        with open(os.path.splitext(path)[0] + ".vocab", "w", encoding="utf-8") as f:
-            f.write(self.vocab_listing())
+        from data import atomic_write_text
+        atomic_write_text(json.dumps(self.to_dict(), ensure_ascii=False), path)
+        atomic_write_text(self.vocab_listing(), os.path.splitext(path)[0] + ".vocab")
 
     @staticmethod
     def load(path: str) -> "Tokenizer":

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-CHECKPOINT_VERSION = 1
+from checkpoint import save_checkpoint
 
 
 @dataclass
@@ -52,6 +52,8 @@ class TrainConfig:
     pretrain_lr: float = 0.0      # 0: same as lr
     ngram_lr: float = 0.0         # learning rate of the classifier's hashed n-gram weights (0: same as lr)
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
+    lexicon_pairs: int = 0        # seq2seq on the built-in pinyin data: word-list pairs from jieba's dictionary
+                                  # added to the training pairs (data.lexicon_pairs); ignored with --data
     log_every: int = 10           # steps between metrics-log rows
     eval_every: int = 0           # steps between evaluations (0: once per epoch)
 
@@ -69,7 +71,8 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs", "pretrain_steps"):
+        for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs", "pretrain_steps",
+                     "lexicon_pairs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -240,74 +243,6 @@ def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one file, plain data + tensors, written atomically, read with weights_only=True
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"format_version": CHECKPOINT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def load_checkpoint(path: str, train_hint: str) -> dict:
-    from data import DataError
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no checkpoint; train one first with: {train_hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise DataError(f"{path}: not a checkpoint of this project (format version "
-                        f"{ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
-    return ckpt
-
-
-def checkpoint_payload(task: str, model: nn.Module, model_cfg, train_cfg: TrainConfig, tokenizer, metrics: dict,
-                       **extra) -> dict:
-    """What every task's checkpoint holds: configs, tokenizer and weights as plain data, the metrics, `extra`."""
-    from dataclasses import asdict
-    return {"task": task, "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
-            "tokenizer": tokenizer.to_dict(), **extra,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
-
-
-def load_trained(path: str, task: str, train_hint: str, device):
-    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of `task`."""
-    from data import DataError
-    from models import ModelConfig, build_model
-    from tokenizer import tokenizer_from_dict
-    ckpt = load_checkpoint(path, train_hint)
-    if ckpt.get("task") != task:
-        raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
-    model = build_model(task, ModelConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
-
-
-def load_resume(args, task: str, train_hint: str):
-    """With --resume: (ModelConfig, TrainConfig, tokenizer, resume state for fit) from <checkpoint>.last.pt, the
-    run's own configs (halt_after cleared so it runs to the end); None without --resume."""
-    if not getattr(args, "resume", False):
-        return None
-    from dataclasses import replace
-    from data import DataError
-    from models import ModelConfig
-    from tokenizer import tokenizer_from_dict
-    path = last_path(args.checkpoint)
-    state = load_checkpoint(path, train_hint)
-    if state.get("task") != task or "resume" not in state:
-        raise DataError(f"{path}: not a resumable {task} run")
-    if not args.quiet:
-        print(f"resuming from {path} at step {state['resume']['step']}", file=sys.stderr)
-    saved = {k: v for k, v in state.items() if k not in ("resume", "state_dict")}  # the task's own extras too
-    return (ModelConfig(**state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
-            tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"],
-                                                       "saved": saved})
-
-
-# -----------------------------------------------------------------------------
 # Several processes (torchrun): DistributedDataParallel, each rank training on its share of every global batch
 
 def dist_info() -> tuple[int, int]:
@@ -417,12 +352,6 @@ def run_log(args, task: str, model_cfg, train_cfg: TrainConfig, append: bool = F
         return MetricsLog(None)
     return MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), append,
                       tracking.sinks(args, task, model_cfg, train_cfg))
-
-
-def last_path(checkpoint: str) -> str:
-    """Where the resumable state of a run lives: next to its best checkpoint."""
-    root, ext = os.path.splitext(checkpoint)
-    return f"{root}.last{ext or '.pt'}"
 
 
 def rng_state() -> dict:

@@ -236,6 +236,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--set", "eval_every=-1"], "eval_every=-1 must be >= 0"),
     (["--train", "--set", "halt_after=-1"], "halt_after=-1 must be >= 0"),
     (["--train", "--set", "pretrain_steps=-1"], "pretrain_steps=-1 must be >= 0"),
+    (["--train", "--task", "seq2seq", "--set", "lexicon_pairs=-1"], "lexicon_pairs=-1 must be >= 0"),
     (["--train", "--set", "optimizer=sgd"], "optimizer='sgd' must be adamw or muon"),
     (["--train", "--set", "tokenizer=word"], "tokenizer='word' must be bpe, bpe_hanzi or char"),
     (["--train", "--set", "dtype=fp8"], "dtype='fp8' must be auto, fp32, bf16 or fp16"),
@@ -294,7 +295,7 @@ def test_cls_resume_continues_exactly(tmp_path, halt):
     """An interrupted classifier run goes on in the phase it stopped in (masked-LM or fine-tuning) and ends
     with the same weights as the run that was never interrupted."""
     import main
-    from trainer import last_path
+    from checkpoint import last_path
     common = ["--train", "--task", "cls", "--preset", "tiny", "--data", FIXTURE, "--max_steps", "8",
               "--set", "pretrain_epochs=1", "--set", "pretrain_steps=6", "--set", "pretrain_news=false",
               "--set", "eval_every=4", "--set", "dropout=0.1", "--quiet"]
@@ -315,3 +316,16 @@ def test_cls_resume_continues_exactly(tmp_path, halt):
     assert a["phase"] == b["phase"] == "finetune" and b["resume"]["step"] == 8
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_debris(tmp_path):
+    from checkpoint import load_checkpoint, save_checkpoint
+    from data import atomic_write
+    path = tmp_path / "new" / "m.pt"  # the folder is made on the way
+    save_checkpoint(str(path), {"step": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half a checkpoint")
+            raise RuntimeError("disk full")
+    assert load_checkpoint(str(path), "")["step"] == 1 and os.listdir(path.parent) == ["m.pt"]

@@ -248,7 +248,7 @@ def test_checkpoint_with_per_expert_layout_still_loads():
     """tests/data holds a tiny LM saved before the stacked layout (experts.<e>.up.weight ...) and its logits
     on one input, computed by the code that wrote it; the stacked model loads it and gives the same logits."""
     import os
-    from trainer import load_trained
+    from checkpoint import load_trained
     data = os.path.join(os.path.dirname(__file__), "data")
     model, _, ckpt = load_trained(os.path.join(data, "lm_tiny_per_expert_layout.pt"), "lm", "", torch.device("cpu"))
     assert "blocks.1.ffn.experts.3.down.weight" in ckpt["state_dict"]  # really the old layout

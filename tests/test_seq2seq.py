@@ -12,7 +12,8 @@ import main
 from models import ModelConfig, Seq2Seq, LanguageModel
 from task_s2s import edit_distance, score
 from test_cli import run_main
-from trainer import MetricsLog, TrainConfig, fit, last_path, load_trained
+from checkpoint import last_path, load_trained
+from trainer import MetricsLog, TrainConfig, fit
 
 # written for these tests: short everyday and news-style sentences
 SENTENCES = """我爱编程。今天天气很好。我们一起去公园散步吧！他在北京大学读书。这本书非常有意思。
@@ -84,6 +85,49 @@ def test_builtin_pinyin_pairs_follow_the_paragraph_split():
     row = splits["test"].iloc[0]
     assert 4 <= len(row.target) <= 64 and row.source.split()[0].isascii()
     assert data.to_pinyin(row.target) == row.source
+
+
+def test_lexicon_pairs_are_jieba_words_read_by_pypinyin():
+    words, counts = data.jieba_words()
+    assert len(words) > 300_000 and "编程" in words and all(2 <= len(w) <= 4 for w in words[:1000])
+    lexicon = data.lexicon_pairs(6_000)  # 6,000 rows hold more draws than the ~31k words counted >= 100 times
+    drawn = [w for t in lexicon.target for w in t[:-1].split("，")]
+    assert set(lexicon.target.str[-1]) == {"。"} and set(lexicon.source.str[-2:]) == {" 。"}
+    assert {len(t[:-1].split("，")) for t in lexicon.target} == set(range(4, 9))
+    for source, target in zip(lexicon.source[:50], lexicon.target[:50]):  # pronunciations from pypinyin, per word
+        assert source == " ， ".join(data.to_pinyin(w) for w in target[:-1].split("，")) + " 。"
+    frequent = {w for w, c in zip(words, counts) if c >= 100}
+    assert frequent <= set(drawn)  # every word counted >= 100 times at least once
+    by_count = data.lexicon_pairs(300, min_count=10 ** 9)  # no "once" words: all draws by count ** 0.75
+    count = dict(zip(words, counts))
+    drawn = [count[w] for t in by_count.target for w in t[:-1].split("，")]
+    assert sorted(drawn)[len(drawn) // 2] > 10 * sorted(counts)[len(counts) // 2]  # median drawn >> median word
+
+
+def test_lexicon_pairs_join_the_training_split_only():
+    from task_s2s import load_splits
+    plain, mixed = load_splits(None, 1337, True), load_splits(None, 1337, True, lexicon=40)
+    assert len(mixed["train"]) == len(plain["train"]) + 40
+    assert mixed["train"].iloc[-40:].target.str.contains("，").all()
+    for split in ("val", "test"):
+        assert mixed[split].equals(plain[split])
+
+
+def test_review_sentences_are_an_unseen_pinyin_test_set():
+    reviews = data.review_pinyin_test(quiet=True)
+    assert len(reviews) == 1000 and reviews.target.is_unique
+    assert all(t[-1] in data.SENTENCE_END and data.HAN_SENTENCE.fullmatch(t) for t in reviews.target)
+    assert all(data.to_pinyin(t) == s for s, t in zip(reviews.source[:50], reviews.target[:50]))
+    texts = "\n".join(data.reviews_splits(quiet=True)["test"].text)
+    assert all(t in texts for t in reviews.target[:50])  # from the review corpus's test split
+    assert not set(reviews.target) & set(data.pinyin_splits(quiet=True)["train"].target)
+
+
+def test_everyday_phrases_are_spelled_as_pypinyin_reads_them():
+    phrases = data.pair_frame(os.path.join(os.path.dirname(__file__), "everyday_pinyin.tsv"))
+    assert len(phrases) >= 30 and "我爱编程" in set(phrases.target)
+    for source, target in zip(phrases.source, phrases.target):  # hand-written, checked against pypinyin
+        assert data.to_pinyin(target) == source and data.pinyin_sources(source) == [source + " 。"]
 
 
 def test_edit_distance_and_scores():
@@ -166,17 +210,24 @@ def test_cached_and_uncached_greedy_agree_and_beam_1_is_greedy(rope):
 def test_beam_search_scores_at_least_as_well_as_greedy():
     model = tiny_s2s()
     src, mask = source_batch()
+    decode, eos_bias = model.decode, torch.zeros(40)
+    eos_bias[2] = 2.0  # an untrained model seldom ends: make <eos> likely enough that hypotheses finish
+    model.decode = lambda *a, **k: (lambda out: (out[0] + eos_bias, out[1]))(decode(*a, **k))
 
+    @torch.no_grad()
     def logprob(i, seq):  # summed log-probability of seq + eos for source i
         dec_in = torch.tensor([[1] + seq])
         logits, _, _ = model(src[i:i + 1], mask[i:i + 1], dec_in)
         return float(logits.log_softmax(-1)[0, torch.arange(len(seq) + 1), torch.tensor(seq + [2])].sum())
 
     greedy = model.greedy(src, mask, 1, 2, 15)
-    beam = model.beam_search(src, mask, 1, 2, 15, beam_size=4, length_penalty=0.0)
-    for i in range(3):
-        if len(greedy[i]) < 15 and len(beam[i]) < 15:  # both finished with eos
-            assert logprob(i, beam[i]) >= logprob(i, greedy[i]) - 1e-4
+    hyps = model.beam_hypotheses(src, mask, 1, 2, 15, beam_size=4, length_penalty=0.0)
+    finished = [i for i in range(3) if len(greedy[i]) < 15]
+    assert len(finished) >= 2 and any(hyps[i][0][1] != greedy[i] for i in finished)
+    for i in finished:
+        assert hyps[i][0][0] >= logprob(i, greedy[i]) - 1e-4
+        for reported, seq in hyps[i]:  # the reported scores are the hypotheses' summed log-probabilities
+            assert reported == pytest.approx(logprob(i, seq), abs=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -354,7 +405,13 @@ def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
     ckpt, out, _ = trained
     proc = run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng", "--json")
     result = json.loads(proc.stdout)
-    assert result["source"] == "wo ai bian cheng" and isinstance(result["pred"], str)
+    from task_s2s import convert, source_ids
+    model, tokenizer, _ = load_trained(ckpt, "seq2seq", "", torch.device("cpu"))
+
+    def direct(sources, beam=4):  # what the model says without main.py in between
+        return convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), torch.device("cpu"),
+                       beam=beam)
+    assert result["source"] == "wo ai bian cheng" and result["pred"] == direct(["wo ai bian cheng"])[0] != ""
     beam = json.loads(run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng",
                                "--json", "--beam", "3").stdout)
     assert beam["beam"] == 3 and beam["truncated"] is False
@@ -371,7 +428,9 @@ def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     out_df = pd.read_csv(dst)
     assert list(out_df.columns) == ["id", "source", "target", "pred"] and result["rows"] == 2
-    assert "char_acc" in result and "exact_match" in result
+    assert list(out_df.pred.fillna("")) == direct(["wo ai bian cheng", "jin tian tian qi hen hao 。"])
+    expected = score(list(out_df.pred.fillna("")), ["我爱编程", "今天天气很好。"])
+    assert (result["char_acc"], result["exact_match"]) == pytest.approx((expected["char_acc"], expected["exact_match"]))
 
 
 def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained, tmp_path):

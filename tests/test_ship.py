@@ -112,7 +112,7 @@ def test_lm_exports_and_seq2seq_is_refused(models, tmp_path):
     summary = json.loads(run_main("--export", "onnx", "--task", "lm", "--checkpoint", str(models / "lm.pt"),
                                   "--output", str(out)).stdout.strip().splitlines()[-1])
     assert summary["max_abs_diff_vs_torch"] <= 1e-4
-    from trainer import load_trained
+    from checkpoint import load_trained
     model, tok, _ = load_trained(str(models / "lm.pt"), "lm", "", torch.device("cpu"))
     ids = torch.tensor([tok.encode("新华社北京一月一日电")[:9], tok.encode("今天的天气很好，我们去公园")[:9]])
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -86,10 +86,14 @@ def test_merge_chunk_known_answer():
     assert merge_chunk([5, 5, 5], (5, 5), 7, Counter(), 1) == [7, 5]
 
 
-def test_known_answer_first_merges():
-    # "aaab" x3: the pair (a, a) is the most frequent; then (aa, a) or (aa, b) from what is left
-    merges = train_bpe(["aaab aaab aaab"], 256 + 5 + 2)
-    assert merges[0] == (ord("a"), ord("a"))
+def test_known_answer_merges():
+    # chunks "aaab" and " aaab" x2: (a, a) counts 6 (twice per chunk); after it each chunk is [aa, a, b] and
+    # (a, b) ties (aa, a) at 3: the smaller pair wins; then (aa, ab) 3, (" ", aaab) 2; nothing repeats after
+    assert train_bpe(["aaab aaab aaab"], 256 + 5 + 10) == [(97, 97), (97, 98), (256, 257), (32, 258)]
+    # chunks "ab", " ab", " cd" x3: (" ", c) and (c, d) tie at 3 -> (32, 99) first, then (" c", d) 3, (a, b) 2;
+    # (" ", a) is seen once and is never merged
+    assert train_bpe(["ab ab cd cd cd"], 256 + 5 + 10) == [(32, 99), (256, 100), (97, 98)]
+    assert train_bpe(["aaab aaab aaab"], 256 + 5 + 2) == [(97, 97), (97, 98)]  # the vocabulary size caps merges
 
 
 def test_save_load_and_readable_vocab(bpe, tmp_path):
