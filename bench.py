@@ -145,7 +145,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
         dtype = resolve_dtype(tcfg.dtype, device)
         for phase in (("mlm", "cls") if task == "cls" else (task,)):
             tok, batches = real_batches(phase, mcfg, tcfg, device)
-            cfg = replace(mcfg, vocab_size=tok.n_vocab, causal=task == "lm")
+            cfg = replace(mcfg, vocab_size=tok.n_vocab)
             variants = {"moe": cfg, "moe_grouped": replace(cfg, moe_impl="grouped"),
                         "moe_loop": replace(cfg, moe_impl="loop"), "dense": replace(cfg, num_experts=0)}
             if not cfg.num_experts:
@@ -197,7 +197,7 @@ def bench_generate(lengths=(256, 1024)) -> dict:
     import main as cli
     from models import LanguageModel
     _, mcfg, _ = cli.resolve_config("lm", "default")
-    mcfg.max_len, mcfg.causal = max(lengths) + 16, True
+    mcfg.max_len = max(lengths) + 16
     torch.manual_seed(0)
     model = LanguageModel(mcfg).eval()
     prompt = torch.randint(0, mcfg.vocab_size, (1, 8))

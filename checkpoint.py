@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from data import DataError, atomic_write
-from models import ModelConfig, build_model
+from models import build_model, model_config
 from tokenizer import tokenizer_from_dict
 
 CHECKPOINT_VERSION = 1
@@ -51,13 +51,13 @@ def load_trained(path: str, task: str, train_hint: str, device):
     ckpt = load_checkpoint(path, train_hint)
     if ckpt.get("task") != task:
         raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
-    model = build_model(task, ModelConfig(**ckpt["model_config"])).to(device)
+    model = build_model(task, model_config(task, ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
 
 
 def load_resume(args, task: str, train_hint: str):
-    """With --resume: (ModelConfig, TrainConfig, tokenizer, resume state for fit) from <checkpoint>.last.pt, the
+    """With --resume: (model config, TrainConfig, tokenizer, resume state for fit) from <checkpoint>.last.pt, the
     run's own configs (halt_after cleared so it runs to the end); None without --resume."""
     if not getattr(args, "resume", False):
         return None
@@ -69,7 +69,7 @@ def load_resume(args, task: str, train_hint: str):
     if not args.quiet:
         print(f"resuming from {path} at step {state['resume']['step']}", file=sys.stderr)
     saved = {k: v for k, v in state.items() if k not in ("resume", "state_dict")}  # the task's own extras too
-    return (ModelConfig(**state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
+    return (model_config(task, state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
             tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"],
                                                        "saved": saved})
 

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     s2s.add_argument("--length_penalty", type=float, default=1.0,
                      help="beam score = log-probability / length ** length_penalty")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any ModelConfig/TrainConfig field, e.g. --set d_model=256 --set noisy_gate=false")
+                   help="any field of the task's model config (models.py) or of TrainConfig (trainer.py), e.g. "
+                        "--set d_model=256 --set noisy_gate=false")
     return p
 
 
@@ -169,8 +170,8 @@ def coerce(key: str, value: str, default):
 def resolve_config(task: str, preset_name: str | None, args=None):
     """(preset name, ModelConfig, TrainConfig) for a task; `args` (parsed flags) override the preset."""
     from data import DataError
-    from models import ModelConfig
-    from trainer import TrainConfig
+    from models import MODEL_CONFIGS
+    from trainer import TASK_TRAIN_FIELDS, TrainConfig
     with open(os.path.join(HERE, "configs.json"), encoding="utf-8") as f:
         presets = json.load(f)[task]
     preset_name = preset_name or presets.get("_default", "default")
@@ -186,16 +187,26 @@ def resolve_config(task: str, preset_name: str | None, args=None):
             raise DataError(f"--{flag} {getattr(args, flag)}: must be > 0")
     if getattr(args, "time_budget", None) and getattr(args, "max_steps", None) is None:
         values["max_steps"] = 0  # "train for N seconds": the clock, not the preset's step count, ends the run
-    model_fields = {f.name: f for f in fields(ModelConfig)}
+    model_fields = {f.name: f for f in fields(MODEL_CONFIGS[task])}
     train_fields = {f.name: f for f in fields(TrainConfig)}
+    # whose a field is, when it is not this task's: another model's, or another task's training setting
+    owner = {f.name: f"the {t} model" for t, c in MODEL_CONFIGS.items() for f in fields(c)}
+    owner.update({name: f"--task {t} training" for t, names in TASK_TRAIN_FIELDS.items() for name in names})
+    mine = set(model_fields) | (set(train_fields) - {k for t, ks in TASK_TRAIN_FIELDS.items() if t != task for k in ks})
+
+    def check_known(key: str, where: str) -> None:
+        if key in mine:
+            return
+        if key in owner:
+            raise DataError(f"{where}{key}: a setting of {owner[key]}, not of --task {task}")
+        raise DataError(f"{where}{key}: unknown key; known for --task {task}: {', '.join(sorted(mine))}")
+
     for item in getattr(args, "set", []):
         key, sep, value = item.partition("=")
         if not sep:
             raise DataError(f"--set {item!r}: expected KEY=VALUE")
-        f = model_fields.get(key) or train_fields.get(key)
-        if f is None:
-            raise DataError(f"--set {key}: unknown key; known: {', '.join(sorted({**model_fields, **train_fields}))}")
-        values[key] = coerce(key, value, f.default)
+        check_known(key, "--set ")
+        values[key] = coerce(key, value, (model_fields.get(key) or train_fields[key]).default)
     explicit_batch = getattr(args, "batch_size", None) is not None or any(
         item.startswith("batch_size=") for item in getattr(args, "set", []))
     if getattr(args, "time_budget", None) and not explicit_batch:
@@ -203,17 +214,13 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         fits = [batch for seconds, batch in values.get("budget_batch", ()) if args.time_budget < seconds]
         if fits:
             values["batch_size"] = int(fits[0])
-    unknown = sorted(set(values) - set(model_fields) - set(train_fields))
-    if unknown:
-        raise DataError(f"configs.json {task}.{preset_name}: unknown key(s) {', '.join(unknown)}")
+    for key in sorted(values):
+        check_known(key, f"configs.json {task}.{preset_name}: ")
     try:
-        model_cfg = ModelConfig(**{k: v for k, v in values.items() if k in model_fields})
+        model_cfg = MODEL_CONFIGS[task](**{k: v for k, v in values.items() if k in model_fields})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     except (TypeError, ValueError) as e:
         raise DataError(f"config {task}.{preset_name}: {e}") from None
-    if model_cfg.rope and task != "seq2seq":
-        raise DataError(f"config {task}.{preset_name}: rope=true is for --task seq2seq (the {task} model has "
-                        "learned positions only)")
     return preset_name, model_cfg, train_cfg
 
 

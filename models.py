@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,14 +19,8 @@ import torch.nn.functional as F
 # Configs
 
 @dataclass
-class ModelConfig:
-    """Everything that decides a model's shape and routing; stored in every checkpoint."""
-    vocab_size: int = 4096        # BPE target size (256 bytes + merges + specials); set from the tokenizer
-    max_len: int = 128            # longest sequence, [CLS] and [SEP] included
-    d_model: int = 128
-    n_heads: int = 4
-    num_layers: int = 2           # 0: pooled embeddings -> one MoE layer -> head (the small classifier)
-    d_ff: int = 256               # hidden width of one expert
+class MoEConfig:
+    """The MoE layer's fields, shared by every model's config."""
     num_experts: int = 8          # 0: dense FFN, same *active* parameters (hidden = (top_k + shared_experts) * d_ff)
     top_k: int = 2
     shared_experts: int = 0       # experts every token goes through besides its top_k routed ones (DeepSeekMoE)
@@ -38,23 +32,26 @@ class ModelConfig:
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * N * K / E) assignments
     balance_coef: float = 0.01    # Switch-Transformer load-balancing loss weight
     z_coef: float = 0.001         # router z-loss weight (ST-MoE)
-    dropout: float = 0.1
-    pooling: str = "cls"          # classifier: "cls" or "mean"
-    ngram_buckets: int = 0        # classifier: a linear "wide" part over hashed token 1-3-grams, added to the
-                                  # logits (fastText / wide & deep); this many hash buckets (0: none)
-    num_classes: int = 2
-    type_vocab_size: int = 2      # segment embeddings (sentence A / B)
-    causal: bool = False
-    decoder_layers: int = 0       # seq2seq: decoder depth (0: same as num_layers, the encoder depth)
-    rope: bool = False            # seq2seq: rotary positions in self- and cross-attention instead of position
-                                  # tables, so "target t looks at source t" is one relative pattern to learn
     moe_impl: str = "auto"        # expert computation: "grouped" (F.grouped_mm), "loop" (per expert, the
                                   # reference) or "auto" (measured choice by batch size, see Experts)
 
+
+@dataclass
+class ModelConfig(MoEConfig):
+    """What every model has: the Transformer's shape and the MoE fields. Each task's model has its own
+    subclass below with only the fields it reads; all are stored in the checkpoint (dataclasses.asdict)."""
+    vocab_size: int = 4096        # BPE target size (256 bytes + merges + specials); set from the tokenizer
+    max_len: int = 128            # longest sequence, [CLS] and [SEP] included
+    d_model: int = 128
+    n_heads: int = 4
+    num_layers: int = 2           # 0 (classifier): pooled embeddings -> one MoE layer -> head
+    d_ff: int = 256               # hidden width of one expert
+    dropout: float = 0.1
+    rope: ClassVar[bool] = False  # rotary positions: a field of the seq2seq model only
+
     def __post_init__(self):
         for name, lo in (("vocab_size", 1), ("max_len", 2), ("d_model", 1), ("n_heads", 1), ("d_ff", 1),
-                         ("num_layers", 0), ("num_experts", 0), ("decoder_layers", 0), ("num_classes", 1),
-                         ("ngram_buckets", 0)):
+                         ("num_layers", 0), ("num_experts", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
         if self.d_model % self.n_heads:
@@ -67,19 +64,20 @@ class ModelConfig:
             raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
         if self.moe_impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"moe_impl={self.moe_impl!r} must be 'auto', 'grouped' or 'loop'")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
         for name in ("capacity_factor", "balance_coef", "z_coef"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.moe_layers not in ("all", "none", "odd"):
-            depth = max(self.num_layers, self.decoder_layers)
             indices = [i.strip() for i in self.moe_layers.split(",")]
-            if not all(i.isdigit() and int(i) < depth for i in indices):
+            if not all(i.isdigit() and int(i) < self.depth() for i in indices):
                 raise ValueError(f"moe_layers={self.moe_layers!r} must be all, none, odd or layer indices "
-                                 f"below {depth} like 0,2")
+                                 f"below {self.depth()} like 0,2")
+
+    def depth(self) -> int:
+        """The deepest stack's number of blocks (what moe_layers indexes)."""
+        return self.num_layers
 
     def is_moe_layer(self, i: int) -> bool:
         if self.num_experts == 0 or self.moe_layers == "none":
@@ -89,6 +87,57 @@ class ModelConfig:
         if self.moe_layers == "odd":
             return i % 2 == 1
         return i in {int(j) for j in self.moe_layers.split(",")}
+
+
+@dataclass
+class ClassifierConfig(ModelConfig):
+    """The MiniBERT-MoE classifier (--task cls)."""
+    pooling: str = "cls"          # "cls" (the [CLS] position) or "mean" (over real tokens)
+    ngram_buckets: int = 0        # a linear "wide" part over hashed token 1-3-grams, added to the logits
+                                  # (fastText / wide & deep); this many hash buckets (0: none)
+    num_classes: int = 2
+    type_vocab_size: int = 2      # segment embeddings (sentence A / B)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, lo in (("num_classes", 1), ("ngram_buckets", 0), ("type_vocab_size", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
+
+
+@dataclass
+class LMConfig(ModelConfig):
+    """The decoder-only language model (--task lm): causal by construction, no fields of its own."""
+
+
+@dataclass
+class Seq2SeqConfig(ModelConfig):
+    """The encoder-decoder (--task seq2seq); num_layers is the encoder's depth."""
+    decoder_layers: int = 0       # decoder depth (0: same as num_layers)
+    rope: bool = False            # rotary positions in self- and cross-attention instead of position tables, so
+                                  # "target t looks at source t" is one relative pattern to learn
+
+    def __post_init__(self):
+        if self.decoder_layers < 0:
+            raise ValueError(f"decoder_layers={self.decoder_layers} must be >= 0")
+        super().__post_init__()
+
+    def depth(self) -> int:
+        return max(self.num_layers, self.decoder_layers)
+
+
+MODEL_CONFIGS = {"cls": ClassifierConfig, "lm": LMConfig, "seq2seq": Seq2SeqConfig}
+
+
+def model_config(task: str, values: dict) -> ModelConfig:
+    """A checkpoint's saved model config as its task's config class. Checkpoints written while one config
+    served every model carry the other models' fields (and a dead `causal`); this model never read them, so
+    they are dropped."""
+    cls = MODEL_CONFIGS[task]
+    own = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in own})
 
 
 # -----------------------------------------------------------------------------
@@ -840,6 +889,8 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
 
 
 def build_model(task: str, config: ModelConfig) -> nn.Module:
+    if not isinstance(config, MODEL_CONFIGS.get(task, ModelConfig)):
+        raise TypeError(f"a {task} model needs a {MODEL_CONFIGS[task].__name__}, not a {type(config).__name__}")
     if task == "cls":
         return Classifier(config)
     if task == "lm":

@@ -96,7 +96,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
         cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
         tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
                                   progress=not args.quiet)
-        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, causal=True)
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab)
     streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
     model = build_model("lm", model_cfg).to(device)
     total, active = count_params(model, model_cfg)

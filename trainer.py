@@ -10,13 +10,19 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from checkpoint import save_checkpoint
+
+
+# TrainConfig fields that only one task reads (main.py refuses them for the others)
+TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seconds", "pretrain_lr", "ngram_lr",
+                             "pretrain_news"),
+                     "seq2seq": ("lexicon_pairs",)}
 
 
 @dataclass
@@ -383,6 +389,128 @@ def step_info(infos: list[dict]) -> dict:
             "z": sum(i["z"] for i in infos) / n, "counts": [sum(c) for c in zip(*(i["counts"] for i in infos))]}
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; with the optimizer, scheduler and scaler states it is what --resume restores."""
+    step: int = 0
+    consumed: int = 0                                # batches drawn from the seeded stream (replayed on resume)
+    skipped: int = 0                                 # CUDA out-of-memory batches skipped
+    best: dict = field(default_factory=dict)         # the best evaluation's metrics so far
+    best_score: float = -math.inf
+    t0: float = field(default_factory=time.time)     # when training started (moved back on resume)
+
+    def seconds(self) -> float:
+        return time.time() - self.t0
+
+
+class LogWindow:
+    """Sums over the steps since the last log row. They stay device tensors between rows: reading them every
+    step (`.item()`) would stall a GPU."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.since = 0.0, 0, 0, time.time()
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor | int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+
+def train_step(net, batches: Iterator[dict], cfg: TrainConfig, device, scaler, state: TrainState,
+               world: int) -> tuple[torch.Tensor, list[dict], torch.Tensor | int]:
+    """Forward and backward of one optimizer step's `accum_steps` micro-batches -> (their mean loss, their
+    infos, their real tokens), still on the device."""
+    loss_sum, infos, tokens = 0.0, [], 0
+    for micro in range(cfg.accum_steps):
+        batch = next(batches)
+        state.consumed += 1
+        sync = world == 1 or micro == cfg.accum_steps - 1  # DDP averages gradients on the last backward only
+        with autocast(device, cfg.dtype), (contextlib.nullcontext() if sync else net.no_sync()):
+            _, loss, info = net(**batch, label_smoothing=cfg.label_smoothing)
+            scaler.scale(loss / cfg.accum_steps).backward()
+        loss_sum = loss_sum + loss.detach() / cfg.accum_steps
+        infos.append(info)
+        tokens = tokens + count_tokens(batch)
+    return loss_sum, infos, tokens
+
+
+def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float) -> torch.Tensor | None:
+    """Unscale, clip (returns the norm before clipping), step the optimizer, the scaler and the schedule."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return grad_norm
+
+
+def skip_out_of_memory(optimizer, device, state: TrainState, say) -> None:
+    """Drop a batch that did not fit and go on; a run that fits no batch at all fails loudly instead."""
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    state.skipped += 1
+    say(f"warning: out of memory at step {state.step + 1}; batch skipped ({state.skipped} so far)")
+    if state.skipped > 100 and state.skipped > state.step:
+        from data import DataError
+        raise DataError(f"out of memory on {state.skipped} batches; lower --batch_size or set "
+                        "--set grad_checkpoint=true") from None
+
+
+def log_step(log: "MetricsLog", bar, state: TrainState, window: LogWindow, loss: torch.Tensor, infos: list[dict],
+             lr: float, grad_norm, steps_per_epoch: int, world: int) -> LogWindow:
+    """Write one metrics row (this step's loss over the whole global batch, the window's mean, tokens/s of all
+    ranks, aux losses, expert loads) and show it on the bar; returns a fresh window."""
+    now = time.time()
+    info = step_info(infos)
+    loss, avg_loss, tokens = mean_over_ranks(float(loss), float(window.loss) / window.steps, float(window.tokens))
+    tok_s = tokens * world / max(now - window.since, 1e-9)
+    row = {"step": state.step, "epoch": state.step / steps_per_epoch, "train_loss": loss,
+           "train_loss_avg": avg_loss, "ce": float(info["ce"]), "aux_balance": float(info["balance"]),
+           "aux_z": float(info["z"]), "lr": lr, "tokens_per_s": tok_s,
+           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+           "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
+           "time": now - state.t0}
+    log.write(row)
+    bar.set_postfix(loss=f"{loss:.3f}", aux=f"{row['aux_balance']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+    return LogWindow()
+
+
+def evaluate_and_keep_best(state: TrainState, evaluate: Callable[[], dict], select: str,
+                           on_best: Callable[[dict], None], log: "MetricsLog", steps_per_epoch: int, say) -> None:
+    """Evaluate, log, and hand a new best (by `select`; "-" prefix: lower is better) to `on_best`."""
+    sign, key = (-1, select[1:]) if select.startswith("-") else (1, select)
+    metrics = evaluate()
+    metrics.update(step=state.step, epoch=state.step / steps_per_epoch, time=state.seconds())
+    log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
+    if say:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float))
+        say(f"step {state.step} (epoch {state.step / steps_per_epoch:.1f}): {shown}")
+    if sign * metrics[key] > state.best_score:
+        state.best_score, state.best = sign * metrics[key], metrics
+        on_best(metrics)
+
+
+def resume_payload(state: TrainState, optimizer, scheduler, scaler) -> dict:
+    """What <checkpoint>.last.pt holds beside the weights so that --resume goes on exactly (see restore)."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "step": state.step, "consumed": state.consumed, "skipped": state.skipped,
+            "best": {k: v for k, v in state.best.items() if not k.startswith("_")},  # plain data, no arrays
+            "best_score": state.best_score, "train_seconds": state.seconds(), "rng": rng_state()}
+
+
+def restore(resume: dict, model: nn.Module, optimizer, scheduler, scaler, batches: Iterator[dict]) -> TrainState:
+    """The inverse of resume_payload: weights, optimizer, schedule, clock, data position and RNG."""
+    model.load_state_dict(resume["state_dict"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    scaler.load_state_dict(resume["scaler"])
+    state = TrainState(step=resume["step"], consumed=resume["consumed"], skipped=resume["skipped"],
+                       best=resume["best"], best_score=resume["best_score"], t0=time.time() - resume["train_seconds"])
+    for _ in range(state.consumed):  # the data stream is seeded: replay its position
+        next(batches)
+    set_rng_state(resume["rng"])
+    return state
+
+
 def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_epoch: int,
         evaluate: Callable[[], dict], select: str, on_best: Callable[[dict], None], device: torch.device,
         log: MetricsLog, quiet: bool = False, last: tuple[str, Callable[[dict], dict]] | None = None,
@@ -400,7 +528,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     `last` = (path, payload): after every evaluation, at the end and on Ctrl-C, payload(metrics) plus the
     optimizer, scheduler, scaler, step, RNG and data position is written there; `resume` is that dict loaded
     back, and the run goes on exactly where it stopped. Returns the best evaluation's metrics plus "steps",
-    "train_seconds" and "skipped_batches" (CUDA out-of-memory batches skipped).
+    "train_seconds", "skipped_batches" (CUDA out-of-memory batches skipped) and "halted".
     """
     from tqdm import tqdm
 
@@ -412,7 +540,6 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         raise DataError("--dtype fp16 needs a CUDA device (it runs with a GradScaler); use --dtype bf16 on CPU")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
-    sign, key = (-1, select[1:]) if select.startswith("-") else (1, select)
     model.grad_checkpoint = cfg.grad_checkpoint
     rank, world = dist_info()
     main = rank == 0
@@ -427,154 +554,89 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     if compiling:
         net = torch.compile(net)
     optimizer = build_optimizer(model, cfg, device)
-    clock = {"t0": time.time()}
-
-    def out_of_time() -> bool:  # rank 0's clock decides for every rank
-        return rank0_says(bool(cfg.time_budget) and time.time() - clock["t0"] >= cfg.time_budget)
+    state = TrainState()
 
     def progress(step: int) -> float:  # the schedule follows whichever ends first: the steps or the clock
-        elapsed = time.time() - clock["t0"]
-        return max(step / total_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
+        return max(step / total_steps, state.seconds() / cfg.time_budget if cfg.time_budget else 0.0)
+
+    def out_of_time() -> bool:  # rank 0's clock decides for every rank
+        return rank0_says(bool(cfg.time_budget) and state.seconds() >= cfg.time_budget)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(progress(step), cfg.warmup_ratio, cfg.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    best, best_score, step, skipped, consumed = {}, -math.inf, 0, 0, 0
     if resume:
-        model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        step, skipped, best, best_score = resume["step"], resume["skipped"], resume["best"], resume["best_score"]
-        clock["t0"] = time.time() - resume["train_seconds"]
-        for consumed in range(1, resume["consumed"] + 1):  # the data stream is seeded: replay its position
-            next(batches)
-        set_rng_state(resume["rng"])
+        state = restore(resume, model, optimizer, scheduler, scaler, batches)
 
-    def save_last(metrics: dict) -> None:
+    def save_last() -> None:
         if last and main:
             path, payload = last
-            save_checkpoint(path, {**payload(metrics), "resume": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "consumed": consumed, "skipped": skipped,
-                "best": {k: v for k, v in best.items() if not k.startswith("_")},  # plain data, no arrays
-                "best_score": best_score, "train_seconds": time.time() - clock["t0"], "rng": rng_state()}})
+            save_checkpoint(path, {**payload(state.best), "resume": resume_payload(state, optimizer, scheduler,
+                                                                                   scaler)})
 
-    # running sums stay on the device between log steps: no per-step host sync (it stalls a GPU)
-    tokens_since, t_since, window_loss, window_steps = 0, time.time(), 0.0, 0
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-    halted = False
-    budget_done = out_of_time()
+    window = LogWindow()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+    halted, budget_done = False, out_of_time()
     try:
-        while step < total_steps:
-            if budget_done:
-                break
-            if cfg.halt_after and step >= cfg.halt_after:
+        while state.step < total_steps and not budget_done:
+            if cfg.halt_after and state.step >= cfg.halt_after:
                 halted = True
                 break
             lr = optimizer.param_groups[0]["lr"]
             model.train()
             optimizer.zero_grad(set_to_none=True)
             t_step = time.time()
+            done = None
             try:
-                loss_sum, infos = 0.0, []
-                for micro in range(cfg.accum_steps):
-                    batch = next(batches)
-                    consumed += 1
-                    # DDP averages gradients across ranks on the last micro-batch's backward only
-                    sync = world == 1 or micro == cfg.accum_steps - 1
-                    with autocast(device, cfg.dtype), (contextlib.nullcontext() if sync else net.no_sync()):
-                        _, loss, info = net(**batch, label_smoothing=cfg.label_smoothing)
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum = loss_sum + loss.detach() / cfg.accum_steps  # mean over the micro-batches
-                    infos.append(info)
-                    tokens_since = tokens_since + count_tokens(batch)
+                done = train_step(net, batches, cfg, device, scaler, state, world)
             except torch.OutOfMemoryError:
-                # skip this batch and go on; a run that cannot fit any batch should fail loudly instead
                 if world > 1:
                     raise  # one rank skipping a step the others take would hang them all
-                batch = loss = info = None
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                skipped += 1
-                say(f"warning: out of memory at step {step + 1}; batch skipped ({skipped} so far)")
-                if skipped > 100 and skipped > step:
-                    from data import DataError
-                    raise DataError(f"out of memory on {skipped} batches; lower --batch_size or set "
-                                    "--set grad_checkpoint=true") from None
-                continue
             except Exception as e:
                 if not compiling:
                     raise
                 # compiling happens at the first call: any failure there falls back to the eager model
                 net, compiling = eager_net, False
                 optimizer.zero_grad(set_to_none=True)
-                reason = (str(e).strip().splitlines() or [""])[0]
-                say(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training eagerly")
+                say(f"warning: torch.compile failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); "
+                    "training eagerly")
                 continue
+            if done is None:  # out of memory; skipped here, where the failed step's tensors are already freed
+                skip_out_of_memory(optimizer, device, state, say)
+                continue
+            loss, infos, tokens = done
             if compiling:
                 compiling = False
                 if not quiet:
                     say(f"compiled the training step in {time.time() - t_step:.1f} s (the first step)")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            scheduler.step()
-            window_loss, window_steps = window_loss + loss_sum, window_steps + 1
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.time()
-                # the loss of the whole global batch, and the tokens of all ranks
-                info = step_info(infos)
-                loss_sum, avg_loss, tokens = mean_over_ranks(float(loss_sum), float(window_loss) / window_steps,
-                                                             float(tokens_since))
-                tok_s = tokens * world / max(now - t_since, 1e-9)
-                tokens_since, t_since, window_loss, window_steps = 0, now, 0.0, 0
-                row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_sum,
-                       "train_loss_avg": avg_loss, "ce": float(info["ce"]),
-                       "aux_balance": float(info["balance"]), "aux_z": float(info["z"]), "lr": lr,
-                       "tokens_per_s": tok_s,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
-                       "time": now - clock["t0"]}
-                log.write(row)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", aux=f"{row['aux_balance']:.3f}", lr=f"{lr:.1e}",
-                                tok_s=f"{tok_s:,.0f}")
+            grad_norm = apply_gradients(model, optimizer, scheduler, scaler, cfg.grad_clip)
+            state.step += 1
+            window.add(loss, tokens)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                window = log_step(log, bar, state, window, loss, infos, lr, grad_norm, steps_per_epoch, world)
             bar.update(1)
-            if cfg.time_budget and step % 20 == 0:  # show the steps the clock will allow, not the step cap
-                elapsed = max(time.time() - clock["t0"], 1e-9)
-                bar.total = min(total_steps, max(step, int(step * cfg.time_budget / elapsed)))
-
+            if cfg.time_budget and state.step % 20 == 0:  # show the steps the clock will allow, not the step cap
+                bar.total = min(total_steps, max(state.step, int(state.step * cfg.time_budget /
+                                                                 max(state.seconds(), 1e-9))))
             budget_done = out_of_time()
-            halting = cfg.halt_after and step >= cfg.halt_after
-            if step % eval_every == 0 or step == total_steps or budget_done or halting:
+            halting = cfg.halt_after and state.step >= cfg.halt_after
+            if state.step % eval_every == 0 or state.step == total_steps or budget_done or halting:
                 if main:
-                    metrics = evaluate()
-                    metrics.update(step=step, epoch=step / steps_per_epoch, time=time.time() - clock["t0"])
-                    log.write({k: v for k, v in metrics.items() if not k.startswith("_")})
-                    if not quiet:
-                        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                          if k.startswith("val_") and isinstance(v, float))
-                        say(f"step {step} (epoch {step / steps_per_epoch:.1f}): {shown}")
-                    if sign * metrics[key] > best_score:
-                        best_score, best = sign * metrics[key], metrics
-                        on_best(metrics)
-                    save_last(best)
+                    evaluate_and_keep_best(state, evaluate, select, on_best, log, steps_per_epoch,
+                                           None if quiet else say)
+                    save_last()
                 if world > 1:
                     torch.distributed.barrier()  # the other ranks wait while rank 0 evaluates and saves
     except KeyboardInterrupt:
-        save_last(best)
+        save_last()
         if last:
-            say(f"interrupted at step {step}; the state is in {last[0]}: add --resume to go on")
+            say(f"interrupted at step {state.step}; the state is in {last[0]}: add --resume to go on")
         raise
     finally:
         bar.close()
-    if skipped:
-        say(f"warning: {skipped} batch(es) skipped for CUDA out-of-memory")
-    return {**best, "steps": step, "train_seconds": time.time() - clock["t0"], "skipped_batches": skipped,
+    if state.skipped:
+        say(f"warning: {state.skipped} batch(es) skipped for CUDA out-of-memory")
+    return {**state.best, "steps": state.step, "train_seconds": state.seconds(), "skipped_batches": state.skipped,
             "halted": halted}
 
 

@@ -194,7 +194,10 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--set", "foo"], "expected KEY=VALUE"),
     (["--train", "--set", "top_k=abc"], "expected a int"),
     (["--train", "--task", "seq2seq", "--set", "rope=maybe"], "expected a bool"),
-    (["--train", "--task", "lm", "--set", "rope=true"], "rope=true is for --task seq2seq"),
+    (["--train", "--task", "lm", "--set", "rope=true"], "--set rope: a setting of the seq2seq model, not of --task lm"),
+    (["--train", "--task", "lm", "--set", "pooling=mean"], "--set pooling: a setting of the cls model, not of --task lm"),
+    (["--train", "--task", "lm", "--set", "pretrain_steps=5"], "a setting of --task cls training, not of --task lm"),
+    (["--train", "--set", "lexicon_pairs=5"], "--set lexicon_pairs: a setting of --task seq2seq training"),
     # model config values
     (["--train", "--top_k", "9"], "top_k=9"),
     (["--train", "--set", "top_k=0"], "top_k=0 must be between 1 and num_experts=8"),

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from models import LanguageModel, ModelConfig, filter_logits, sample_next
+from models import LanguageModel, LMConfig, filter_logits, sample_next
 from test_cli import ROOT, run_main
 
 
 def tiny_lm(**kw):
     base = dict(vocab_size=64, max_len=24, d_model=32, n_heads=2, num_layers=2, d_ff=32, num_experts=4, top_k=2,
-                dropout=0.0, noisy_gate=True, causal=True)
+                dropout=0.0, noisy_gate=True)
     base.update(kw)
-    return LanguageModel(ModelConfig(**base)).eval()
+    return LanguageModel(LMConfig(**base)).eval()
 
 
 @pytest.mark.parametrize("moe_layers", ["all", "odd"])
@@ -91,7 +91,7 @@ def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
     for png in ("loss_curve.png", "expert_heatmap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
     data = torch.load(ckpt, weights_only=True)
-    assert data["task"] == "lm" and data["model_config"]["causal"] is True
+    assert data["task"] == "lm" and "causal" not in data["model_config"] and "pooling" not in data["model_config"]
 
 
 def test_generate_through_main(trained_lm, tmp_path):

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import Block, Classifier, FeedForward, MoE, ModelConfig, count_params
+from models import Block, Classifier, ClassifierConfig, FeedForward, LMConfig, MoE, count_params
 
 
 def tiny(**kw):
     base = dict(d_model=32, n_heads=2, d_ff=48, num_experts=4, top_k=2, dropout=0.0, noisy_gate=False,
                 vocab_size=50, max_len=16)
     base.update(kw)
-    return ModelConfig(**base)
+    return ClassifierConfig(**base)
 
 
 def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -245,13 +245,16 @@ def test_grouped_experts_equal_the_per_expert_loop(E, top_k, capacity_factor, sh
 
 
 def test_checkpoint_with_per_expert_layout_still_loads():
-    """tests/data holds a tiny LM saved before the stacked layout (experts.<e>.up.weight ...) and its logits
-    on one input, computed by the code that wrote it; the stacked model loads it and gives the same logits."""
+    """tests/data holds a tiny LM saved before the stacked layout (experts.<e>.up.weight ...) and before the
+    per-model configs, and its logits on one input, computed by the code that wrote it; today's model loads it
+    and gives the same logits."""
     import os
     from checkpoint import load_trained
     data = os.path.join(os.path.dirname(__file__), "data")
     model, _, ckpt = load_trained(os.path.join(data, "lm_tiny_per_expert_layout.pt"), "lm", "", torch.device("cpu"))
     assert "blocks.1.ffn.experts.3.down.weight" in ckpt["state_dict"]  # really the old layout
+    # ... and the old config: one class for every model, with the classifier's and seq2seq's fields
+    assert {"causal", "pooling", "rope"} <= set(ckpt["model_config"]) and type(model.config).__name__ == "LMConfig"
     expected = torch.load(os.path.join(data, "lm_tiny_per_expert_layout.logits.pt"), weights_only=True)
     logits = model(expected["input_ids"])[0]
     torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
@@ -270,8 +273,7 @@ def test_muon_groups_and_its_adamw_part_equals_torch_adamw():
     from models import LanguageModel
     from trainer import Muon, param_groups
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=16, num_experts=4,
-                      top_k=2, causal=True)
+    cfg = LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=16, num_experts=4, top_k=2)
     model = LanguageModel(cfg)
     groups = param_groups(model, 0.1, muon=True)
     muon = {id(p) for g in groups if g.get("muon") for p in g["params"]}

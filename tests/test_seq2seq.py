@@ -9,7 +9,7 @@ import torch
 
 import data
 import main
-from models import ModelConfig, Seq2Seq, LanguageModel
+from models import LanguageModel, LMConfig, Seq2Seq, Seq2SeqConfig
 from task_s2s import edit_distance, score
 from test_cli import run_main
 from checkpoint import last_path, load_trained
@@ -169,7 +169,7 @@ def tiny_s2s(**kw):
                 dropout=0.0, moe_layers="odd")
     base.update(kw)
     torch.manual_seed(0)
-    model = Seq2Seq(ModelConfig(**base))
+    model = Seq2Seq(Seq2SeqConfig(**base))
     with torch.no_grad():  # larger weights than at init, so decoding paths differ between sources
         for p in model.parameters():
             if p.dim() == 2:
@@ -255,7 +255,7 @@ def lm_batches(n, B, seed=0):
 
 def tiny_fit_model():
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
+    return LanguageModel(LMConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
                                      num_experts=4, top_k=2, dropout=0.0, noisy_gate=False))
 
 
@@ -272,7 +272,8 @@ def test_logged_losses_are_the_mean_over_the_micro_batches():
     log = MetricsLog(None)
     fit_lm(small, accum_steps=2, log_every=1, log=log)
     model = tiny_fit_model()  # the same weights the step started from
-    outputs = [model(**b) for b in small]  # (logits, loss, info) each
+    with torch.no_grad():
+        outputs = [model(**b) for b in small]  # (logits, loss, info) each
     losses, infos = [float(o[1]) for o in outputs], [o[2] for o in outputs]
     row = log.rows[0]
     assert abs(losses[0] - losses[1]) > 1e-3  # two different micro-batches, so "the last one" would differ
@@ -309,7 +310,7 @@ def test_out_of_memory_batch_is_skipped_and_counted():
             return super().forward(*a, **kw)
 
     torch.manual_seed(0)
-    model = Flaky(ModelConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
+    model = Flaky(LMConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
                               num_experts=4, top_k=2, dropout=0.0))
     result = fit(model, TrainConfig(max_steps=3), iter(batches), 1, evaluate=lambda: {"val_loss": 0.0},
                  select="-val_loss", on_best=lambda m: None, device=torch.device("cpu"), log=MetricsLog(None),
@@ -320,7 +321,7 @@ def test_out_of_memory_batch_is_skipped_and_counted():
 def test_warmup_then_decay_schedule(tmp_path):
     log = MetricsLog(str(tmp_path / "m.jsonl"))
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=1, d_ff=16,
+    model = LanguageModel(LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=1, d_ff=16,
                                       num_experts=0, dropout=0.0))
     fit(model, TrainConfig(max_steps=20, warmup_ratio=0.25, lr=1e-2, min_lr_ratio=0.1, log_every=1),
         iter(lm_batches(20, 2)), 20, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
