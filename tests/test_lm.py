@@ -71,14 +71,6 @@ def test_same_seed_same_text():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
-@pytest.fixture(scope="module")
-def trained_lm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm")
-    ckpt, out = str(d / "lm.pt"), str(d / "run")
-    proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out)
-    return ckpt, out, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
     ckpt, out, summary = trained_lm
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]

@@ -32,24 +32,6 @@ def sentences():
     return [s for line in SENTENCES for s in data.split_sentences(line, min_chars=3)]
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.tsv"
-    targets = sentences()
-    pd.DataFrame({"source": [data.to_pinyin(t) for t in targets], "target": targets}).to_csv(
-        path, sep="\t", index=False)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, pairs_file):
-    d = tmp_path_factory.mktemp("s2s")
-    ckpt, out = str(d / "s2s.pt"), str(d / "run")
-    proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--checkpoint", ckpt,
-                    "--out_dir", out, "--max_steps", "80", "--set", "vocab_size=300")
-    return ckpt, out, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # -----------------------------------------------------------------------------
 # Data and metrics
 
@@ -379,8 +361,8 @@ def test_fp16_on_cpu_and_resume_without_state_fail_with_one_line(tmp_path, pairs
 # -----------------------------------------------------------------------------
 # main.py end to end
 
-def test_training_lowers_the_loss_and_writes_everything(trained):
-    ckpt, out, summary = trained
+def test_training_lowers_the_loss_and_writes_everything(trained_s2s):
+    ckpt, out, summary = trained_s2s
     rows = MetricsLog.read(os.path.join(out, "metrics.jsonl"))
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0] - 1.0
@@ -391,8 +373,8 @@ def test_training_lowers_the_loss_and_writes_everything(trained):
     assert list(preds.columns) == ["source", "target", "pred"]
 
 
-def test_checkpoint_round_trip(trained, pairs_file):
-    ckpt, out, summary = trained
+def test_checkpoint_round_trip(trained_s2s, pairs_file):
+    ckpt, out, summary = trained_s2s
     model, tokenizer, saved = load_trained(ckpt, "seq2seq", "", torch.device("cpu"))
     from task_s2s import Pairs, evaluate
     test = data.user_pair_splits(pairs_file, seed=saved["train_config"]["seed"])["test"]
@@ -402,8 +384,8 @@ def test_checkpoint_round_trip(trained, pairs_file):
     assert res["test_char_acc"] == pytest.approx(summary["test_char_acc"])
 
 
-def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
-    ckpt, out, _ = trained
+def test_infer_and_classify_through_main(trained_s2s, pairs_file, tmp_path):
+    ckpt, out, _ = trained_s2s
     proc = run_main("--infer", "--task", "seq2seq", "--checkpoint", ckpt, "--text", "wo ai bian cheng", "--json")
     result = json.loads(proc.stdout)
     from task_s2s import convert, source_ids
@@ -434,8 +416,8 @@ def test_infer_and_classify_through_main(trained, pairs_file, tmp_path):
     assert (result["char_acc"], result["exact_match"]) == pytest.approx((expected["char_acc"], expected["exact_match"]))
 
 
-def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained, tmp_path):
-    ckpt, _, _ = trained
+def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_path):
+    ckpt, _, _ = trained_s2s
     state = torch.load(ckpt, weights_only=True)
     state["source"] = "pinyin"  # what a model trained on the built-in pinyin pairs records
     pinyin_ckpt = str(tmp_path / "pinyin.pt")

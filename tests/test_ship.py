@@ -17,25 +17,17 @@ import torch
 
 import data
 from test_cli import ROOT, run_main
-from test_seq2seq import sentences
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny cls, lm and seq2seq checkpoints in one directory (what --serve reads), trained on real data."""
+def models(tmp_path_factory, trained_cls, trained_lm, trained_s2s):
+    """The session's tiny cls, lm and seq2seq checkpoints, copied into one directory (what --serve reads)."""
+    import shutil
     d = tmp_path_factory.mktemp("models")
-    pairs = d / "pairs.tsv"
-    targets = sentences()
-    pd.DataFrame({"source": [data.to_pinyin(t) for t in targets], "target": targets}).to_csv(pairs, sep="\t",
-                                                                                             index=False)
-    run_main("--train", "--task", "cls", "--preset", "tiny", "--checkpoint", str(d / "cls.pt"),
-             "--out_dir", str(d / "run_cls"))
-    run_main("--train", "--task", "lm", "--preset", "tiny", "--checkpoint", str(d / "lm.pt"),
-             "--out_dir", str(d / "run_lm"))
-    run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", str(pairs), "--checkpoint",
-             str(d / "seq2seq.pt"), "--out_dir", str(d / "run_s2s"), "--max_steps", "40", "--set", "vocab_size=300")
+    for task, (ckpt, _, _) in (("cls", trained_cls), ("lm", trained_lm), ("seq2seq", trained_s2s)):
+        shutil.copy(ckpt, d / f"{task}.pt")
     return d
 
 
