@@ -341,13 +341,15 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     in-domain test split (news; plus the HMM engine on its first `hmm_sentences`: it is slow), on the
     out-of-domain review sentences (data.review_pinyin_test) and on the hand-checked everyday phrases of
     tests/everyday_pinyin.tsv (typed as a user types them: no final mark); then candidate-list decoding speed
-    (task_s2s.candidates, the --infer path) at N = 1 and N = 5 on the first `candidate_sentences` test inputs."""
+    (task_s2s.candidates, the --infer path) at N = 1 and N = 5 on the first `candidate_sentences` test inputs.
+    Beam rows rank the hypotheses with the checkpoint's default word prior (task_s2s.word_prior_for); the
+    "without_word_prior" rows show the model alone."""
     try:
         from Pinyin2Hanzi import DefaultDagParams, DefaultHmmParams
     except ImportError:
         raise SystemExit("the pinyin benchmark needs the baseline engine: pip install Pinyin2Hanzi")
     from data import pair_frame, pinyin_splits, review_pinyin_test
-    from task_s2s import candidates, convert, score, source_ids
+    from task_s2s import candidates, convert, score, source_ids, word_prior_for
     from checkpoint import load_trained
     sets = {"": pinyin_splits(quiet=True)["test"], "reviews_": review_pinyin_test(quiet=True),
             "everyday_": pair_frame(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
@@ -377,16 +379,22 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     model, tok, ckpt = load_trained(checkpoint, "seq2seq", "", device)
     dtype = ckpt["train_config"].get("dtype", "fp32")
 
-    def batch_convert(beam):
-        return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam)
+    prior = word_prior_for(ckpt, None)
 
+    def batch_convert(beam, word_prior=prior):
+        return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam,
+                                  word_prior=word_prior)
+
+    out["word_prior"] = prior
     for prefix in ("", "reviews_"):
         for beam in (1, 4):
             measure(f"{prefix}model_beam{beam}", batch_convert(beam), sets[prefix])
+        measure(f"{prefix}model_beam4_without_word_prior", batch_convert(4, 0.0), sets[prefix])
     for beam in (1, 4):  # the model on the HMM's subset too, for a like-for-like row
         measure(f"model_beam{beam}_first{hmm_sentences}", batch_convert(beam), sets[""], hmm_sentences)
-    measure("everyday_model_beam4", lambda xs: [candidates(model, tok, ckpt, x, device, beam=4)["pred"] for x in xs],
-            sets["everyday_"])
+    for name, weight in (("everyday_model_beam4", None), ("everyday_model_beam4_without_word_prior", 0.0)):
+        measure(name, lambda xs: [candidates(model, tok, ckpt, x, device, beam=4, word_prior=weight)["pred"]
+                                  for x in xs], sets["everyday_"])
     for n in (1, 5):  # one input at a time, as an input method asks
         measure(f"candidates_n{n}", lambda xs: [candidates(model, tok, ckpt, x, device, beam=max(4, n), n=n)["pred"]
                                                 for x in xs], sets[""], candidate_sentences)

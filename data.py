@@ -468,6 +468,30 @@ def jieba_words(min_chars: int = 2, max_chars: int = 4) -> tuple[list[str], list
     return words, counts
 
 
+_JIEBA = None
+
+
+def word_logprob(text: str) -> float:
+    """log P(text) under jieba's word unigram model, along its most probable segmentation (jieba's own DAG and
+    route: each word's log(count / total), unknown single characters log(1 / total)): a word prior for ranking
+    pinyin conversions (task_s2s.rerank). Higher is more word-like."""
+    global _JIEBA
+    if _JIEBA is None:
+        try:
+            import logging
+            import jieba
+        except ImportError:
+            raise DataError("the word prior comes from jieba's dictionary: pip install jieba") from None
+        jieba.setLogLevel(logging.WARNING)  # not its "Building prefix dict ..." lines
+        jieba.dt.check_initialized()
+        _JIEBA = jieba.dt
+    if not text:
+        return 0.0
+    route: dict = {}
+    _JIEBA.calc(text, _JIEBA.get_DAG(text), route)
+    return route[0][0]
+
+
 def lexicon_pairs(n: int, seed: int = 1337, per_row: tuple = (4, 8), min_count: int = 100,
                   power: float = 0.75) -> pd.DataFrame:
     """`n` word-list pairs for the pinyin model, so that it learns words the news never used (编程, 手机):

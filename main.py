@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--infer: show the N best conversions with their scores, as an input method does")
     s2s.add_argument("--length_penalty", type=float, default=1.0,
                      help="beam score = log-probability / length ** length_penalty")
+    s2s.add_argument("--word_prior", type=float, default=None,
+                     help="weight of jieba's word prior when ranking the beam's conversions (0: the model alone; "
+                          "default: the weight chosen on validation for the built-in pinyin model, 0 for a model "
+                          "trained on your own pairs)")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any field of the task's model config (models.py) or of TrainConfig (trainer.py), e.g. "
                         "--set d_model=256 --set noisy_gate=false")
@@ -326,6 +330,8 @@ def run(args) -> int:
         raise DataError(f"--num_candidates {args.num_candidates}: must be 1-16")
     if not math.isfinite(args.length_penalty):
         raise DataError(f"--length_penalty {args.length_penalty}: must be a finite number")
+    if args.word_prior is not None and not (math.isfinite(args.word_prior) and args.word_prior >= 0):
+        raise DataError(f"--word_prior {args.word_prior}: must be a number >= 0")
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 

@@ -30,7 +30,10 @@ class MoEConfig:
                                   # drowns the initial logits (std ~0.23) and slows early learning
     norm_topk_prob: bool = True   # renormalise the K router weights to sum to 1 (never for top_k=1)
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * N * K / E) assignments
-    balance_coef: float = 0.01    # Switch-Transformer load-balancing loss weight
+    balance: str = "loss"         # how experts are kept busy alike: "loss" (the Switch loss below) or "bias"
+                                  # (auxiliary-loss-free: a per-expert bias on the selection scores, see MoE)
+    bias_rate: float = 0.001      # balance="bias": the bias step per optimizer step (Wang et al. 2024's u)
+    balance_coef: float = 0.01    # Switch-Transformer load-balancing loss weight (balance="loss")
     z_coef: float = 0.001         # router z-loss weight (ST-MoE)
     moe_impl: str = "auto"        # expert computation: "grouped" (F.grouped_mm), "loop" (per expert, the
                                   # reference) or "auto" (measured choice by batch size, see Experts)
@@ -62,6 +65,10 @@ class ModelConfig(MoEConfig):
             raise ValueError(f"shared_experts={self.shared_experts} must be >= 0")
         if self.noisy_gate and not self.noise_init > 0:
             raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
+        if self.balance not in ("loss", "bias"):
+            raise ValueError(f"balance={self.balance!r} must be 'loss' or 'bias'")
+        if not (math.isfinite(self.bias_rate) and self.bias_rate >= 0):
+            raise ValueError(f"bias_rate={self.bias_rate} must be a number >= 0")
         if self.moe_impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"moe_impl={self.moe_impl!r} must be 'auto', 'grouped' or 'loop'")
         for name in ("capacity_factor", "balance_coef", "z_coef"):
@@ -348,6 +355,13 @@ class MoE(nn.Module):
         balance = E * sum_i f_i * P_i   f_i: share of assignments to expert i (no gradient),
                                         P_i: mean router probability of expert i (carries gradient) — Switch §2.2
         z       = mean(logsumexp(logits)^2)                                                          — ST-MoE §3
+
+    balance="bias" (auxiliary-loss-free, Wang et al. 2024; DeepSeek-V3): the experts are *selected* by
+    topk(probs + expert_bias) while the weights stay the probabilities of the selected experts, so the bias
+    steers which experts a token visits, never how much each counts. After every optimizer step the trainer
+    calls update_bias(): expert_bias += bias_rate * sign(mean load - load) over the step's assignments (summed
+    over micro-batches and, under torchrun, ranks). No gradient flows into it; the balance loss is then logged
+    but not added. The bias is a buffer: saved in checkpoints and resumed.
     """
 
     def __init__(self, config: ModelConfig):
@@ -365,6 +379,24 @@ class MoE(nn.Module):
         # experts only from theirs
         S = config.shared_experts
         self.shared = FeedForward(C, config.d_ff * S) if S else None
+        self.bias_rate = config.bias_rate if config.balance == "bias" else 0.0
+        if config.balance == "bias":
+            self.register_buffer("expert_bias", torch.zeros(E))  # (E,) selection only; saved and resumed
+        # (E,) assignments since the last update_bias; a plain attribute, not a buffer, so that DDP does not
+        # overwrite each rank's own count with rank 0's
+        self.pending_load = None
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """balance="bias": move each expert's selection bias one step toward the mean load (called by the trainer
+        after each optimizer step, with the assignments counted since the last call)."""
+        if self.pending_load is None:
+            return
+        load = self.pending_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank applies the same update: the biases stay equal
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+        self.pending_load = None
 
     def route(self, x):
         """x (N, C) -> router_logits (N, E) fp32, routing_weights (N, K), selected_experts (N, K)."""
@@ -373,7 +405,11 @@ class MoE(nn.Module):
             noise_std = F.softplus(self.noise(x).float() + self.noise_offset)  # (N, E), learned per token
             router_logits = router_logits + torch.randn_like(router_logits) * noise_std
         probs = router_logits.softmax(dim=-1)  # (N, E), float32 for a stable softmax under bf16
-        routing_weights, selected_experts = probs.topk(self.top_k, dim=-1)  # (N, K)
+        if hasattr(self, "expert_bias"):  # the bias picks the experts; the weights stay the probabilities
+            selected_experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, K)
+            routing_weights = probs.gather(1, selected_experts)
+        else:
+            routing_weights, selected_experts = probs.topk(self.top_k, dim=-1)  # (N, K)
         if self.norm_topk_prob:
             routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
         return router_logits, probs, routing_weights, selected_experts
@@ -427,7 +463,13 @@ class MoE(nn.Module):
         P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable
         balance = E * (f * P).sum()
         z = torch.logsumexp(router_logits, dim=-1).pow(2).mean() if N else router_logits.sum()
-        aux = self.balance_coef * balance + self.z_coef * z
+        if hasattr(self, "expert_bias"):
+            aux = self.z_coef * z  # balanced by the bias, not by a loss
+            if self.training and torch.is_grad_enabled():
+                load = wanted.detach().float()
+                self.pending_load = load if self.pending_load is None else self.pending_load + load
+        else:
+            aux = self.balance_coef * balance + self.z_coef * z
         return out, MoEOutput(aux, balance.detach(), z.detach(), counts.detach(), dropped)
 
 

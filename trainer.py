@@ -439,6 +439,10 @@ def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: f
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
+    from models import MoE
+    for module in model.modules():  # balance="bias": each MoE's selection bias follows this step's loads
+        if isinstance(module, MoE):
+            module.update_bias()
     return grad_norm
 
 

@@ -351,3 +351,67 @@ def test_masked_lm_view_passes_grad_checkpoint_to_the_encoder():
         grads.append([p.grad.clone() for p in model.blocks.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# -----------------------------------------------------------------------------
+# Auxiliary-loss-free balancing (balance="bias")
+
+def skewed_router(moe):
+    """Every token's first feature is 1 and the gate adds 2 to expert 0's logit for it: expert 0 is in nearly
+    every token's top-2, the other experts share the second places."""
+    with torch.no_grad():
+        moe.gate.weight[:, 0] = 0.0
+        moe.gate.weight[0, 0] = 2.0
+    x = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[..., 0] = 1.0
+    return x
+
+
+def load_cv(moe, x):
+    _, out = moe(x)
+    load = out.expert_counts.float()
+    return float(load.std() / load.mean())
+
+
+def test_bias_balancing_moves_a_skewed_router_toward_uniform_load():
+    moe = MoE(tiny(balance="bias", bias_rate=0.003)).train()
+    x = skewed_router(moe)
+    before = load_cv(moe, x)
+    moe.update_bias()
+    for _ in range(300):  # the trainer calls update_bias after each optimizer step
+        moe(x)
+        moe.update_bias()
+    after = load_cv(moe, x)
+    assert before > 0.5 and after < 0.1  # 0.5: one expert takes about half of all assignments
+    assert int(moe.expert_bias.argmin()) == 0  # the over-used expert was pushed down
+
+
+def test_bias_picks_experts_but_never_weights_them():
+    moe = MoE(tiny(balance="bias")).eval()
+    flat = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    _, probs, _, _ = moe.route(flat)
+    with torch.no_grad():
+        moe.expert_bias[3] = 10.0  # expert 3 must be among every token's two
+    _, probs_b, weights, selected = moe.route(flat)
+    torch.testing.assert_close(probs_b, probs)  # the bias is not in the probabilities
+    assert (selected == 3).any(dim=1).all()
+    picked = probs.gather(1, selected)
+    torch.testing.assert_close(weights, picked / picked.sum(1, keepdim=True))  # weights from probs alone
+
+
+def test_bias_is_saved_resumed_and_updated_by_the_trainer():
+    from trainer import apply_gradients
+    moe = MoE(tiny(balance="bias", bias_rate=0.01)).train()
+    x = skewed_router(moe)
+    opt = torch.optim.SGD(moe.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    y, out = moe(x)
+    (y.sum() + out.aux_loss).backward()
+    apply_gradients(moe, opt, sched, scaler, 1.0)
+    assert moe.expert_bias[0] == -0.01 and moe.expert_bias.abs().eq(0.01).all()  # one step of 0.01 each
+    twin = MoE(tiny(balance="bias"))
+    twin.load_state_dict(moe.state_dict())
+    torch.testing.assert_close(twin.expert_bias, moe.expert_bias)
+    assert "expert_bias" not in MoE(tiny()).state_dict()  # balance="loss" models (and old checkpoints) have none
+    assert float(out.aux_loss.detach()) == pytest.approx(0.001 * float(out.z_loss))  # no balance loss added under "bias"

@@ -112,6 +112,18 @@ def test_everyday_phrases_are_spelled_as_pypinyin_reads_them():
         assert data.to_pinyin(target) == source and data.pinyin_sources(source) == [source + " 。"]
 
 
+def test_word_prior_prefers_words_and_reranks_the_beam():
+    from task_s2s import rerank, word_prior_for
+    assert data.word_logprob("我爱编程") > data.word_logprob("我爱便城") and data.word_logprob("") == 0.0
+    assert data.word_logprob("早上好") > data.word_logprob("早上号")
+    hyps = [(-0.6, "早上好"), (-0.5, "早上号")]  # the model slightly prefers the non-word
+    assert [t for _, t in rerank(hyps, 0.0)] == ["早上号", "早上好"]
+    best = rerank(hyps, 0.3)
+    assert best[0][1] == "早上好" and best[0][0] == pytest.approx(-0.6 + 0.3 * data.word_logprob("早上好") / 3)
+    assert word_prior_for({"source": "pinyin"}, None) > 0 and word_prior_for({}, None) == 0.0
+    assert word_prior_for({"source": "pinyin"}, 0.0) == 0.0
+
+
 def test_edit_distance_and_scores():
     assert edit_distance("我爱编程", "我爱编程") == 0
     assert edit_distance("我爱变成", "我爱编程") == 2
@@ -435,6 +447,9 @@ def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_p
     scores = [c["score"] for c in many["candidates"]]
     assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
     assert len({c["text"] for c in many["candidates"]}) == len(scores) and many["pred"] == many["candidates"][0]["text"]
+    wordy = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "4", "--word_prior", "100").stdout)
+    per_char = [data.word_logprob(c["text"]) / max(len(c["text"]), 1) for c in wordy["candidates"]]
+    assert per_char[0] == max(per_char)  # a heavy word prior ranks the most word-like conversion first
     listed = infer("wo ai bian cheng", "--num_candidates", "2").stdout.strip().splitlines()
     assert listed[0].startswith("1. ") and len(listed) <= 2
 
