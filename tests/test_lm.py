@@ -163,6 +163,7 @@ def test_missing_lm_checkpoint_says_how_to_train():
     assert proc.returncode == 2 and "python main.py --train --task lm" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compiled_training_equals_eager(tmp_path):
     """--compile trains the same model as eager mode (the router noise is off: compiled RNG differs)."""
     common = ("--train", "--task", "lm", "--preset", "tiny", "--max_steps", "20", "--set", "noisy_gate=false")
@@ -195,6 +196,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys):
     assert json.loads(captured.out.strip().splitlines()[-1])["steps"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_saves_resume_state_and_lock_refuses_a_second_writer(tmp_path):
     import signal
     import subprocess
@@ -227,6 +229,7 @@ def test_sigterm_saves_resume_state_and_lock_refuses_a_second_writer(tmp_path):
     assert not (tmp_path / "lm.pt.lock").exists()
 
 
+@pytest.mark.slow
 def test_muon_optimizer_trains_and_resumes(tmp_path):
     ckpt = str(tmp_path / "lm.pt")
     args = ("--train", "--task", "lm", "--preset", "tiny", "--optimizer", "muon", "--checkpoint", ckpt,

@@ -428,29 +428,31 @@ def test_infer_and_classify_through_main(trained_s2s, pairs_file, tmp_path):
     assert (result["char_acc"], result["exact_match"]) == pytest.approx((expected["char_acc"], expected["exact_match"]))
 
 
-def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_path):
+def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_path, capsys):
     ckpt, _, _ = trained_s2s
     state = torch.load(ckpt, weights_only=True)
     state["source"] = "pinyin"  # what a model trained on the built-in pinyin pairs records
     pinyin_ckpt = str(tmp_path / "pinyin.pt")
     torch.save(state, pinyin_ckpt)
 
-    def infer(text, *extra):
-        return run_main("--infer", "--task", "seq2seq", "--checkpoint", pinyin_ckpt, "--text", text, *extra)
+    def infer(text, *extra):  # main.py in this process (a subprocess per call would cost a torch import each)
+        assert main.main(["--infer", "--task", "seq2seq", "--checkpoint", pinyin_ckpt, "--text", text, *extra,
+                          "--quiet"]) == 0
+        return capsys.readouterr().out
 
-    spaced = json.loads(infer("wo ai bian cheng", "--json").stdout)
+    spaced = json.loads(infer("wo ai bian cheng", "--json"))
     assert spaced["source"] == "wo ai bian cheng 。"
     for typed in ("woaibiancheng", "Wo  Ai BIAN cheng", "wo ai bian cheng."):
-        same = json.loads(infer(typed, "--json").stdout)
+        same = json.loads(infer(typed, "--json"))
         assert (same["source"], same["pred"]) == (spaced["source"], spaced["pred"])
-    many = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "3").stdout)
+    many = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "3"))
     scores = [c["score"] for c in many["candidates"]]
     assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
     assert len({c["text"] for c in many["candidates"]}) == len(scores) and many["pred"] == many["candidates"][0]["text"]
-    wordy = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "4", "--word_prior", "100").stdout)
+    wordy = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "4", "--word_prior", "100"))
     per_char = [data.word_logprob(c["text"]) / max(len(c["text"]), 1) for c in wordy["candidates"]]
     assert per_char[0] == max(per_char)  # a heavy word prior ranks the most word-like conversion first
-    listed = infer("wo ai bian cheng", "--num_candidates", "2").stdout.strip().splitlines()
+    listed = infer("wo ai bian cheng", "--num_candidates", "2").strip().splitlines()
     assert listed[0].startswith("1. ") and len(listed) <= 2
 
 

@@ -98,6 +98,7 @@ def test_onnx_infer_and_classify_through_main(models, cls_onnx, review_texts, tm
     assert len(preds) == len(review_texts) and set(preds.pred) <= set(ref["probs"])
 
 
+@pytest.mark.slow
 def test_lm_exports_and_seq2seq_is_refused(models, tmp_path):
     import onnxruntime
     out = tmp_path / "lm.onnx"
@@ -356,6 +357,7 @@ def test_lm_logs_val_loss_and_missing_package_hint(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # torchrun
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
     """2 ranks x batch 4 vs 1 process x batch 8: the same global batches, so the logged losses agree (the MoE
     balance loss is computed per rank, the only difference)."""
