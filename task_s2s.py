@@ -167,6 +167,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
         model_cfg, train_cfg, tokenizer, resume = resume
     seed_everything(train_cfg.seed)
     splits = load_splits(args.data, train_cfg.seed, args.quiet, train_cfg.lexicon_pairs)
+    if args.data and train_cfg.lexicon_pairs:
+        print(f"note: lexicon_pairs={train_cfg.lexicon_pairs} is for the built-in pinyin pairs; with --data it "
+              "adds nothing", file=sys.stderr)
     if resume is None:
         lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
         cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
