@@ -379,9 +379,10 @@ class MoE(nn.Module):
         # experts only from theirs
         S = config.shared_experts
         self.shared = FeedForward(C, config.d_ff * S) if S else None
-        self.bias_rate = config.bias_rate if config.balance == "bias" else 0.0
-        if config.balance == "bias":
-            self.register_buffer("expert_bias", torch.zeros(E))  # (E,) selection only; saved and resumed
+        self.bias_rate = config.bias_rate
+        # (E,) balance="bias": added to the scores that select experts, never to their weights; saved and resumed.
+        # None (no state_dict entry) under balance="loss"
+        self.register_buffer("expert_bias", torch.zeros(E) if config.balance == "bias" else None)
         # (E,) assignments since the last update_bias; a plain attribute, not a buffer, so that DDP does not
         # overwrite each rank's own count with rank 0's
         self.pending_load = None
@@ -405,7 +406,7 @@ class MoE(nn.Module):
             noise_std = F.softplus(self.noise(x).float() + self.noise_offset)  # (N, E), learned per token
             router_logits = router_logits + torch.randn_like(router_logits) * noise_std
         probs = router_logits.softmax(dim=-1)  # (N, E), float32 for a stable softmax under bf16
-        if hasattr(self, "expert_bias"):  # the bias picks the experts; the weights stay the probabilities
+        if self.expert_bias is not None:  # the bias picks the experts; the weights stay the probabilities
             selected_experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, K)
             routing_weights = probs.gather(1, selected_experts)
         else:
@@ -463,7 +464,7 @@ class MoE(nn.Module):
         P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable
         balance = E * (f * P).sum()
         z = torch.logsumexp(router_logits, dim=-1).pow(2).mean() if N else router_logits.sum()
-        if hasattr(self, "expert_bias"):
+        if self.expert_bias is not None:
             aux = self.z_coef * z  # balanced by the bias, not by a loss
             if self.training and torch.is_grad_enabled():
                 load = wanted.detach().float()
@@ -844,6 +845,7 @@ class Seq2Seq(nn.Module):
         return [hyps[0][1] for hyps in self.beam_hypotheses(input_ids, attention_mask, bos_id, eos_id,
                                                             max_new_tokens, beam_size, length_penalty)]
 
+    @torch.no_grad()
     def beam_hypotheses(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
                         beam_size: int = 4, length_penalty: float = 1.0) -> list[list[tuple[float, list[int]]]]:
         """Batched beam search with the KV cache -> per source, its finished hypotheses as (score, ids without

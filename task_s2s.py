@@ -101,7 +101,6 @@ def score(preds: list[str], targets: list[str]) -> dict:
 # -----------------------------------------------------------------------------
 # Decoding
 
-@torch.no_grad()
 def rerank(hyps: list[tuple[float, str]], word_prior: float) -> list[tuple[float, str]]:
     """Beam hypotheses (score, text) of one source, best first, with `word_prior` times the text's per-character
     word log-probability (data.word_logprob) added to each score: N-best rescoring with a word-level prior, for
@@ -112,6 +111,7 @@ def rerank(hyps: list[tuple[float, str]], word_prior: float) -> list[tuple[float
     return sorted(scored, key=lambda h: -h[0])
 
 
+@torch.no_grad()
 def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp32", beam: int = 1,
             length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False,
             word_prior: float = 0.0) -> list[str]:
@@ -250,7 +250,6 @@ def source_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     return [s[:max_len] for s in tokenizer.encode_batch(texts)]
 
 
-@torch.no_grad()
 def word_prior_for(ckpt: dict, word_prior: float | None) -> float:
     """An explicit weight, else WORD_PRIOR for a model trained on the built-in pinyin pairs (Chinese targets),
     else 0 (a user's pairs may not be Chinese at all)."""
@@ -259,6 +258,7 @@ def word_prior_for(ckpt: dict, word_prior: float | None) -> float:
     return WORD_PRIOR if ckpt.get("source") == "pinyin" else 0.0
 
 
+@torch.no_grad()
 def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, length_penalty: float = 1.0,
                n: int = 1, word_prior: float | None = None) -> dict:
     """One user input -> its `n` best conversions with their scores (an input method's candidate list).

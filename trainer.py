@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import save_checkpoint
+from models import MoE
 
 
 # TrainConfig fields that only one task reads (main.py refuses them for the others)
@@ -439,7 +440,6 @@ def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: f
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    from models import MoE
     for module in model.modules():  # balance="bias": each MoE's selection bias follows this step's loads
         if isinstance(module, MoE):
             module.update_bias()
