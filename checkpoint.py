@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from data import DataError, atomic_write
-from models import build_model, model_config
+from models import build_model, model_config, upcycle, upcycled_config
 from tokenizer import tokenizer_from_dict
 
 CHECKPOINT_VERSION = 1
@@ -72,6 +72,24 @@ def load_resume(args, task: str, train_hint: str):
     return (model_config(task, state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),
             tokenizer_from_dict(state["tokenizer"]), {**state["resume"], "state_dict": state["state_dict"],
                                                        "saved": saved})
+
+
+def load_init(task: str, model_cfg, train_cfg, train_hint: str):
+    """TrainConfig.init_from (--init_from), sparse upcycling: (the MoE's config on the dense model's shape, the
+    dense model's tokenizer, the upcycled weights, the dense checkpoint); None when init_from is unset."""
+    path = train_cfg.init_from
+    if not path:
+        return None
+    ckpt = load_checkpoint(path, train_hint)
+    if ckpt.get("task") != task:
+        raise DataError(f"--init_from {path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
+    try:
+        cfg = upcycled_config(model_cfg, model_config(task, ckpt["model_config"]))
+        model = build_model(task, cfg)
+        upcycle(model, ckpt["state_dict"], train_cfg.upcycle_noise, train_cfg.seed)
+    except ValueError as e:
+        raise DataError(f"--init_from {path}: {e}") from None
+    return cfg, tokenizer_from_dict(ckpt["tokenizer"]), model.state_dict(), ckpt
 
 
 def last_path(checkpoint: str) -> str:

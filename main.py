@@ -10,6 +10,7 @@
     python main.py --infer --task seq2seq --text "wo ai bian cheng"    convert one text (--beam 4 for beam search)
     python main.py --compare --task cls|lm|seq2seq    MoE vs dense at the same active params and budget
     python main.py --export onnx [--task lm]          ONNX file (dynamic axes); then --infer --backend onnx
+    python main.py --analyze --checkpoint X.pt        routing analysis: experts by token kind and class (PNGs)
     python main.py --serve                            web page + JSON API on http://127.0.0.1:8000
     torchrun --nproc_per_node=2 main.py --train ...   DistributedDataParallel training (gloo on CPU, nccl on CUDA)
 
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--export", choices=("onnx",),
                       help="write the trained cls (or lm) checkpoint as ONNX with dynamic batch and sequence axes "
                            "(default <checkpoint>.onnx, or --output), checked against PyTorch")
+    mode.add_argument("--analyze", action="store_true",
+                      help="routing analysis of a trained MoE checkpoint (its task is read from the file): per "
+                           "layer, experts by token kind and by predicted class, router entropy, load CV, top-k "
+                           "co-occurrence; PNGs in --out_dir and one JSON line (inputs: the built-in test split, "
+                           "or --input)")
     mode.add_argument("--serve", action="store_true",
                       help="serve a web page and a JSON API for the trained models (sentiment, generation, pinyin)")
 
@@ -88,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "characters, one token per character (default for seq2seq); char: one id per character")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--init_from", default=None, metavar="DENSE_CHECKPOINT",
+                   help="--train: sparse upcycling. Start the MoE from a dense checkpoint of the same task (trained "
+                        "with --num_experts 0): its shape, tokenizer and weights, each expert a copy of its FFN, "
+                        "routers fresh (cls: no second masked-LM pretraining)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
     g.add_argument("--resume", action="store_true",
                    help="--train: continue the interrupted run from <checkpoint>.last.pt with its optimizer, "
@@ -184,7 +194,7 @@ def resolve_config(task: str, preset_name: str | None, args=None):
         raise DataError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
     values = dict(presets[preset_name])
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
-                 "dtype", "seed", "tokenizer", "compile", "optimizer")
+                 "dtype", "seed", "tokenizer", "compile", "optimizer", "init_from")
     values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
     for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
         if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
@@ -290,7 +300,7 @@ def check_outputs(args) -> None:
     """The files and folders this mode will write."""
     if args.train or args.compare:
         writable_file(args.checkpoint, "--checkpoint")
-    if args.train or args.compare or args.classify or args.generate:
+    if args.train or args.compare or args.classify or args.generate or args.analyze:
         writable_dir(args.out_dir, "--out_dir")
     if args.output and (args.classify or args.export):
         writable_file(args.output, "--output")
@@ -300,6 +310,7 @@ def check_outputs(args) -> None:
 # Modes
 
 def run(args) -> int:
+    import pipeline
     import task_cls
     import task_lm
     import task_s2s
@@ -309,6 +320,9 @@ def run(args) -> int:
     if args.serve:
         import server
         return server.serve(args)
+    if args.analyze and args.task is None and args.checkpoint:
+        import analyze
+        args.task = analyze.checkpoint_task(args.checkpoint)
     args.task = args.task or ("lm" if args.generate or args.eval else "cls")
     task = {"cls": task_cls, "lm": task_lm, "seq2seq": task_s2s}[args.task]
     args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
@@ -324,6 +338,10 @@ def run(args) -> int:
         raise DataError("--generate and --eval are for --task lm")
     if args.resume and not args.train:
         raise DataError("--resume works with --train (it goes on with an interrupted training run)")
+    if args.init_from is not None and not args.train:
+        raise DataError("--init_from works with --train (it starts a new MoE from a dense checkpoint)")
+    if args.init_from is not None and args.resume:
+        raise DataError("--init_from and --resume: a resumed run goes on from its own weights; use one of them")
     if args.beam < 1:
         raise DataError(f"--beam {args.beam}: must be >= 1")
     if not 1 <= args.num_candidates <= 16:
@@ -355,7 +373,8 @@ def run(args) -> int:
         lock = checkpoint_lock(args.checkpoint) if args.train and rank == 0 else contextlib.nullcontext()
         try:
             with lock:
-                summary = (task.compare if args.compare else task.train)(model_cfg, train_cfg, args, device)
+                summary = (pipeline.compare if args.compare else pipeline.train)(task, model_cfg, train_cfg, args,
+                                                                                   device)
         finally:
             signal.signal(signal.SIGTERM, previous)
         if rank == 0:
@@ -390,6 +409,9 @@ def run(args) -> int:
     elif args.export:
         import onnx_export
         print(json.dumps(onnx_export.export(args), ensure_ascii=False))
+    elif args.analyze:
+        import analyze
+        print(json.dumps(analyze.analyze(args, device), ensure_ascii=False))
     elif args.eval:
         if not args.input:
             raise DataError("--eval needs --input FILE")

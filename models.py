@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -30,6 +30,10 @@ class MoEConfig:
                                   # drowns the initial logits (std ~0.23) and slows early learning
     norm_topk_prob: bool = True   # renormalise the K router weights to sum to 1 (never for top_k=1)
     capacity_factor: float = 0.0  # 0: dropless; else each expert keeps ceil(cf * N * K / E) assignments
+    routing: str = "token"        # "token": each token picks its top_k experts; "expert": expert choice (Zhou et
+                                  # al. 2022), each expert picks its top ceil(N * top_k / E) tokens of the batch:
+                                  # balanced by construction, but a token's experts depend on the other tokens,
+                                  # so encoders only (the classifier, the seq2seq encoder; refused for the LM)
     balance: str = "loss"         # how experts are kept busy alike: "loss" (the Switch loss below) or "bias"
                                   # (auxiliary-loss-free: a per-expert bias on the selection scores, see MoE)
     bias_rate: float = 0.001      # balance="bias": the bias step per optimizer step (Wang et al. 2024's u)
@@ -67,6 +71,11 @@ class ModelConfig(MoEConfig):
             raise ValueError(f"noise_init={self.noise_init} must be > 0 (or set noisy_gate=false)")
         if self.balance not in ("loss", "bias"):
             raise ValueError(f"balance={self.balance!r} must be 'loss' or 'bias'")
+        if self.routing not in ("token", "expert"):
+            raise ValueError(f"routing={self.routing!r} must be 'token' or 'expert'")
+        if self.routing == "expert" and self.balance == "bias":
+            raise ValueError("routing='expert' is balanced by construction (every expert takes the same number of "
+                             "tokens); balance='bias' is for routing='token'")
         if not (math.isfinite(self.bias_rate) and self.bias_rate >= 0):
             raise ValueError(f"bias_rate={self.bias_rate} must be a number >= 0")
         if self.moe_impl not in ("auto", "grouped", "loop"):
@@ -118,11 +127,18 @@ class ClassifierConfig(ModelConfig):
 class LMConfig(ModelConfig):
     """The decoder-only language model (--task lm): causal by construction, no fields of its own."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.routing == "expert":
+            raise ValueError("routing='expert' (expert choice) lets a token's experts depend on the tokens after "
+                             "it, which a causal language model must not see; use routing='token'")
+
 
 @dataclass
 class Seq2SeqConfig(ModelConfig):
     """The encoder-decoder (--task seq2seq); num_layers is the encoder's depth."""
-    decoder_layers: int = 0       # decoder depth (0: same as num_layers)
+    decoder_layers: int = 0       # decoder depth (0: same as num_layers); its MoE layers route by token
+                                  # choice whatever `routing` says (expert choice would see future tokens)
     rope: bool = False            # rotary positions in self- and cross-attention instead of position tables, so
                                   # "target t looks at source t" is one relative pattern to learn
 
@@ -332,7 +348,19 @@ class MoEOutput(NamedTuple):
     balance_loss: torch.Tensor   # unweighted, for logging
     z_loss: torch.Tensor         # unweighted, for logging
     expert_counts: torch.Tensor  # (E,) assignments each expert computed (after capacity dropping)
-    dropped: torch.Tensor        # assignments dropped by the capacity limit
+    dropped: torch.Tensor        # assignments dropped by the capacity limit (expert choice: tokens no expert took)
+
+
+class Routing(NamedTuple):
+    """The assignments of one MoE call, grouped by expert (MoE.assign)."""
+    logits: torch.Tensor   # (N, E) router logits, fp32
+    probs: torch.Tensor    # (N, E) softmax of the logits
+    tok: torch.Tensor      # (M,) the token of each assignment
+    expert: torch.Tensor   # (M,) its expert (non-decreasing)
+    weight: torch.Tensor   # (M,) its combine weight
+    counts: torch.Tensor   # (E,) assignments each expert computes
+    wanted: torch.Tensor   # (E,) assignments each expert was chosen for (before a capacity cut)
+    dropped: torch.Tensor  # token choice: assignments cut by the capacity; expert choice: tokens no expert took
 
 
 class MoE(nn.Module):
@@ -362,12 +390,20 @@ class MoE(nn.Module):
     calls update_bias(): expert_bias += bias_rate * sign(mean load - load) over the step's assignments (summed
     over micro-batches and, under torchrun, ranks). No gradient flows into it; the balance loss is then logged
     but not added. The bias is a buffer: saved in checkpoints and resumed.
+
+    routing="expert" (expert choice, Zhou et al. 2022), outside causal stacks: each expert e takes the
+    c = ceil(cf * N * K / E) tokens (cf = capacity_factor, or 1) with the highest probs[:, e] and weights each by
+    that probability; a token may get 0..E experts. Every expert computes exactly c rows, so there is no balance
+    loss (z-loss only), and `dropped` counts the tokens no expert took. The choice is over the whole batch: a
+    text's output depends on the texts batched with it.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool = False):
         super().__init__()
         C, E = config.d_model, config.num_experts
         self.num_experts, self.top_k = E, config.top_k
+        # expert choice reads the whole batch to pick tokens: never in a causal stack (decoder, LM)
+        self.expert_choice = config.routing == "expert" and not causal
         self.norm_topk_prob = config.norm_topk_prob and config.top_k > 1
         self.capacity_factor = config.capacity_factor
         self.balance_coef, self.z_coef = config.balance_coef, config.z_coef
@@ -415,6 +451,44 @@ class MoE(nn.Module):
             routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
         return router_logits, probs, routing_weights, selected_experts
 
+    def assign(self, flat) -> Routing:
+        """flat (N, C) real tokens -> Routing: which token goes to which expert with what weight, grouped by
+        expert (M assignments; M = N * K under token choice without drops)."""
+        N, E, K = flat.size(0), self.num_experts, self.top_k
+        router_logits, probs, routing_weights, selected_experts = self.route(flat)
+        if self.expert_choice:
+            # each expert takes the tokens it scores highest: the same number for every expert
+            capacity = min(N, math.ceil((self.capacity_factor or 1.0) * N * K / E))
+            weight, tok = probs.t().topk(capacity, dim=1)  # (E, capacity) probability and token, per expert
+            counts = torch.full((E,), capacity, dtype=torch.long, device=flat.device)
+            expert = torch.arange(E, device=flat.device).repeat_interleave(capacity)  # (M,)
+            picked = torch.zeros(N, dtype=torch.bool, device=flat.device).index_fill_(0, tok.reshape(-1), True)
+            return Routing(router_logits, probs, tok.reshape(-1), expert, weight.reshape(-1), counts, counts,
+                           N - picked.sum())  # dropped: tokens no expert took (the residual carries them)
+        # ---- token choice: sort the N*K assignments by expert
+        expert_of = selected_experts.reshape(-1)  # (N*K,)
+        weight_of = routing_weights.reshape(-1)  # (N*K,)
+        # (E,) assignments wanted per expert; not bincount, whose output size depends on the data (a host sync on
+        # CUDA, a graph break under torch.compile, an unknown length for torch.export)
+        wanted = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, expert_of,
+                                                                                  torch.ones_like(expert_of))
+        counts, dropped = wanted, torch.zeros((), device=flat.device, dtype=torch.long)
+        if self.capacity_factor > 0:
+            # highest router weight first inside each expert, so the capacity cut drops the least wanted
+            by_weight = weight_of.detach().argsort(descending=True, stable=True)
+            order = by_weight[expert_of[by_weight].argsort(stable=True)]
+            capacity = math.ceil(self.capacity_factor * N * K / E)
+            starts = wanted.cumsum(0) - wanted
+            rank_in_expert = torch.arange(N * K, device=flat.device) - starts[expert_of[order]]
+            order = order[rank_in_expert < capacity]
+            counts = wanted.clamp(max=capacity)
+            dropped = wanted.sum() - counts.sum()
+        else:
+            order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
+        # order // K: the token of each kept assignment (row-major (N, K)), grouped by expert
+        return Routing(router_logits, probs, order // K, expert_of[order], weight_of.index_select(0, order),
+                       counts, wanted, dropped)
+
     def forward(self, x, mask=None):
         """x (B, T, C), mask (B, T) True on real tokens -> y (B, T, C), MoEOutput. Padding is not routed."""
         B, T, C = x.shape
@@ -424,33 +498,11 @@ class MoE(nn.Module):
         if rows is not None:
             flat = flat.index_select(0, rows)  # (N, C)
         N = flat.size(0)
-        router_logits, probs, routing_weights, selected_experts = self.route(flat)
-
-        # ---- dispatch: sort the N*K assignments by expert
-        expert_of = selected_experts.reshape(-1)  # (N*K,)
-        weight_of = routing_weights.reshape(-1)  # (N*K,)
-        # (E,) assignments wanted per expert; not bincount, whose output size depends on the data (a host sync on
-        # CUDA, a graph break under torch.compile, an unknown length for torch.export)
-        wanted = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of,
-                                                                               torch.ones_like(expert_of))
-        counts, dropped = wanted, torch.zeros((), device=x.device, dtype=torch.long)
-        if self.capacity_factor > 0:
-            # highest router weight first inside each expert, so the capacity cut drops the least wanted
-            by_weight = weight_of.detach().argsort(descending=True, stable=True)
-            order = by_weight[expert_of[by_weight].argsort(stable=True)]
-            capacity = math.ceil(self.capacity_factor * N * K / E)
-            starts = wanted.cumsum(0) - wanted
-            rank_in_expert = torch.arange(N * K, device=x.device) - starts[expert_of[order]]
-            order = order[rank_in_expert < capacity]
-            counts = wanted.clamp(max=capacity)
-            dropped = wanted.sum() - counts.sum()
-        else:
-            order = expert_of.argsort()  # order inside an expert does not matter (and ONNX has no stable sort)
-        tok = order // K  # (M,) the token of each kept assignment (row-major (N, K)), grouped by expert
-        xs = flat.index_select(0, tok)  # (M, C) one gather for all experts (its backward is one index_add)
-        ys = self.experts(xs, counts, expert_of[order])  # (M, C) all experts at once, never a loop over tokens
-        ys = ys * weight_of.index_select(0, order).to(ys.dtype)[:, None]  # (M, C) weighted by the router
-        out = torch.zeros_like(flat).index_add(0, tok, ys.to(flat.dtype))  # (N, C) sum of each token's K experts
+        r = self.assign(flat)
+        xs = flat.index_select(0, r.tok)  # (M, C) one gather for all experts (its backward is one index_add)
+        ys = self.experts(xs, r.counts, r.expert)  # (M, C) all experts at once, never a loop over tokens
+        ys = ys * r.weight.to(ys.dtype)[:, None]  # (M, C) weighted by the router
+        out = torch.zeros_like(flat).index_add(0, r.tok, ys.to(flat.dtype))  # (N, C) sum of each token's experts
         if self.shared is not None:
             out = out + self.shared(flat).to(out.dtype)
         if rows is not None:
@@ -460,24 +512,26 @@ class MoE(nn.Module):
         if _exporting:  # an exported graph (ONNX) computes the output only
             return out, None
         # ---- auxiliary losses
-        f = wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
-        P = probs.mean(dim=0) if N else probs.sum(dim=0)  # (E,) mean router probability, differentiable
+        f = r.wanted.float() / max(N * K, 1)  # (E,) share of assignments (before any capacity drop)
+        P = r.probs.mean(dim=0) if N else r.probs.sum(dim=0)  # (E,) mean router probability, differentiable
         balance = E * (f * P).sum()
-        z = torch.logsumexp(router_logits, dim=-1).pow(2).mean() if N else router_logits.sum()
-        if self.expert_bias is not None:
+        z = torch.logsumexp(r.logits, dim=-1).pow(2).mean() if N else r.logits.sum()
+        if self.expert_choice:
+            aux = self.z_coef * z  # every expert takes the same number of tokens: nothing to balance
+        elif self.expert_bias is not None:
             aux = self.z_coef * z  # balanced by the bias, not by a loss
             if self.training and torch.is_grad_enabled():
-                load = wanted.detach().float()
+                load = r.wanted.detach().float()
                 self.pending_load = load if self.pending_load is None else self.pending_load + load
         else:
             aux = self.balance_coef * balance + self.z_coef * z
-        return out, MoEOutput(aux, balance.detach(), z.detach(), counts.detach(), dropped)
+        return out, MoEOutput(aux, balance.detach(), z.detach(), r.counts.detach(), r.dropped)
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)) [+ cross-attn] then x + ffn(norm(x)), ffn dense or MoE."""
 
-    def __init__(self, config: ModelConfig, use_moe: bool, cross: bool = False):
+    def __init__(self, config: ModelConfig, use_moe: bool, cross: bool = False, causal: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(config.d_model)
         self.attn = Attention(config)
@@ -486,7 +540,7 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(config.d_model)
         # a dense layer gets the active width of an MoE layer (top_k + shared experts): same active parameters
         hidden = config.d_ff * (config.top_k + config.shared_experts)
-        self.ffn = MoE(config) if use_moe else FeedForward(config.d_model, hidden)
+        self.ffn = MoE(config, causal) if use_moe else FeedForward(config.d_model, hidden)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None, pos=None):
@@ -582,6 +636,64 @@ def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
             per_expert = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
             inactive += per_expert * (m.num_experts - m.top_k)
     return total, total - inactive
+
+
+# -----------------------------------------------------------------------------
+# Sparse upcycling: an MoE that starts from a trained dense model
+
+def upcycled_config(moe_cfg: ModelConfig, dense_cfg: ModelConfig) -> ModelConfig:
+    """The config of an MoE upcycled from a dense model (Komatsuzaki et al. 2022): the dense model's shape and
+    task fields, the MoE fields of `moe_cfg`, and experts as wide as the dense FFN (each starts as a copy of it,
+    so d_ff = the dense hidden width, (top_k + shared_experts) * d_ff of the dense config)."""
+    if dense_cfg.num_experts:
+        raise ValueError(f"it is an MoE already (num_experts={dense_cfg.num_experts}); upcycling starts from a "
+                         "dense model (trained with --num_experts 0)")
+    if not moe_cfg.num_experts:
+        raise ValueError("the model to train is dense (num_experts=0); upcycling builds an MoE")
+    if moe_cfg.shared_experts:
+        raise ValueError(f"shared_experts={moe_cfg.shared_experts}: the dense FFN becomes the routed experts; "
+                         "upcycle with shared_experts=0")
+    moe = {f.name: getattr(moe_cfg, f.name) for f in fields(MoEConfig)}
+    return replace(dense_cfg, **moe, d_ff=dense_cfg.d_ff * (dense_cfg.top_k + dense_cfg.shared_experts))
+
+
+@torch.no_grad()
+def upcycle(model: nn.Module, dense_state: dict, noise: float = 0.0, seed: int = 0) -> None:
+    """Load a dense model's weights into `model` (built from upcycled_config): every parameter it shares with the
+    dense model is copied, each expert of an MoE layer becomes a copy of the dense FFN at that place, with
+    `noise` * std(weight) * N(0, 1) added to its weight matrices so the experts can drift apart; routers stay
+    freshly initialised. Without noise, and with top_k >= 2 and norm_topk_prob (the K weights sum to 1), the
+    MoE computes the dense model's function at step 0: sum_k w_k * ffn(x) = ffn(x)."""
+    generator = torch.Generator().manual_seed(seed)
+    moe_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, MoE)]
+    # stacked expert tensor -> (dense FFN tensor, transposed?): nn.Linear stores (out, in), Experts (E, in, out)
+    sources = {"w_up": ("up.weight", True), "b_up": ("up.bias", False),
+               "w_down": ("down.weight", True), "b_down": ("down.bias", False)}
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in moe_prefixes if key.startswith(p)), None)
+        role = key[len(prefix) + len("experts."):] if prefix and key.startswith(prefix + "experts.") else None
+        if role in sources:
+            name, transpose = sources[role]
+            src = dense_state.get(prefix + name)
+            if src is None:
+                raise ValueError(f"no dense FFN weight {prefix + name} for the experts of {prefix[:-1]}")
+            src = src.t() if transpose else src
+            if src.shape != value.shape[1:]:
+                raise ValueError(f"{prefix + name} has shape {tuple(src.shape)}, the experts need "
+                                 f"{tuple(value.shape[1:])}")
+            copies = src.to(value.dtype).expand_as(value).clone()  # (E, ...) one copy per expert
+            if noise and copies.dim() == 3:
+                copies += noise * src.float().std() * torch.randn(copies.shape, generator=generator)
+            state[key] = copies
+        elif prefix:  # the router (gate, noise) and the balance bias start fresh
+            state[key] = value
+        elif key not in dense_state or dense_state[key].shape != value.shape:
+            have = tuple(dense_state[key].shape) if key in dense_state else "nothing"
+            raise ValueError(f"{key}: the dense checkpoint has {have}, the MoE needs {tuple(value.shape)}")
+        else:
+            state[key] = dense_state[key]
+    model.load_state_dict(state)
 
 
 # -----------------------------------------------------------------------------
@@ -710,7 +822,8 @@ class LanguageModel(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = nn.Embedding(config.max_len, C)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i), causal=True)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(C)
         init_weights(self, config.num_layers)
 
@@ -776,7 +889,8 @@ class Seq2Seq(nn.Module):
         self.dec_pos = None if config.rope else nn.Embedding(config.max_len, C)
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.num_layers))
-        self.decoder = nn.ModuleList(Block(config, config.is_moe_layer(i), cross=True) for i in range(n_dec))
+        self.decoder = nn.ModuleList(Block(config, config.is_moe_layer(i), cross=True, causal=True)
+                                     for i in range(n_dec))
         self.enc_norm = RMSNorm(C)
         self.dec_norm = RMSNorm(C)
         init_weights(self, config.num_layers + n_dec)

@@ -81,6 +81,9 @@ def export(args) -> dict:
     if model.config.capacity_factor > 0:
         raise DataError(f"{args.checkpoint}: capacity_factor={model.config.capacity_factor} drops tokens per batch; "
                         "only dropless MoE models export")
+    if model.config.routing == "expert" and model.config.num_experts:
+        raise DataError(f"{args.checkpoint}: routing='expert' picks tokens across the whole batch (a data-dependent "
+                        "top-k); only token-choice MoE models export")
     output = args.output or onnx_path(args.checkpoint)
     inputs, names, dynamic = example_inputs(task, model.config.max_len)
     graph = LogitsOnly(model).eval()

@@ -153,3 +153,57 @@ def compare_curves(runs: dict[str, list[dict]], path: str, key: str = "val_acc")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def _panels(n: int, width: float, height: float):
+    """A figure with n panels, at most 3 a row; returns (fig, flat axes list)."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def routing_report(layers: list[dict], num_experts: int, out_dir: str, pair_shares: dict) -> dict:
+    """The PNGs of `main.py --analyze` (analyze.py) from its per-layer summaries: expert share by token kind,
+    by predicted class (classifier), top-k co-occurrence, and the load with router entropy. {key: path}."""
+    import os
+    E, n = num_experts, len(layers)
+    out = {}
+    fig, axes = _panels(n, 5.5, 1.4 + 0.45 * max(len(l["by_kind"]) for l in layers))
+    for ax, layer in zip(axes, layers):
+        kinds = list(layer["by_kind"])
+        matrix = np.array([layer["by_kind"][k]["share"] for k in kinds])
+        _heatmap(ax, matrix, [f"{k} ({layer['by_kind'][k]['tokens']:,})" for k in kinds],
+                 f"{layer['layer']}: experts by token kind", "token kind (tokens)")
+    out["by_kind_png"] = _save(fig, os.path.join(out_dir, "routing_by_kind.png"))
+    if "by_class" in layers[0]:
+        fig, axes = _panels(n, 5.5, 1.4 + 0.45 * max(len(layers[0]["by_class"]), 2))
+        for ax, layer in zip(axes, layers):
+            names = list(layer["by_class"])
+            _heatmap(ax, np.array([layer["by_class"][c] for c in names]), names,
+                     f"{layer['layer']}: experts by predicted class", "class")
+        out["by_class_png"] = _save(fig, os.path.join(out_dir, "routing_by_class.png"))
+    fig, axes = _panels(n, 4.8, 4.2)
+    for ax, layer in zip(axes, layers):
+        im = ax.imshow(pair_shares[layer["layer"]], cmap="magma", vmin=0)
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(E))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+        ax.set_title(f"{layer['layer']}: share of tokens\nwith both experts in their top-k", fontsize=9)
+        plt.colorbar(im, ax=ax, fraction=0.046)
+    out["cooccurrence_png"] = _save(fig, os.path.join(out_dir, "routing_cooccurrence.png"))
+    fig, axes = _panels(n, 4.5, 3.2)
+    for ax, layer in zip(axes, layers):
+        ax.bar(range(E), layer["load_share"], color="tab:blue")
+        ax.axhline(1 / E, color="gray", ls="--", lw=1, label="uniform")
+        ax.set_xticks(range(E))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("share of assignments")
+        ax.set_title(f"{layer['layer']}: load CV {layer['load_cv']:.2f}, router entropy "
+                     f"{layer['entropy']:.2f} / {layer['entropy_max']:.2f} nats", fontsize=9)
+        ax.legend(fontsize=8)
+    out["load_png"] = _save(fig, os.path.join(out_dir, "routing_load.png"))
+    return out

@@ -13,11 +13,10 @@ import torch
 import plots
 from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts,
                   length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
-from models import ModelConfig, build_model, count_params
+from models import ModelConfig
 from tokenizer import load_or_train
-from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
-from trainer import (MetricsLog, TrainConfig, autocast, fit, is_main_process, markdown_table, run_log,
-                     seed_everything, train_variants, write_comparison)
+from checkpoint import last_path, load_trained
+from trainer import MetricsLog, TrainConfig, autocast, fit, is_main_process
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -143,104 +142,86 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The task interface (pipeline.py)
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    """The whole --train run. Returns the summary dict (printed by main.py as the last line).
+NAME, SELECT = "cls", "val_f1"
+METRICS = ("val_acc", "val_f1", "test_acc", "test_f1")
 
-    The resume state (<checkpoint>.last.pt) says which phase it was saved in: --resume goes on with masked-LM
-    pretraining and then fine-tunes, or goes on with fine-tuning."""
-    t_start = time.time()
-    resume = load_resume(args, "cls", TRAIN_HINT)
-    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
-        model_cfg, train_cfg, tokenizer, resume = resume
-    seed_everything(train_cfg.seed)
-    quiet = args.quiet
-    splits = load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, quiet)
-    names = label_names(splits["train"].label)
-    tok_seconds = 0.0
-    if resume is None:
-        cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
-        t_tok = time.time()
-        tokenizer = load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
-                                  progress=not quiet)
-        tok_seconds = time.time() - t_tok
-        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(names))
-    elif resume["saved"].get("label_names") != names:
-        raise DataError(f"--resume: the data's classes {names} are not the interrupted run's "
-                        f"{resume['saved'].get('label_names')}; resume with the same --data")
-    encoded = {s: encode_split(tokenizer, df, names, f"{args.data or 'reviews'} [{s}]") for s, df in splits.items()}
 
-    model = build_model("cls", model_cfg).to(device)
-    total, active = count_params(model, model_cfg)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not quiet:
-        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
-              f"{tokenizer.n_vocab} ({tok_seconds:.1f}s); classes {names}; "
-              f"train/val/test {len(encoded['train'][0])}/{len(encoded['val'][0])}/{len(encoded['test'][0])}",
-              file=sys.stderr)
+def splits(args, train_cfg: TrainConfig) -> dict:
+    return load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, args.quiet)
 
-    def payload(net, metrics: dict, **extra) -> dict:  # extra: the phase, for the resume state
-        return checkpoint_payload("cls", net, model_cfg, train_cfg, tokenizer, metrics, label_names=names, **extra)
 
-    saved_phase = resume["saved"].get("phase") if resume else None
-    last = last_path(args.checkpoint)
-    phase1 = resume["saved"].get("phase1", {}) if saved_phase == "finetune" else {}
-    if train_cfg.pretrain_epochs and saved_phase != "finetune":
-        phase1 = pretrain(model, tokenizer, list(splits["train"].text), list(splits["val"].text), model_cfg,
-                          train_cfg, args.out_dir, device, quiet,
-                          last=(last, lambda net, m: payload(net, m, phase="pretrain")),
-                          resume=resume if saved_phase == "pretrain" else None)
-        if phase1.pop("_halted"):
-            return {"task": "cls", "halted": True, "phase": "pretrain", "pretrain_steps": phase1["pretrain_steps"],
-                    "last_state": last}
-        if not quiet:
+def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+    cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
+    return load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
+                         progress=not args.quiet)
+
+
+def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+    return replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(label_names(splits["train"].label)))
+
+
+class Data:
+    """Each split as token ids and class indices. Training has two phases when pretrain_epochs > 0: masked-LM
+    pretraining of the encoder on unlabelled text (pretrain), then fine-tuning on the labels. The resume state
+    (<checkpoint>.last.pt) says which phase it was saved in."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
+        self.tokenizer, self.splits, self.cfg = tokenizer, splits, model_cfg
+        self.names = label_names(splits["train"].label)
+        if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
+            raise DataError(f"{start[0]}: the data's classes {self.names} are not those of the model it starts "
+                            f"from ({start[1].get('label_names')}); use the same --data")
+        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{args.data or 'reviews'} [{s}]")
+                        for s, df in splits.items()}
+
+    def describe(self) -> str:
+        sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
+        return f"classes {self.names}; train/val/test {sizes}"
+
+    def extra(self) -> dict:
+        return {"label_names": self.names}
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return -(-len(self.encoded["train"][0]) // (cfg.batch_size * cfg.accum_steps))
+
+    def batches(self, cfg: TrainConfig, device):
+        return batch_stream(self.tokenizer, *self.encoded["train"], self.cfg.max_len, cfg.batch_size, cfg.seed,
+                            device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        return evaluate(model, self.tokenizer, *self.encoded[split], self.cfg, cfg.batch_size * 2, device, cfg.dtype)
+
+    def pretrain(self, model, cfg: TrainConfig, args, device, payload, resume) -> tuple[dict, dict | None]:
+        """Phase 1, unless the run resumes in phase 2: (its summary with "_halted", the resume state of phase 2)."""
+        phase = resume["saved"].get("phase") if resume else None
+        if phase == "finetune":
+            return {**resume["saved"].get("phase1", {}), "_halted": False}, resume
+        if not cfg.pretrain_epochs:
+            return {"_halted": False}, resume
+        phase1 = pretrain(model, self.tokenizer, list(self.splits["train"].text), list(self.splits["val"].text),
+                          self.cfg, cfg, args.out_dir, device, args.quiet,
+                          last=(last_path(args.checkpoint), lambda net, m: payload(m, net=net, phase="pretrain")),
+                          resume=resume)
+        if not phase1["_halted"] and not args.quiet:
             print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
+        return phase1, None
 
-    train_seqs, train_labels = encoded["train"]
-    steps_per_epoch = -(-len(train_seqs) // (train_cfg.batch_size * train_cfg.accum_steps))
-    batches = batch_stream(tokenizer, train_seqs, train_labels, model_cfg.max_len, train_cfg.batch_size,
-                           train_cfg.seed, device)
-    val_seqs, val_labels = encoded["val"]
-    finetune_resume = resume if saved_phase == "finetune" else None
-    log = run_log(args, "cls", model_cfg, train_cfg, append=finetune_resume is not None)
-    best = fit(model, train_cfg, batches, steps_per_epoch,
-               evaluate=lambda: evaluate(model, tokenizer, val_seqs, val_labels, model_cfg,
-                                         train_cfg.batch_size * 2, device, train_cfg.dtype),
-               select="val_f1", on_best=lambda m: save_checkpoint(args.checkpoint, payload(model, m)),
-               device=device, log=log, quiet=quiet,
-               last=(last, lambda m: payload(model, m, phase="finetune", phase1=phase1)),
-               resume=finetune_resume)
-    if best["halted"] or not is_main_process():  # stopped on purpose (the test split waits for the end), or
-        log.close()                                  # a rank > 0 under torchrun: rank 0 alone tests and writes
-        return {"task": "cls", "halted": best["halted"], "phase": "finetune", "steps": best["steps"],
-                "last_state": last}
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE classifier ({kind})")
+        heat_png = None
+        if test["_layer_counts"] is not None:
+            heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(out_dir, "expert_heatmap.png"),
+                                            test["_class_counts"], self.names, title="test split")
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
 
-    # the test split is scored once, with the checkpoint chosen on validation
-    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
-    model.load_state_dict(ckpt["state_dict"])
-    test = evaluate(model, tokenizer, *encoded["test"], model_cfg, train_cfg.batch_size * 2, device,
-                    train_cfg.dtype)
-    test = {k.replace("val_", "test_"): v for k, v in test.items()}
-    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
-               **{k: v for k, v in test.items() if not k.startswith("_")}}
-    ckpt["metrics"] = metrics
-    save_checkpoint(args.checkpoint, ckpt)
 
-    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"),
-                                f"MoE classifier ({'dense' if not model_cfg.num_experts else 'MoE'})")
-    heat_png = None
-    if test["_layer_counts"] is not None:
-        heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(args.out_dir, "expert_heatmap.png"),
-                                        test["_class_counts"], names, title="test split")
-    log.close([loss_png, heat_png])
-    return {"task": "cls", "checkpoint": args.checkpoint, "out_dir": args.out_dir,
-            "loss_curve": loss_png, "expert_heatmap": heat_png,
-            "params_total": total, "params_active": active, "tokenizer_vocab": tokenizer.n_vocab, **phase1,
-            "steps": best["steps"], "train_seconds": round(best["train_seconds"], 1),
-            "wall_seconds": round(time.time() - t_start, 1),
-            "best_step": best.get("step"), "val_acc": best.get("val_acc"), "val_f1": best.get("val_f1"),
-            "test_acc": test["test_acc"], "test_f1": test["test_f1"]}
+def baselines(args, train_cfg: TrainConfig) -> dict:
+    """The linear baseline of --compare, on the same split."""
+    return {"tfidf_svm": tfidf_baseline(load_splits(args.data, args.text_col, args.label_col, train_cfg.seed,
+                                                    True))}
 
 
 # -----------------------------------------------------------------------------
@@ -341,14 +322,3 @@ def tfidf_baseline(splits) -> dict:
         out[f"{s}_acc"] = float(accuracy_score(splits[s].label, pred))
         out[f"{s}_f1"] = float(f1_score(splits[s].label, pred, average="macro"))
     return out
-
-
-def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    """Train the MoE model and its dense twin (same active parameters, same budget); add the TF-IDF baseline."""
-    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
-                                     train_cfg, args, device)
-    results["tfidf_svm"] = tfidf_baseline(load_splits(args.data, args.text_col, args.label_col, train_cfg.seed,
-                                                      True))
-    table = markdown_table(results, ["params_total", "params_active", "pretrain_seconds", "train_seconds",
-                                     "val_acc", "val_f1", "test_acc", "test_f1"])
-    return write_comparison(table, curves, args.out_dir, "val_acc", results)

@@ -13,11 +13,10 @@ import torch
 
 import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
-from models import MoE, ModelConfig, build_model, count_params
+from models import MoE, ModelConfig
 from tokenizer import load_or_train
-from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
-from trainer import (TrainConfig, autocast, fit, is_main_process, markdown_table, run_log, seed_everything,
-                     train_variants, write_comparison)
+from checkpoint import load_trained
+from trainer import TrainConfig, autocast
 
 TRAIN_HINT = "python main.py --train --task lm"
 EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
@@ -83,69 +82,58 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The task interface (pipeline.py)
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    t_start = time.time()
-    resume = load_resume(args, "lm", TRAIN_HINT)
-    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
-        model_cfg, train_cfg, tokenizer, resume = resume
-    seed_everything(train_cfg.seed)
-    splits = load_splits(args.data, args.text_col, args.quiet)
-    if resume is None:
-        cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
-        tokenizer = load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
-                                  progress=not args.quiet)
-        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab)
-    streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
-    model = build_model("lm", model_cfg).to(device)
-    total, active = count_params(model, model_cfg)
-    os.makedirs(args.out_dir, exist_ok=True)
-    T, B = model_cfg.max_len, train_cfg.batch_size
-    if not args.quiet:
-        sizes = "/".join(f"{len(streams[s].ids):,}" for s in ("train", "val", "test"))
-        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
-              f"{tokenizer.n_vocab}; train/val/test tokens {sizes}", file=sys.stderr)
+NAME, SELECT = "lm", "-val_loss"
+METRICS = ("val_loss", "val_bpc", "test_loss", "test_bpc")
 
-    def payload(metrics: dict) -> dict:
-        return checkpoint_payload("lm", model, model_cfg, train_cfg, tokenizer, metrics)
 
-    log = run_log(args, "lm", model_cfg, train_cfg, append=resume is not None)
-    steps_per_epoch = max(len(streams["train"].ids) // (T * B * train_cfg.accum_steps), 1)
-    best = fit(model, train_cfg, random_batches(streams["train"], T, B, train_cfg.seed, device), steps_per_epoch,
-               evaluate=lambda: evaluate(model, streams["val"], T, B, device, train_cfg.dtype),
-               select="-val_loss", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
-               device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
-    if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
-        log.close()                                  # split waits for the end), or a rank > 0 under torchrun
-        return {"task": "lm", "halted": best["halted"], "steps": best["steps"],
-                "last_state": last_path(args.checkpoint), "val_loss": best.get("val_loss")}
+def splits(args, train_cfg: TrainConfig) -> dict:
+    return load_splits(args.data, args.text_col, args.quiet)
 
-    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
-    model.load_state_dict(ckpt["state_dict"])
-    test = evaluate(model, streams["test"], T, B, device, train_cfg.dtype)
-    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
-               "test_loss": test["val_loss"], "test_bpc": test["val_bpc"]}
-    ckpt["metrics"] = metrics
-    save_checkpoint(args.checkpoint, ckpt)
 
-    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"),
-                                f"MoE language model ({'dense' if not model_cfg.num_experts else 'MoE'})",
-                                quality_keys=("val_bpc",))
-    heat_png = None
-    loads = [r["expert_load"] for r in log.rows if r.get("expert_load")]
-    if loads:
-        sample = splits["test"][0][:40]
-        heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, tokenizer, sample),
-                                           os.path.join(args.out_dir, "expert_heatmap.png"))
-    log.close([loss_png, heat_png])
-    return {"task": "lm", "checkpoint": args.checkpoint, "out_dir": args.out_dir, "loss_curve": loss_png,
-            "expert_heatmap": heat_png, "params_total": total, "params_active": active,
-            "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
-            "train_seconds": round(best["train_seconds"], 1), "wall_seconds": round(time.time() - t_start, 1),
-            "tokens_per_s": round(np.mean([r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:] or [0])),
-            "val_loss": best.get("val_loss"), "val_bpc": best.get("val_bpc"),
-            "test_loss": test["val_loss"], "test_bpc": test["val_bpc"]}
+def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+    cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
+    return load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache, progress=not args.quiet)
+
+
+def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+    return replace(model_cfg, vocab_size=tokenizer.n_vocab)
+
+
+class Data:
+    """Each split as one token stream; training reads random windows of max_len tokens."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
+        self.tokenizer, self.paragraphs, self.T = tokenizer, splits, model_cfg.max_len
+        self.streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
+
+    def describe(self) -> str:
+        return "train/val/test tokens " + "/".join(f"{len(self.streams[s].ids):,}" for s in ("train", "val", "test"))
+
+    def extra(self) -> dict:
+        return {}
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return max(len(self.streams["train"].ids) // (self.T * cfg.batch_size * cfg.accum_steps), 1)
+
+    def batches(self, cfg: TrainConfig, device):
+        return random_batches(self.streams["train"], self.T, cfg.batch_size, cfg.seed, device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        return evaluate(model, self.streams[split], self.T, cfg.batch_size, device, cfg.dtype)
+
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE language model ({kind})",
+                                    quality_keys=("val_bpc",))
+        heat_png = None
+        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
+        if loads:
+            sample = self.paragraphs["test"][0][:40]
+            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, self.tokenizer, sample),
+                                               os.path.join(out_dir, "expert_heatmap.png"))
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
 
 
 @torch.no_grad()
@@ -250,12 +238,3 @@ def eval_file(args, device) -> dict:
     res = evaluate(model, stream, T, 16, device, ckpt["train_config"].get("dtype", "fp32"), max_batches=10 ** 9)
     return {"task": "lm", "input": args.input, "tokens": len(stream.ids), "chars": stream.chars,
             "loss": res["val_loss"], "bpc": res["val_bpc"]}
-
-
-def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    """MoE vs the dense model with the same active parameters, same wall-clock budget, on the same split."""
-    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
-                                     train_cfg, args, device)
-    table = markdown_table(results, ["params_total", "params_active", "steps", "train_seconds", "tokens_per_s",
-                                     "val_loss", "val_bpc", "test_loss", "test_bpc"])
-    return write_comparison(table, curves, args.out_dir, "val_loss", results)

@@ -14,12 +14,11 @@ import torch
 import plots
 from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, lexicon_pairs,
                   open_pinyin_sources, pinyin_splits, read_table, tokenizer_cache, user_pair_splits, word_logprob)
-from models import ModelConfig, build_model, count_params
+from models import ModelConfig
 from task_lm import routing_trace
 from tokenizer import load_or_train
-from checkpoint import checkpoint_payload, last_path, load_checkpoint, load_resume, load_trained, save_checkpoint
-from trainer import (TrainConfig, autocast, fit, is_main_process, markdown_table, run_log, seed_everything,
-                     train_variants, write_comparison)
+from checkpoint import load_trained
+from trainer import TrainConfig, autocast
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
 # weight of the jieba word prior when ranking a pinyin model's beam hypotheses (rerank), used by default for
@@ -158,82 +157,70 @@ def evaluate(model, tokenizer, pairs: Pairs, device, dtype: str, decode: int = E
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The task interface (pipeline.py)
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    t_start = time.time()
-    resume = load_resume(args, "seq2seq", TRAIN_HINT)
-    if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
-        model_cfg, train_cfg, tokenizer, resume = resume
-    seed_everything(train_cfg.seed)
-    splits = load_splits(args.data, train_cfg.seed, args.quiet, train_cfg.lexicon_pairs)
+NAME, SELECT = "seq2seq", "val_char_acc"
+METRICS = ("val_loss", "val_char_acc", "val_exact_match", "test_loss", "test_char_acc", "test_exact_match")
+
+
+def splits(args, train_cfg: TrainConfig) -> dict:
     if args.data and train_cfg.lexicon_pairs:
         print(f"note: lexicon_pairs={train_cfg.lexicon_pairs} is for the built-in pinyin pairs; with --data it "
               "adds nothing", file=sys.stderr)
-    if resume is None:
-        lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
-        cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
-        texts = list(splits["train"].source) + list(splits["train"].target)
-        tokenizer = load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not args.quiet)
-        model_cfg = replace(model_cfg, vocab_size=tokenizer.n_vocab)
-    pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
-    model = build_model("seq2seq", model_cfg).to(device)
-    total, active = count_params(model, model_cfg)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not args.quiet:
-        sizes = "/".join(f"{len(pairs[s]):,}" for s in ("train", "val", "test"))
-        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
-              f"{tokenizer.n_vocab}; train/val/test pairs {sizes}", file=sys.stderr)
+    return load_splits(args.data, train_cfg.seed, args.quiet, train_cfg.lexicon_pairs)
 
-    def payload(metrics: dict) -> dict:  # source "pinyin": --infer may normalise what a user types (pinyin_sources)
-        return checkpoint_payload("seq2seq", model, model_cfg, train_cfg, tokenizer, metrics,
-                                  source="text" if args.data else "pinyin")
 
-    log = run_log(args, "seq2seq", model_cfg, train_cfg, append=resume is not None)
-    B = train_cfg.batch_size
-    steps_per_epoch = max(len(pairs["train"]) // (B * train_cfg.accum_steps), 1)
-    best = fit(model, train_cfg, batch_stream(tokenizer, pairs["train"], B, train_cfg.seed, device),
-               steps_per_epoch,
-               evaluate=lambda: evaluate(model, tokenizer, pairs["val"], device, train_cfg.dtype),
-               select="val_char_acc", on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)),
-               device=device, log=log, quiet=args.quiet, last=(last_path(args.checkpoint), payload), resume=resume)
-    summary = {"task": "seq2seq", "checkpoint": args.checkpoint, "last_state": last_path(args.checkpoint),
-               "out_dir": args.out_dir, "params_total": total, "params_active": active,
-               "tokenizer": tokenizer.kind, "tokenizer_vocab": tokenizer.n_vocab, "steps": best["steps"],
-               "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 1)}
-    if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
-        log.close()                                  # split waits for the end), or a rank > 0 under torchrun
-        last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
-        return {**summary, "halted": best["halted"], "train_loss": last_loss, "val_loss": best.get("val_loss"),
-                "val_char_acc": best.get("val_char_acc")}
+def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+    lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
+    cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
+    texts = list(splits["train"].source) + list(splits["train"].target)
+    return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not args.quiet)
 
-    ckpt = load_checkpoint(args.checkpoint, TRAIN_HINT)
-    model.load_state_dict(ckpt["state_dict"])
-    test = evaluate(model, tokenizer, pairs["test"], device, train_cfg.dtype, decode=0, prefix="test")
-    metrics = {**{k: v for k, v in best.items() if not k.startswith("_")},
-               **{k: v for k, v in test.items() if not k.startswith("_")}}
-    ckpt["metrics"] = metrics
-    save_checkpoint(args.checkpoint, ckpt)
-    atomic_write_csv(splits["test"].assign(pred=test["_preds"]), os.path.join(args.out_dir, "test_predictions.csv"))
 
-    kind = "dense" if not model_cfg.num_experts else "MoE"
-    loss_png = plots.loss_curve(log.rows, os.path.join(args.out_dir, "loss_curve.png"), f"seq2seq ({kind})",
-                                quality_keys=("val_char_acc", "val_exact_match"))
-    heat_png = None
-    loads = [r["expert_load"] for r in log.rows if r.get("expert_load")]
-    if loads:
-        sample = pairs["test"].sources[0]
-        tokens, experts = routing_trace(model, tokenizer, sample, forward=lambda ids: model.encode(
-            ids, torch.ones_like(ids)))
-        heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
-                                           os.path.join(args.out_dir, "expert_heatmap.png"),
-                                           layer_names=moe_layer_names(model))
-    log.close([loss_png, heat_png])
-    return {**summary, "loss_curve": loss_png, "expert_heatmap": heat_png,
-            "wall_seconds": round(time.time() - t_start, 1),
-            "tokens_per_s": round(np.mean([r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:] or [0])),
-            **{k: metrics.get(k) for k in ("val_loss", "val_char_acc", "val_exact_match", "test_loss",
-                                           "test_char_acc", "test_exact_match")}}
+def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+    return replace(model_cfg, vocab_size=tokenizer.n_vocab)
+
+
+class Data:
+    """Each split as token-id pairs; training reads length-bucketed batches."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
+        self.tokenizer, self.frames = tokenizer, splits
+        self.pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
+        self.source = "text" if args.data else "pinyin"  # "pinyin": --infer may normalise what a user types
+
+    def describe(self) -> str:
+        return "train/val/test pairs " + "/".join(f"{len(self.pairs[s]):,}" for s in ("train", "val", "test"))
+
+    def extra(self) -> dict:
+        return {"source": self.source}
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return max(len(self.pairs["train"]) // (cfg.batch_size * cfg.accum_steps), 1)
+
+    def batches(self, cfg: TrainConfig, device):
+        return batch_stream(self.tokenizer, self.pairs["train"], cfg.batch_size, cfg.seed, device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        """Validation decodes its first EVAL_DECODE sentences greedily; the test split decodes them all."""
+        return evaluate(model, self.tokenizer, self.pairs[split], device, cfg.dtype,
+                        decode=EVAL_DECODE if split == "val" else 0)
+
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        predictions = os.path.join(out_dir, "test_predictions.csv")
+        atomic_write_csv(self.frames["test"].assign(pred=test["_preds"]), predictions)
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"seq2seq ({kind})",
+                                    quality_keys=("val_char_acc", "val_exact_match"))
+        heat_png = None
+        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
+        if loads:
+            tokens, experts = routing_trace(model, self.tokenizer, self.pairs["test"].sources[0],
+                                            forward=lambda ids: model.encode(ids, torch.ones_like(ids)))
+            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
+                                               os.path.join(out_dir, "expert_heatmap.png"),
+                                               layer_names=moe_layer_names(model))
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png, "test_predictions": predictions}
 
 
 def moe_layer_names(model) -> list[str]:
@@ -328,13 +315,3 @@ def classify(args, device) -> dict:
     if tgt_col:
         result.update(score(preds, [str(t).strip() for t in df[tgt_col]]))
     return result
-
-
-def compare(model_cfg: ModelConfig, train_cfg: TrainConfig, args, device) -> dict:
-    """MoE vs the dense model with the same active parameters, same budget, same split."""
-    results, curves = train_variants(train, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
-                                     train_cfg, args, device)
-    table = markdown_table(results, ["params_total", "params_active", "steps", "train_seconds", "tokens_per_s",
-                                     "val_loss", "val_char_acc", "test_loss", "test_char_acc",
-                                     "test_exact_match"])
-    return write_comparison(table, curves, args.out_dir, "val_char_acc", results)

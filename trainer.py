@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -61,6 +61,9 @@ class TrainConfig:
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
     lexicon_pairs: int = 0        # seq2seq on the built-in pinyin data: word-list pairs from jieba's dictionary
                                   # added to the training pairs (data.lexicon_pairs); ignored with --data
+    init_from: str = ""           # sparse upcycling: a dense checkpoint of the same task whose weights start the
+                                  # MoE (each expert a copy of its FFN; models.upcycle); "" trains from scratch
+    upcycle_noise: float = 0.01   # noise on the upcycled experts' weights, times each matrix's std
     log_every: int = 10           # steps between metrics-log rows
     eval_every: int = 0           # steps between evaluations (0: once per epoch)
 
@@ -85,7 +88,7 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a number > 0")
         for name in ("time_budget", "pretrain_seconds", "pretrain_lr", "ngram_lr", "weight_decay", "grad_clip",
-                     "label_smoothing", "warmup_ratio", "min_lr_ratio"):
+                     "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
         for name in ("warmup_ratio", "min_lr_ratio"):
@@ -642,59 +645,3 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         say(f"warning: {state.skipped} batch(es) skipped for CUDA out-of-memory")
     return {**state.best, "steps": state.step, "train_seconds": state.seconds(), "skipped_batches": state.skipped,
             "halted": halted}
-
-
-def train_variants(train_fn, variants: dict, train_cfg: TrainConfig, args, device) -> tuple[dict, dict]:
-    """Run a task's train() once per model-config variant, each in <out_dir>/<name>/ with its own checkpoint.
-
-    The comparison is at equal wall-clock: where the preset stops at a step count, the variants after the first
-    train for the seconds the first one took (see same_seconds). Returns ({name: summary}, {name: metrics-log
-    rows}) for the comparison table and plot.
-    """
-    import copy
-    results, curves = {}, {}
-    for i, (name, cfg) in enumerate(variants.items()):
-        a = copy.copy(args)
-        a.out_dir = os.path.join(args.out_dir, name)
-        a.checkpoint = os.path.join(args.out_dir, name, "model.pt")
-        tcfg = same_seconds(train_cfg, next(iter(results.values()))) if i else train_cfg
-        if not args.quiet:
-            limit = f", {tcfg.time_budget:.0f} s as the first variant took" if tcfg is not train_cfg else ""
-            print(f"== {name}{limit} ==", file=sys.stderr)
-        results[name] = train_fn(cfg, tcfg, a, device)
-        curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))
-    return results, curves
-
-
-def same_seconds(cfg: TrainConfig, first: dict) -> TrainConfig:
-    """The training config of a later --compare variant: a step count of the preset becomes the seconds the
-    first variant spent on it (a faster model then makes more steps, as it would in the same wall-clock)."""
-    if cfg.max_steps and not cfg.time_budget:
-        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, 10 ** 6), time_budget=first["train_seconds"])
-    if cfg.pretrain_steps and not cfg.pretrain_seconds and first.get("pretrain_seconds"):
-        cfg = replace(cfg, pretrain_steps=0, pretrain_epochs=max(cfg.pretrain_epochs, 10 ** 6),
-                      pretrain_seconds=first["pretrain_seconds"])
-    return cfg
-
-
-def markdown_table(results: dict, columns: list[str]) -> str:
-    """| model | col ... | rows from {name: {col: value}}; small floats to 4 places, large to 1, missing as '-'."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
-        return "-" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for name, r in results.items()]
-    return "\n".join(lines)
-
-
-def write_comparison(table: str, curves: dict, out_dir: str, key: str, results: dict) -> dict:
-    """Save the table as compare.md, plot `key` against wall-clock as compare.png; return the summary dict."""
-    import plots
-    with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    print(table, file=sys.stderr)
-    png = plots.compare_curves(curves, os.path.join(out_dir, "compare.png"), key)
-    return {"compare_table": os.path.join(out_dir, "compare.md"), "compare_plot": png,
-            **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()
-               if isinstance(v, (int, float)) and not k.startswith("_")}}

@@ -256,3 +256,31 @@ def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, max_step
     args = main.build_parser().parse_args(["--train", "--task", "lm", *argv])
     _, _, train_cfg = main.resolve_config("lm", args.preset, args)
     assert (train_cfg.batch_size, train_cfg.max_steps) == (batch, max_steps)
+
+
+def test_upcycling_a_dense_checkpoint_through_main(tmp_path):
+    """--init_from: a dense tiny LM becomes an MoE that starts where it stopped (the dense val loss, not a fresh
+    model's), with its tokenizer and experts as wide as its FFN; the wrong sources are one-line errors."""
+    def train(name, *flags):
+        proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--checkpoint", str(tmp_path / f"{name}.pt"),
+                        "--out_dir", str(tmp_path / name), *flags)
+        return str(tmp_path / f"{name}.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+    dense, dense_run = train("dense", "--num_experts", "0", "--max_steps", "60")
+    upcycled, up_run = train("up", "--init_from", dense, "--max_steps", "2", "--lr", "1e-4")
+    _, fresh_run = train("fresh", "--max_steps", "2", "--lr", "1e-4")
+    assert up_run["val_loss"] < dense_run["val_loss"] + 0.05 < fresh_run["val_loss"] - 0.5
+    saved, source = torch.load(upcycled, weights_only=True), torch.load(dense, weights_only=True)
+    assert saved["model_config"]["num_experts"] == 4 and saved["model_config"]["d_ff"] == 64  # top_k * d_ff
+    assert saved["train_config"]["init_from"] == dense and saved["tokenizer"] == source["tokenizer"]
+    for flags, message in ((["--init_from", upcycled], "MoE already"),
+                           (["--init_from", dense, "--num_experts", "0"], "upcycling builds an MoE"),
+                           (["--init_from", str(tmp_path / "none.pt")], "no checkpoint")):
+        bad = run_main("--train", "--task", "lm", "--preset", "tiny", "--checkpoint", str(tmp_path / "x.pt"),
+                       *flags, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--init_from", dense,
+                   "--checkpoint", str(tmp_path / "x.pt"), check=False)
+    assert bad.returncode == 2 and "a 'lm' checkpoint, not a 'seq2seq' one" in bad.stderr
+    bad = run_main("--analyze", "--checkpoint", dense, "--out_dir", str(tmp_path / "an"), check=False)
+    assert bad.returncode == 2 and "dense model" in bad.stderr

@@ -415,3 +415,99 @@ def test_bias_is_saved_resumed_and_updated_by_the_trainer():
     torch.testing.assert_close(twin.expert_bias, moe.expert_bias)
     assert "expert_bias" not in MoE(tiny()).state_dict()  # balance="loss" models (and old checkpoints) have none
     assert float(out.aux_loss.detach()) == pytest.approx(0.001 * float(out.z_loss))  # no balance loss added under "bias"
+
+
+@pytest.mark.parametrize("task", ["cls", "lm", "seq2seq"])
+def test_upcycled_moe_computes_the_dense_model_at_step_0(task):
+    from models import MODEL_CONFIGS, build_model, upcycle, upcycled_config
+    shape = dict(vocab_size=60, max_len=16, d_model=32, n_heads=2, num_layers=2, d_ff=24, dropout=0.0)
+    torch.manual_seed(0)
+    dense = build_model(task, MODEL_CONFIGS[task](**shape, num_experts=0)).eval()
+    cfg = upcycled_config(MODEL_CONFIGS[task](**shape, num_experts=4, top_k=2), dense.config)
+    assert cfg.d_ff == 48 and cfg.num_experts == 4  # experts as wide as the dense FFN (top_k * d_ff)
+    moe = build_model(task, cfg)
+    upcycle(moe, dense.state_dict(), noise=0.0)
+    moe.eval()
+    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    args = {"lm": (ids,), "cls": (ids, mask), "seq2seq": (ids, mask, ids, mask)}[task]
+    with torch.no_grad():
+        want, got = dense(*args)[0], moe(*args)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    routers = [m.gate.weight for m in moe.modules() if isinstance(m, MoE)]
+    assert len(routers) == cfg.num_layers * (2 if task == "seq2seq" else 1) and all(r.abs().sum() > 0 for r in routers)
+
+
+def test_upcycling_noise_parts_the_experts_and_bad_sources_are_refused():
+    from models import LanguageModel, upcycle, upcycled_config
+    shape = dict(vocab_size=60, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=24, dropout=0.0)
+    dense = LanguageModel(LMConfig(**shape, num_experts=0))
+    moe = LanguageModel(upcycled_config(LMConfig(**shape), dense.config))
+    upcycle(moe, dense.state_dict(), noise=0.01, seed=0)
+    w = moe.blocks[0].ffn.experts.w_up  # (E, C, H), each near the dense up-projection
+    base = dense.blocks[0].ffn.up.weight.t()
+    assert not torch.equal(w[0], w[1])
+    assert ((w - base).std() / base.std()).item() == pytest.approx(0.01, rel=0.2)
+    torch.testing.assert_close(moe.blocks[0].ffn.experts.b_up, dense.blocks[0].ffn.up.bias.expand(8, -1))  # 8 experts
+    with pytest.raises(ValueError, match="MoE already"):
+        upcycled_config(LMConfig(**shape), moe.config)
+    with pytest.raises(ValueError, match="dense"):
+        upcycled_config(LMConfig(**shape, num_experts=0), dense.config)
+    with pytest.raises(ValueError, match="shared_experts"):
+        upcycled_config(LMConfig(**shape, shared_experts=1), dense.config)
+    wrong = {k: v for k, v in dense.state_dict().items() if k != "tok_emb.weight"}
+    with pytest.raises(ValueError, match="tok_emb.weight"):
+        upcycle(moe, wrong)
+
+
+def expert_choice_reference(moe: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert choice by its definition: expert e computes the c tokens with the highest probs[:, e] and adds
+    probs[t, e] * expert_e(x_t) to each; c = ceil(N * K / E). Returns (y (N, C), taken (N, E) 0/1)."""
+    N, E, K = flat.size(0), moe.num_experts, moe.top_k
+    probs = moe.gate(flat).float().softmax(-1)
+    c = math.ceil(N * K / E)
+    taken = torch.zeros(N, E)
+    for e in range(E):
+        taken[probs[:, e].topk(c).indices, e] = 1.0
+    ex = moe.experts
+    h = F.gelu(torch.einsum("nc,ech->enh", flat, ex.w_up) + ex.b_up[:, None])
+    all_out = (torch.einsum("enh,ehc->enc", h, ex.w_down) + ex.b_down[:, None]).transpose(0, 1)  # (N, E, C)
+    return (all_out * (probs * taken)[..., None]).sum(1), taken
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_expert_choice_equals_its_definition_with_padding(impl):
+    torch.manual_seed(0)
+    moe = MoE(tiny(routing="expert", moe_impl=impl))
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 3:] = False  # 17 real tokens
+    xi = x.clone().requires_grad_(True)
+    y, out = moe(xi, mask)
+    flat = x[mask].clone().requires_grad_(True)
+    want, taken = expert_choice_reference(moe, flat)
+    torch.testing.assert_close(y[mask], want, atol=1e-6, rtol=1e-5)
+    assert y[~mask].abs().max() == 0  # padding is not routed
+    assert out.expert_counts.tolist() == [math.ceil(17 * 2 / 4)] * 4  # every expert takes the same number
+    assert int(out.dropped) == int((taken.sum(1) == 0).sum())  # tokens no expert took
+    assert float(out.aux_loss.detach()) == pytest.approx(0.001 * float(out.z_loss))  # z-loss only: balanced by design
+    g = torch.autograd.grad(y[mask].square().sum(), [xi, moe.gate.weight])
+    g_ref = torch.autograd.grad(want.square().sum(), [flat, moe.gate.weight])
+    torch.testing.assert_close(g[0][mask], g_ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g[1], g_ref[1], atol=1e-5, rtol=1e-4)
+
+
+def test_expert_choice_only_where_no_future_leaks():
+    from models import LanguageModel, Seq2Seq, Seq2SeqConfig
+    with pytest.raises(ValueError, match="causal"):
+        LMConfig(routing="expert")
+    with pytest.raises(ValueError, match="balanced by construction"):
+        tiny(routing="expert", balance="bias")
+    with pytest.raises(ValueError, match="routing"):
+        tiny(routing="experts")
+    s2s = Seq2Seq(Seq2SeqConfig(vocab_size=50, d_model=32, n_heads=2, num_layers=2, decoder_layers=2, d_ff=32,
+                                routing="expert"))
+    assert [b.ffn.expert_choice for b in s2s.encoder] == [True, True]
+    assert [b.ffn.expert_choice for b in s2s.decoder] == [False, False]  # the decoder keeps token choice
+    assert all(b.ffn.expert_choice for b in Classifier(tiny(routing="expert", num_layers=2)).blocks)
+    assert not any(b.ffn.expert_choice for b in LanguageModel(LMConfig(vocab_size=50, d_model=32, n_heads=2)).blocks)

@@ -1,0 +1,224 @@
+"""Routing analysis of a trained MoE checkpoint: where each kind of token goes, per layer.
+
+    python main.py --analyze --checkpoint checkpoints/lm.pt [--input FILE]
+
+For every MoE layer, over the real tokens of the inputs (padding is never routed): the share of each expert by
+token kind (CJK character, punctuation, digit, Latin, byte fragment, special, other), by predicted class (classifier),
+the router's entropy, the coefficient of variation of the expert load, and which experts share a token's
+top-k. Inputs: the task's built-in test split (its first ANALYZE_TEXTS texts), or --input (one text a line, or
+a table's --text_col; seq2seq: sources, whose decoder side is the model's own greedy conversion).
+Writes routing_by_kind.png, routing_cooccurrence.png, routing_load.png (and routing_by_class.png for a
+classifier) to --out_dir and returns the numbers for one JSON line.
+"""
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+import plots
+from checkpoint import load_checkpoint, load_trained
+from data import DataError, collate_cls, encode_texts, news_splits, pinyin_splits, read_text_lines, reviews_splits
+from models import MoE
+
+ANALYZE_TEXTS = 1000  # texts of the built-in test split analysed by default
+TOKEN_KINDS = ("CJK", "punctuation", "digit", "Latin", "byte fragment", "special", "other")
+TRAIN_HINTS = {t: f"python main.py --train --task {t}" for t in ("cls", "lm", "seq2seq")}
+
+
+def token_kind(piece: str) -> str:
+    """The kind of a token (one of TOKEN_KINDS) by its text: special when it has none, a byte fragment when it
+    is not whole UTF-8 (decodes to U+FFFD), else by its first non-space character."""
+    if not piece:
+        return "special"  # [CLS], <eos>, ...: no text
+    if "\ufffd" in piece:
+        return "byte fragment"
+    text = piece.strip()
+    if not text:
+        return "other"  # whitespace
+    c = text[0]
+    if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" or "\uf900" <= c <= "\ufaff":
+        return "CJK"
+    if c.isdigit():
+        return "digit"
+    if c.isascii() and c.isalpha():
+        return "Latin"
+    if unicodedata.category(c)[0] in "PS":
+        return "punctuation"
+    return "other"
+
+
+def checkpoint_task(path: str) -> str:
+    """The task a checkpoint was trained for (so --analyze needs no --task)."""
+    return load_checkpoint(path, TRAIN_HINTS["cls"]).get("task", "cls")
+
+
+class RoutingStats:
+    """Running counts for one MoE layer: assignments by token kind / class, top-k pairs, router entropy."""
+
+    def __init__(self, num_experts: int, num_classes: int):
+        E = num_experts
+        self.by_kind = defaultdict(lambda: np.zeros(E, dtype=np.int64))  # kind -> assignments per expert
+        self.kind_tokens = defaultdict(int)
+        self.by_class = np.zeros((num_classes, E), dtype=np.int64)
+        self.pairs = np.zeros((E, E), dtype=np.int64)
+        self.entropy_sum, self.tokens = 0.0, 0
+
+    def add(self, probs: torch.Tensor, chosen: torch.Tensor, kinds: list[str], classes: np.ndarray | None):
+        """probs (N, E) and chosen (N, E) (1 where the expert computed the token) for N routed tokens, their
+        kinds (N,) and classes (N,) or None."""
+        E = probs.size(1)
+        self.entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum())
+        self.tokens += probs.size(0)
+        onehot = chosen.numpy()
+        for kind in set(kinds):
+            rows = np.fromiter((k == kind for k in kinds), dtype=bool, count=len(kinds))
+            self.by_kind[kind] += onehot[rows].sum(0).astype(np.int64)
+            self.kind_tokens[kind] += int(rows.sum())
+        if classes is not None:
+            np.add.at(self.by_class, classes, onehot.astype(np.int64))
+        self.pairs += (onehot.T @ onehot).astype(np.int64) * (1 - np.eye(E, dtype=np.int64))
+
+    def summary(self, name: str, class_names: list[str] | None) -> dict:
+        load = sum(self.by_kind.values())  # (E,) assignments per expert
+        E = len(load)
+        share = load / max(load.sum(), 1)
+        pairs = [(int(self.pairs[i, j]), i, j) for i in range(E) for j in range(i + 1, E)]
+        top = sorted(pairs, reverse=True)[:3]
+        out = {"layer": name, "tokens": self.tokens,
+               "entropy": round(self.entropy_sum / max(self.tokens, 1), 4),
+               "entropy_max": round(math.log(E), 4),
+               "load_cv": round(float(load.std() / max(load.mean(), 1e-12)), 4),
+               "load_share": [round(float(s), 4) for s in share],
+               "by_kind": {k: {"tokens": self.kind_tokens[k],
+                               "share": [round(float(x), 4) for x in v / max(v.sum(), 1)]}
+                           for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1].sum())},
+               "top_pairs": [{"experts": [i, j], "share_of_tokens": round(n / max(self.tokens, 1), 4)}
+                             for n, i, j in top if n]}
+        if class_names is not None:
+            out["by_class"] = {c: [round(float(x), 4) for x in row / max(row.sum(), 1)]
+                               for c, row in zip(class_names, self.by_class)}
+        return out
+
+
+class Recorder:
+    """Forward pre-hooks on every MoE layer: the router's probabilities and choices for the tokens it routes,
+    with their positions, so each can be matched to its token id."""
+
+    def __init__(self, model):
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+        self.calls = []  # (layer name, probs (N, E), chosen (N, E) 1 where an expert took the token, positions
+        # (N,) of the routed tokens in the flattened (B, T) input, (B, T))
+        self.hooks = [m.register_forward_pre_hook(self.hook(name), with_kwargs=True) for name, m in self.layers]
+
+    def hook(self, name: str):
+        def record(module, args, kwargs):
+            x = args[0]
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            flat = x.reshape(-1, x.size(-1))
+            rows = (mask.reshape(-1).nonzero().squeeze(1) if mask is not None
+                    else torch.arange(flat.size(0), device=x.device))
+            r = module.assign(flat.index_select(0, rows))  # the layer's own choice (token or expert choice)
+            chosen = torch.zeros_like(r.probs).index_put_((r.tok, r.expert), torch.ones_like(r.weight))
+            self.calls.append((name, r.probs.float().cpu(), chosen.cpu(), rows.cpu(), x.shape[:2]))
+        return record
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def default_texts(task: str) -> list:
+    """The first ANALYZE_TEXTS texts of the task's built-in test split (seq2seq: (source, target) pairs)."""
+    if task == "cls":
+        return list(reviews_splits(quiet=True)["test"].text[:ANALYZE_TEXTS])
+    if task == "lm":
+        return news_splits(quiet=True)["test"][:ANALYZE_TEXTS]
+    df = pinyin_splits(quiet=True)["test"][:ANALYZE_TEXTS]
+    return list(zip(df.source, df.target))
+
+
+def batches(task: str, model, tokenizer, texts: list, device, batch_size: int = 64):
+    """(model inputs, {stack name prefix: its token ids (B, T)}) for each batch of `texts`."""
+    T = model.config.max_len
+    if task == "lm":  # the texts as one token stream, cut into context windows
+        stream = [i for t in texts for i in [tokenizer.eos_id] + tokenizer.encode(t)]
+        full = len(stream) // T * T
+        windows = [stream[i:i + T] for i in range(0, full, T)]
+        chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        for chunk in chunks + ([[stream[full:]]] if full < len(stream) else []):  # the shorter tail on its own
+            ids = torch.tensor(chunk, device=device)
+            yield (ids,), {"": ids}
+    elif task == "cls":
+        seqs = encode_texts(tokenizer, texts)
+        for i in range(0, len(seqs), batch_size):
+            batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, T, device)
+            yield (batch["input_ids"], batch["attention_mask"]), {"": batch["input_ids"]}
+    else:
+        from task_s2s import collate, source_ids
+        src = source_ids(tokenizer, [s for s, _ in texts], T)
+        tgt = [t[:T - 1] for t in tokenizer.encode_batch([t for _, t in texts])]
+        for i in range(0, len(src), batch_size):
+            batch = collate(tokenizer, src[i:i + batch_size], tgt[i:i + batch_size], device)
+            yield ((batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                    batch["decoder_attention_mask"]),
+                   {"encoder": batch["input_ids"], "decoder": batch["decoder_input_ids"]})
+
+
+@torch.no_grad()
+def analyze(args, device) -> dict:
+    path = args.checkpoint
+    task = checkpoint_task(path)
+    if args.task and args.task != task:
+        raise DataError(f"{path}: a {task!r} checkpoint, not a {args.task!r} one")
+    model, tokenizer, ckpt = load_trained(path, task, TRAIN_HINTS[task], device)
+    if not model.config.num_experts:
+        raise DataError(f"{path}: a dense model (num_experts 0): no routing to analyse")
+    if args.input:
+        texts = read_text_lines(args.input, args.text_col)
+        if task == "seq2seq":  # the decoder side: the model's own greedy conversion
+            from task_s2s import convert, source_ids
+            preds = convert(model, tokenizer, source_ids(tokenizer, texts, model.config.max_len), device)
+            texts = list(zip(texts, preds))
+    else:
+        texts = default_texts(task)
+    class_names = ckpt.get("label_names") if task == "cls" else None
+    recorder = Recorder(model)
+    stats = {name: RoutingStats(model.config.num_experts, len(class_names or [])) for name, _ in recorder.layers}
+    pieces = {}  # token id -> kind
+
+    def kind_of(i: int) -> str:
+        if i not in pieces:
+            pieces[i] = token_kind(tokenizer.decode([i]))
+        return pieces[i]
+
+    try:
+        for inputs, ids_by_stack in batches(task, model, tokenizer, texts, device):
+            out = model(*inputs)
+            classes = out[0].argmax(-1).cpu().numpy() if class_names else None  # the predicted class
+            for name, probs, chosen, rows, shape in recorder.take():
+                stack = next((s for s in ids_by_stack if s and name.startswith(s)), "")
+                ids = ids_by_stack[stack]
+                if tuple(shape) == tuple(ids.shape):  # token positions
+                    flat = ids.reshape(-1).cpu()[rows].tolist()
+                    kinds = [kind_of(i) for i in flat]
+                    row_of = (rows // shape[1]).numpy()
+                else:  # the pooled classifier routes one vector per text
+                    kinds, row_of = ["whole text"] * len(rows), rows.numpy()
+                stats[name].add(probs, chosen, kinds, classes[row_of] if classes is not None else None)
+    finally:
+        recorder.close()
+    layers = [s.summary(name, class_names) for name, s in stats.items()]
+    os.makedirs(args.out_dir, exist_ok=True)
+    pngs = plots.routing_report(layers, model.config.num_experts, args.out_dir,
+                                {name: s.pairs / max(s.tokens, 1) for name, s in stats.items()})
+    return {"task": "analyze", "checkpoint": path, "model_task": task, "texts": len(texts),
+            "inputs": args.input or f"built-in test split (first {len(texts)})", **pngs, "layers": layers}
