@@ -65,6 +65,7 @@ class RoutingStats:
         self.by_kind = defaultdict(lambda: np.zeros(E, dtype=np.int64))  # kind -> assignments per expert
         self.kind_tokens = defaultdict(int)
         self.by_class = np.zeros((num_classes, E), dtype=np.int64)
+        self.class_tokens = np.zeros(num_classes, dtype=np.int64)
         self.pairs = np.zeros((E, E), dtype=np.int64)
         self.entropy_sum, self.tokens = 0.0, 0
 
@@ -81,6 +82,7 @@ class RoutingStats:
             self.kind_tokens[kind] += int(rows.sum())
         if classes is not None:
             np.add.at(self.by_class, classes, onehot.astype(np.int64))
+            np.add.at(self.class_tokens, classes, 1)
         self.pairs += (onehot.T @ onehot).astype(np.int64) * (1 - np.eye(E, dtype=np.int64))
 
     def summary(self, name: str, class_names: list[str] | None) -> dict:
@@ -94,14 +96,15 @@ class RoutingStats:
                "entropy_max": round(math.log(E), 4),
                "load_cv": round(float(load.std() / max(load.mean(), 1e-12)), 4),
                "load_share": [round(float(s), 4) for s in share],
+               # share: the fraction of the kind's tokens each expert computed (top_k per token in all)
                "by_kind": {k: {"tokens": self.kind_tokens[k],
-                               "share": [round(float(x), 4) for x in v / max(v.sum(), 1)]}
+                               "share": [round(float(x), 4) for x in v / max(self.kind_tokens[k], 1)]}
                            for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1].sum())},
                "top_pairs": [{"experts": [i, j], "share_of_tokens": round(n / max(self.tokens, 1), 4)}
                              for n, i, j in top if n]}
         if class_names is not None:
-            out["by_class"] = {c: [round(float(x), 4) for x in row / max(row.sum(), 1)]
-                               for c, row in zip(class_names, self.by_class)}
+            out["by_class"] = {c: [round(float(x), 4) for x in row / max(n, 1)]
+                               for c, row, n in zip(class_names, self.by_class, self.class_tokens)}
         return out
 
 

@@ -53,12 +53,14 @@ class ModelConfig(MoEConfig):
     n_heads: int = 4
     num_layers: int = 2           # 0 (classifier): pooled embeddings -> one MoE layer -> head
     d_ff: int = 256               # hidden width of one expert
+    dense_ff: int = 0             # hidden width of the dense FFN layers (0: (top_k + shared_experts) * d_ff, the
+                                  # active width of an MoE layer; upcycling sets it to the dense model's width)
     dropout: float = 0.1
     rope: ClassVar[bool] = False  # rotary positions: a field of the seq2seq model only
 
     def __post_init__(self):
         for name, lo in (("vocab_size", 1), ("max_len", 2), ("d_model", 1), ("n_heads", 1), ("d_ff", 1),
-                         ("num_layers", 0), ("num_experts", 0)):
+                         ("dense_ff", 0), ("num_layers", 0), ("num_experts", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
         if self.d_model % self.n_heads:
@@ -94,6 +96,11 @@ class ModelConfig(MoEConfig):
     def depth(self) -> int:
         """The deepest stack's number of blocks (what moe_layers indexes)."""
         return self.num_layers
+
+    def dense_hidden(self) -> int:
+        """Hidden width of a dense FFN layer: by default an MoE layer's active width, so a dense twin
+        (num_experts=0) has the same active parameters per token."""
+        return self.dense_ff or self.d_ff * (self.top_k + self.shared_experts)
 
     def is_moe_layer(self, i: int) -> bool:
         if self.num_experts == 0 or self.moe_layers == "none":
@@ -538,9 +545,7 @@ class Block(nn.Module):
         self.cross = Attention(config) if cross else None
         self.norm_cross = RMSNorm(config.d_model) if cross else None
         self.norm2 = RMSNorm(config.d_model)
-        # a dense layer gets the active width of an MoE layer (top_k + shared experts): same active parameters
-        hidden = config.d_ff * (config.top_k + config.shared_experts)
-        self.ffn = MoE(config, causal) if use_moe else FeedForward(config.d_model, hidden)
+        self.ffn = MoE(config, causal) if use_moe else FeedForward(config.d_model, config.dense_hidden())
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None, pos=None):
@@ -644,7 +649,7 @@ def count_params(model: nn.Module, config: ModelConfig) -> tuple[int, int]:
 def upcycled_config(moe_cfg: ModelConfig, dense_cfg: ModelConfig) -> ModelConfig:
     """The config of an MoE upcycled from a dense model (Komatsuzaki et al. 2022): the dense model's shape and
     task fields, the MoE fields of `moe_cfg`, and experts as wide as the dense FFN (each starts as a copy of it,
-    so d_ff = the dense hidden width, (top_k + shared_experts) * d_ff of the dense config)."""
+    so d_ff = the dense hidden width; the layers that stay dense keep it too, as dense_ff)."""
     if dense_cfg.num_experts:
         raise ValueError(f"it is an MoE already (num_experts={dense_cfg.num_experts}); upcycling starts from a "
                          "dense model (trained with --num_experts 0)")
@@ -654,7 +659,8 @@ def upcycled_config(moe_cfg: ModelConfig, dense_cfg: ModelConfig) -> ModelConfig
         raise ValueError(f"shared_experts={moe_cfg.shared_experts}: the dense FFN becomes the routed experts; "
                          "upcycle with shared_experts=0")
     moe = {f.name: getattr(moe_cfg, f.name) for f in fields(MoEConfig)}
-    return replace(dense_cfg, **moe, d_ff=dense_cfg.d_ff * (dense_cfg.top_k + dense_cfg.shared_experts))
+    hidden = dense_cfg.dense_hidden()
+    return replace(dense_cfg, **moe, d_ff=hidden, dense_ff=hidden)
 
 
 @torch.no_grad()

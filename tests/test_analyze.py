@@ -17,8 +17,8 @@ def check_layer(layer: dict, tokens: int, num_experts: int = 4, top_k: int = 2):
     assert layer["tokens"] == tokens
     assert sum(v["tokens"] for v in layer["by_kind"].values()) == tokens
     assert sum(layer["load_share"]) == pytest.approx(1, abs=1e-3) and len(layer["load_share"]) == num_experts
-    for v in layer["by_kind"].values():
-        assert sum(v["share"]) == pytest.approx(1, abs=1e-3)
+    for v in layer["by_kind"].values():  # the fraction of the kind's tokens each expert computed: top_k in all
+        assert sum(v["share"]) == pytest.approx(top_k, abs=1e-3) and max(v["share"]) <= 1
     assert 0 <= layer["entropy"] <= layer["entropy_max"] + 1e-6
     assert layer["load_cv"] >= 0
     # each token has top_k = 2 experts, so exactly one pair: the pair shares over all pairs sum to 1
@@ -56,6 +56,7 @@ def test_analyze_classifier_by_class_on_its_test_split(trained_cls, tmp_path):
     assert out["model_task"] == "cls" and out["texts"] == 1000
     for layer in out["layers"]:
         assert set(layer["by_class"]) == {"negative", "positive"}
+        assert all(sum(row) == pytest.approx(2, abs=1e-3) for row in layer["by_class"].values())  # top_k each
         assert layer["by_kind"]["special"]["tokens"] == 2 * 1000  # [CLS] and [SEP] of each text
         assert layer["by_kind"]["CJK"]["tokens"] > 10_000
     assert os.path.getsize(out["by_class_png"]) > 10_000

@@ -267,11 +267,12 @@ def test_upcycling_a_dense_checkpoint_through_main(tmp_path):
         return str(tmp_path / f"{name}.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
 
     dense, dense_run = train("dense", "--num_experts", "0", "--max_steps", "60")
-    upcycled, up_run = train("up", "--init_from", dense, "--max_steps", "2", "--lr", "1e-4")
+    upcycled, up_run = train("up", "--init_from", dense, "--max_steps", "2", "--lr", "1e-4", "--set", "moe_layers=odd")
     _, fresh_run = train("fresh", "--max_steps", "2", "--lr", "1e-4")
     assert up_run["val_loss"] < dense_run["val_loss"] + 0.05 < fresh_run["val_loss"] - 0.5
     saved, source = torch.load(upcycled, weights_only=True), torch.load(dense, weights_only=True)
-    assert saved["model_config"]["num_experts"] == 4 and saved["model_config"]["d_ff"] == 64  # top_k * d_ff
+    assert saved["model_config"]["num_experts"] == 4 and saved["model_config"]["moe_layers"] == "odd"
+    assert saved["model_config"]["d_ff"] == saved["model_config"]["dense_ff"] == 64  # the dense width, top_k * 32
     assert saved["train_config"]["init_from"] == dense and saved["tokenizer"] == source["tokenizer"]
     for flags, message in ((["--init_from", upcycled], "MoE already"),
                            (["--init_from", dense, "--num_experts", "0"], "upcycling builds an MoE"),

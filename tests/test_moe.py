@@ -417,14 +417,14 @@ def test_bias_is_saved_resumed_and_updated_by_the_trainer():
     assert float(out.aux_loss.detach()) == pytest.approx(0.001 * float(out.z_loss))  # no balance loss added under "bias"
 
 
-@pytest.mark.parametrize("task", ["cls", "lm", "seq2seq"])
-def test_upcycled_moe_computes_the_dense_model_at_step_0(task):
+@pytest.mark.parametrize("task,moe_layers", [("cls", "all"), ("lm", "all"), ("lm", "odd"), ("seq2seq", "odd")])
+def test_upcycled_moe_computes_the_dense_model_at_step_0(task, moe_layers):
     from models import MODEL_CONFIGS, build_model, upcycle, upcycled_config
     shape = dict(vocab_size=60, max_len=16, d_model=32, n_heads=2, num_layers=2, d_ff=24, dropout=0.0)
     torch.manual_seed(0)
     dense = build_model(task, MODEL_CONFIGS[task](**shape, num_experts=0)).eval()
-    cfg = upcycled_config(MODEL_CONFIGS[task](**shape, num_experts=4, top_k=2), dense.config)
-    assert cfg.d_ff == 48 and cfg.num_experts == 4  # experts as wide as the dense FFN (top_k * d_ff)
+    cfg = upcycled_config(MODEL_CONFIGS[task](**shape, num_experts=4, top_k=2, moe_layers=moe_layers), dense.config)
+    assert cfg.d_ff == cfg.dense_ff == 48 and cfg.num_experts == 4  # experts and dense layers: the dense width
     moe = build_model(task, cfg)
     upcycle(moe, dense.state_dict(), noise=0.0)
     moe.eval()
@@ -435,7 +435,8 @@ def test_upcycled_moe_computes_the_dense_model_at_step_0(task):
         want, got = dense(*args)[0], moe(*args)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     routers = [m.gate.weight for m in moe.modules() if isinstance(m, MoE)]
-    assert len(routers) == cfg.num_layers * (2 if task == "seq2seq" else 1) and all(r.abs().sum() > 0 for r in routers)
+    per_stack = cfg.num_layers if moe_layers == "all" else cfg.num_layers // 2
+    assert len(routers) == per_stack * (2 if task == "seq2seq" else 1) and all(r.abs().sum() > 0 for r in routers)
 
 
 def test_upcycling_noise_parts_the_experts_and_bad_sources_are_refused():
