@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from analyze import token_kind
 from test_cli import run_main
