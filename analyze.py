@@ -27,7 +27,6 @@ from models import MoE
 
 ANALYZE_TEXTS = 1000  # texts of the built-in test split analysed by default
 TOKEN_KINDS = ("CJK", "punctuation", "digit", "Latin", "byte fragment", "special", "other")
-TRAIN_HINTS = {t: f"python main.py --train --task {t}" for t in ("cls", "lm", "seq2seq")}
 
 
 def token_kind(piece: str) -> str:
@@ -54,7 +53,7 @@ def token_kind(piece: str) -> str:
 
 def checkpoint_task(path: str) -> str:
     """The task a checkpoint was trained for (so --analyze needs no --task)."""
-    return load_checkpoint(path, TRAIN_HINTS["cls"]).get("task", "cls")
+    return load_checkpoint(path, "python main.py --train --task cls|lm|seq2seq").get("task", "cls")
 
 
 class RoutingStats:
@@ -182,7 +181,7 @@ def analyze(args, device) -> dict:
     task = checkpoint_task(path)
     if args.task and args.task != task:
         raise DataError(f"{path}: a {task!r} checkpoint, not a {args.task!r} one")
-    model, tokenizer, ckpt = load_trained(path, task, TRAIN_HINTS[task], device)
+    model, tokenizer, ckpt = load_trained(path, task, f"python main.py --train --task {task}", device)
     if not model.config.num_experts:
         raise DataError(f"{path}: a dense model (num_experts 0): no routing to analyse")
     if args.input:
