@@ -18,7 +18,8 @@ A task module (task_cls, task_lm, task_s2s) gives the pipeline the same small in
                                                     the classifier's masked-LM) -> (summary, resume for fit)
     baselines(args, train_cfg) (optional)           -> {name: results} added to the --compare table
 
-Adding a task means writing one such module and naming it in main.TASK_MODULES and models.build_model.
+Adding a task means writing one such module and naming it in main.run (its task table, TASKS) and
+models.build_model.
 """
 from __future__ import annotations
 
