@@ -13,7 +13,6 @@ classifier) to --out_dir and returns the numbers for one JSON line.
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 from collections import defaultdict
 
@@ -177,10 +176,7 @@ def batches(task: str, model, tokenizer, texts: list, device, batch_size: int = 
 
 @torch.no_grad()
 def analyze(args, device) -> dict:
-    path = args.checkpoint
-    task = checkpoint_task(path)
-    if args.task and args.task != task:
-        raise DataError(f"{path}: a {task!r} checkpoint, not a {args.task!r} one")
+    path, task = args.checkpoint, args.task  # main.py read the task from the checkpoint when --task was not given
     model, tokenizer, ckpt = load_trained(path, task, f"python main.py --train --task {task}", device)
     if not model.config.num_experts:
         raise DataError(f"{path}: a dense model (num_experts 0): no routing to analyse")
@@ -219,7 +215,6 @@ def analyze(args, device) -> dict:
     finally:
         recorder.close()
     layers = [s.summary(name, class_names) for name, s in stats.items()]
-    os.makedirs(args.out_dir, exist_ok=True)
     pngs = plots.routing_report(layers, model.config.num_experts, args.out_dir,
                                 {name: s.pairs / max(s.tokens, 1) for name, s in stats.items()})
     return {"task": "analyze", "checkpoint": path, "model_task": task, "texts": len(texts),
