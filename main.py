@@ -360,6 +360,8 @@ def run(args) -> int:
         train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device),
                             compile=resolve_compile(train_cfg.compile, device))
         rank, world = dist_info()
+        if train_cfg.expert_parallel:
+            check_expert_parallel(model_cfg.num_experts, world)
         if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
             train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
             args.quiet = args.quiet or rank > 0
@@ -417,6 +419,17 @@ def run(args) -> int:
             raise DataError("--eval needs --input FILE")
         print(json.dumps(task_lm.eval_file(args, device), ensure_ascii=False))
     return 0
+
+
+def check_expert_parallel(num_experts: int, world: int) -> None:
+    """expert_parallel=true shares each layer's experts out among the torchrun processes: there must be some."""
+    from data import DataError
+    if world == 1:
+        raise DataError("--set expert_parallel=true: run under torchrun with 2+ processes "
+                        "(torchrun --nproc_per_node=2 main.py --train ...)")
+    if num_experts == 0 or num_experts % world:
+        raise DataError(f"--set expert_parallel=true: num_experts={num_experts} must be a positive multiple of the "
+                        f"{world} processes")
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+import expert_parallel
 from checkpoint import save_checkpoint
 from models import MoE
 
@@ -64,6 +65,8 @@ class TrainConfig:
     init_from: str = ""           # sparse upcycling: a dense checkpoint of the same task whose weights start the
                                   # MoE (each expert a copy of its FFN; models.upcycle); "" trains from scratch
     upcycle_noise: float = 0.01   # noise on the upcycled experts' weights, times each matrix's std
+    expert_parallel: bool = False # under torchrun: each process holds E/P experts of every MoE layer and the
+                                  # tokens travel to them (expert_parallel.py); the rest stays data parallel
     log_every: int = 10           # steps between metrics-log rows
     eval_every: int = 0           # steps between evaluations (0: once per epoch)
 
@@ -439,7 +442,7 @@ def train_step(net, batches: Iterator[dict], cfg: TrainConfig, device, scaler, s
 def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float) -> torch.Tensor | None:
     """Unscale, clip (returns the norm before clipping), step the optimizer, the scaler and the schedule."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    grad_norm = expert_parallel.clip_grad_norm_(model, grad_clip) if grad_clip else None
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -496,9 +499,9 @@ def evaluate_and_keep_best(state: TrainState, evaluate: Callable[[], dict], sele
         on_best(metrics)
 
 
-def resume_payload(state: TrainState, optimizer, scheduler, scaler) -> dict:
+def resume_payload(state: TrainState, optimizer, scheduler, scaler, optimizer_state: dict | None = None) -> dict:
     """What <checkpoint>.last.pt holds beside the weights so that --resume goes on exactly (see restore)."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+    return {"optimizer": optimizer_state or optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "step": state.step, "consumed": state.consumed, "skipped": state.skipped,
             "best": {k: v for k, v in state.best.items() if not k.startswith("_")},  # plain data, no arrays
             "best_score": state.best_score, "train_seconds": state.seconds(), "rng": rng_state()}
@@ -506,8 +509,8 @@ def resume_payload(state: TrainState, optimizer, scheduler, scaler) -> dict:
 
 def restore(resume: dict, model: nn.Module, optimizer, scheduler, scaler, batches: Iterator[dict]) -> TrainState:
     """The inverse of resume_payload: weights, optimizer, schedule, clock, data position and RNG."""
-    model.load_state_dict(resume["state_dict"])
-    optimizer.load_state_dict(resume["optimizer"])
+    model.load_state_dict(resume["state_dict"])  # expert parallel: each rank takes its experts' slice
+    optimizer.load_state_dict(expert_parallel.local_optimizer_state(resume["optimizer"], model, optimizer))
     scheduler.load_state_dict(resume["scheduler"])
     scaler.load_state_dict(resume["scaler"])
     state = TrainState(step=resume["step"], consumed=resume["consumed"], skipped=resume["skipped"],
@@ -531,6 +534,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
 
     Under torchrun, the model is wrapped in DistributedDataParallel and `batches` (global batches, the same on
     every rank) are sharded; only rank 0 evaluates, logs and calls `on_best`, and rank 0 decides when to stop.
+    With cfg.expert_parallel each rank trains its share of the experts (expert_parallel.py); they are whole
+    while rank 0 evaluates and saves, and again when fit returns.
 
     `last` = (path, payload): after every evaluation, at the end and on Ctrl-C, payload(metrics) plus the
     optimizer, scheduler, scaler, step, RNG and data position is written there; `resume` is that dict loaded
@@ -552,12 +557,20 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     main = rank == 0
     quiet = quiet or not main
     net = model  # what the training step calls: the model, or its DDP wrapper
+    sharded = world > 1 and cfg.expert_parallel
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         batches = shard(batches, rank, world)
+        # each rank's experts are its own: DDP leaves them alone
+        own = expert_parallel.shard(model, rank, world) if sharded else []
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, own)
         # an expert or the segment embedding can go unused in a step, which DDP must be told about
         net = DistributedDataParallel(model, find_unused_parameters=True)
-    eager_net, compiling = net, resolve_compile(cfg.compile, device) == "on"  # until the first compiled step ran
+    compiling = resolve_compile(cfg.compile, device) == "on"  # until the first compiled step ran
+    if compiling and sharded:  # the token exchange has data-dependent sizes
+        say("note: torch.compile is not used with expert_parallel; training eagerly")
+        compiling = False
+    eager_net = net
     if compiling:
         net = torch.compile(net)
     optimizer = build_optimizer(model, cfg, device)
@@ -575,11 +588,11 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
     if resume:
         state = restore(resume, model, optimizer, scheduler, scaler, batches)
 
-    def save_last() -> None:
-        if last and main:
+    def save_last(optimizer_state: dict | None = None) -> None:
+        if last and main and (optimizer_state or not sharded):  # sharded: only inside whole_experts
             path, payload = last
             save_checkpoint(path, {**payload(state.best), "resume": resume_payload(state, optimizer, scheduler,
-                                                                                   scaler)})
+                                                                                   scaler, optimizer_state)})
 
     window = LogWindow()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
@@ -628,10 +641,11 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
             budget_done = out_of_time()
             halting = cfg.halt_after and state.step >= cfg.halt_after
             if state.step % eval_every == 0 or state.step == total_steps or budget_done or halting:
-                if main:
-                    evaluate_and_keep_best(state, evaluate, select, on_best, log, steps_per_epoch,
-                                           None if quiet else say)
-                    save_last()
+                with expert_parallel.whole_experts(model, optimizer) as optimizer_state:  # all ranks, if sharded
+                    if main:
+                        evaluate_and_keep_best(state, evaluate, select, on_best, log, steps_per_epoch,
+                                               None if quiet else say)
+                        save_last(optimizer_state)
                 if world > 1:
                     torch.distributed.barrier()  # the other ranks wait while rank 0 evaluates and saves
     except KeyboardInterrupt:
@@ -641,6 +655,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         raise
     finally:
         bar.close()
+    if sharded:
+        expert_parallel.unshard(model)
     if state.skipped:
         say(f"warning: {state.skipped} batch(es) skipped for CUDA out-of-memory")
     return {**state.best, "steps": state.step, "train_seconds": state.seconds(), "skipped_batches": state.skipped,
