@@ -111,7 +111,8 @@ def lm_expert_heatmap(layer_share: np.ndarray, tokens: list[str], token_experts:
              "layer")
     ax = axes[1]
     cmap = plt.get_cmap("tab10" if E <= 10 else "tab20", E)
-    im = ax.imshow(token_experts, aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5)
+    # -1: the token went to no expert (expert choice): left blank
+    im = ax.imshow(np.ma.masked_less(token_experts, 0), aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5)
     if font:
         ax.set_xticks(range(len(tokens)), [t.replace("\n", "\\n") for t in tokens], fontfamily=font, fontsize=8)
         ax.set_xlabel("token of a test sentence")

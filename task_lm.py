@@ -13,7 +13,7 @@ import torch
 
 import plots
 from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
-from models import MoE, ModelConfig
+from models import MoE, ModelConfig, Routing
 from tokenizer import load_or_train
 from checkpoint import load_trained
 from trainer import TrainConfig, autocast
@@ -151,8 +151,14 @@ def routing_trace(model, tokenizer, text: str, forward=None):
     finally:
         for h in hooks:
             h.remove()
-    experts = [mod.route(x.reshape(-1, x.size(-1)))[3][:, 0].cpu().numpy() for mod, x in captured]
+    experts = [top_expert(mod.assign(x.reshape(-1, x.size(-1)))).cpu().numpy() for mod, x in captured]
     return [tokenizer.decode([i]) for i in ids], np.stack(experts)
+
+
+def top_expert(r: Routing) -> torch.Tensor:
+    """(N,) the expert giving each token its largest combine weight; -1 where no expert took it (expert choice)."""
+    weights = torch.zeros_like(r.probs).index_put_((r.tok, r.expert), r.weight.float())  # (N, E)
+    return torch.where(weights.sum(1) > 0, weights.argmax(1), -1)
 
 
 # -----------------------------------------------------------------------------

@@ -512,3 +512,18 @@ def test_expert_choice_only_where_no_future_leaks():
     assert [b.ffn.expert_choice for b in s2s.decoder] == [False, False]  # the decoder keeps token choice
     assert all(b.ffn.expert_choice for b in Classifier(tiny(routing="expert", num_layers=2)).blocks)
     assert not any(b.ffn.expert_choice for b in LanguageModel(LMConfig(vocab_size=50, d_model=32, n_heads=2)).blocks)
+
+
+def test_heatmap_trace_takes_each_tokens_heaviest_expert_under_both_routings():
+    from task_lm import top_expert
+    torch.manual_seed(0)
+    flat = torch.randn(17, 32)
+    token = MoE(tiny())
+    r = token.assign(flat)
+    assert top_expert(r).tolist() == r.probs.argmax(1).tolist()  # token choice: the router's top-1
+    chooser = MoE(tiny(routing="expert", top_k=1))  # 4 experts x 5 tokens for 17 tokens: some go to none
+    r = chooser.assign(flat)
+    _, taken = expert_choice_reference(chooser, flat)
+    want = torch.where(taken.sum(1) > 0, (r.probs * taken).argmax(1), -1)  # -1: no expert took the token
+    assert top_expert(r).tolist() == want.tolist()
+    assert (want == -1).any()
