@@ -443,12 +443,15 @@ class MoE(nn.Module):
         self.pending_load = None
 
     def route(self, x):
-        """x (N, C) -> router_logits (N, E) fp32, routing_weights (N, K), selected_experts (N, K)."""
+        """x (N, C) -> router_logits (N, E) fp32 (noised in training, if noisy), probs (N, E)."""
         router_logits = self.gate(x).float()
         if self.noise is not None and self.training:
             noise_std = F.softplus(self.noise(x).float() + self.noise_offset)  # (N, E), learned per token
             router_logits = router_logits + torch.randn_like(router_logits) * noise_std
-        probs = router_logits.softmax(dim=-1)  # (N, E), float32 for a stable softmax under bf16
+        return router_logits, router_logits.softmax(dim=-1)  # float32 for a stable softmax under bf16
+
+    def select(self, probs):
+        """Token choice: probs (N, E) -> routing_weights (N, K), selected_experts (N, K)."""
         if self.expert_bias is not None:  # the bias picks the experts; the weights stay the probabilities
             selected_experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, K)
             routing_weights = probs.gather(1, selected_experts)
@@ -456,13 +459,13 @@ class MoE(nn.Module):
             routing_weights, selected_experts = probs.topk(self.top_k, dim=-1)  # (N, K)
         if self.norm_topk_prob:
             routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-        return router_logits, probs, routing_weights, selected_experts
+        return routing_weights, selected_experts
 
     def assign(self, flat) -> Routing:
         """flat (N, C) real tokens -> Routing: which token goes to which expert with what weight, grouped by
         expert (M assignments; M = N * K under token choice without drops)."""
         N, E, K = flat.size(0), self.num_experts, self.top_k
-        router_logits, probs, routing_weights, selected_experts = self.route(flat)
+        router_logits, probs = self.route(flat)
         if self.expert_choice:
             # each expert takes the tokens it scores highest: the same number for every expert
             capacity = min(N, math.ceil((self.capacity_factor or 1.0) * N * K / E))
@@ -473,6 +476,7 @@ class MoE(nn.Module):
             return Routing(router_logits, probs, tok.reshape(-1), expert, weight.reshape(-1), counts, counts,
                            N - picked.sum())  # dropped: tokens no expert took (the residual carries them)
         # ---- token choice: sort the N*K assignments by expert
+        routing_weights, selected_experts = self.select(probs)
         expert_of = selected_experts.reshape(-1)  # (N*K,)
         weight_of = routing_weights.reshape(-1)  # (N*K,)
         # (E,) assignments wanted per expert; not bincount, whose output size depends on the data (a host sync on

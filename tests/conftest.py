@@ -1,4 +1,4 @@
-"""Session fixtures: each tiny model is trained once, on real data, through main.py as a user runs it, and
+"""Session fixtures: each tiny model is trained once, on real data, by `python main.py` as a user runs it, and
 shared by every test file that reads it (a test that changes a checkpoint works on a copy)."""
 import json
 
@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 
 import data
-from test_cli import run_main
+from test_cli import run_script
 from test_seq2seq import sentences
 
 
 def train_tiny(directory, task: str, *flags) -> tuple[str, str, dict]:
     """(checkpoint, run dir, the JSON summary) of `main.py --train --task <task> --preset tiny <flags>`."""
     ckpt, out = str(directory / f"{task}.pt"), str(directory / f"run_{task}")
-    proc = run_main("--train", "--task", task, "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out, *flags)
+    proc = run_script("--train", "--task", task, "--preset", "tiny", "--checkpoint", ckpt, "--out_dir", out, *flags)
     return ckpt, out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 

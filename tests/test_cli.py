@@ -1,8 +1,11 @@
-"""main.py end to end, as a user runs it: subprocesses on the tiny preset and real data."""
+"""main.py end to end, as a user runs it, on the tiny preset and real data."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pandas as pd
 import pytest
@@ -12,11 +15,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "reviews_small.csv")
 
 
-def run_main(*args, check=True):
+def run_script(*args, check=True) -> subprocess.CompletedProcess:
+    """`python main.py <args> --quiet` in its own process, from the repository root."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_main(*args, check=True) -> subprocess.CompletedProcess:
+    """The same as run_script, with main.main() called in this process: its exit code and what it printed (an
+    uncaught exception is printed as a traceback with exit 1, as Python would). It saves the ~3 s torch import of a
+    new process per call; the session's trained models (conftest.py) and the signal and torchrun tests use
+    real processes."""
+    import main
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the default outputs (checkpoints/, runs/) land where a user in the repository gets them
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main.main([*args, "--quiet"])
+            except SystemExit as e:  # argparse's way out
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+    proc = subprocess.CompletedProcess(["main.py", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{proc.stderr[-3000:]}")
     return proc
 
 
