@@ -50,8 +50,11 @@ class ShardedExperts(Experts):
 
     def __init__(self, whole: Experts, rank: int, world: int):
         E = whole.num_experts
+        if E % world:
+            raise ValueError(f"expert_parallel: num_experts={E} must be a multiple of the {world} processes")
         local = E // world
-        super().__init__(local, whole.w_up.size(1), whole.w_up.size(2), whole.impl)
+        with torch.random.fork_rng(devices=[]):  # overwritten below: leave the random stream as one process has it
+            super().__init__(local, whole.w_up.size(1), whole.w_up.size(2), whole.impl)
         self.rank, self.world, self.total = rank, world, E
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -84,7 +87,8 @@ class ShardedExperts(Experts):
 
     def gathered(self) -> Experts:
         """All E experts, every rank's slice gathered (a collective: every rank calls it)."""
-        whole = Experts(self.total, self.w_up.size(1), self.w_up.size(2), self.impl).to(self.w_up.device)
+        with torch.random.fork_rng(devices=[]):  # overwritten below
+            whole = Experts(self.total, self.w_up.size(1), self.w_up.size(2), self.impl).to(self.w_up.device)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 getattr(whole, name).copy_(all_gather_rows(p.detach()))

@@ -390,10 +390,12 @@ def count_tokens(batch: dict) -> torch.Tensor | int:
 
 def step_info(infos: list[dict]) -> dict:
     """The logged parts of one optimizer step's micro-batches: CE and aux losses averaged, expert counts summed
-    per layer. Still device tensors; the caller reads them (one host sync) only when it logs."""
+    per layer, dropped assignments summed. Still device tensors; the caller reads them (one host sync) only when
+    it logs."""
     n = len(infos)
     return {"ce": sum(i["ce"] for i in infos) / n, "balance": sum(i["balance"] for i in infos) / n,
-            "z": sum(i["z"] for i in infos) / n, "counts": [sum(c) for c in zip(*(i["counts"] for i in infos))]}
+            "z": sum(i["z"] for i in infos) / n, "counts": [sum(c) for c in zip(*(i["counts"] for i in infos))],
+            "dropped": sum(i["dropped"] for i in infos)}
 
 
 @dataclass
@@ -478,7 +480,8 @@ def log_step(log: "MetricsLog", bar, state: TrainState, window: LogWindow, loss:
            "aux_z": float(info["z"]), "lr": lr, "tokens_per_s": tok_s,
            "grad_norm": float(grad_norm) if grad_norm is not None else None,
            "expert_load": [(c.float() / c.sum().clamp(min=1)).tolist() for c in info["counts"]],
-           "time": now - state.t0}
+           # assignments cut by capacity_factor (expert choice: tokens no expert took), all MoE layers, this rank
+           "dropped": int(info["dropped"]), "time": now - state.t0}
     log.write(row)
     bar.set_postfix(loss=f"{loss:.3f}", aux=f"{row['aux_balance']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
     return LogWindow()
@@ -501,7 +504,8 @@ def evaluate_and_keep_best(state: TrainState, evaluate: Callable[[], dict], sele
 
 def resume_payload(state: TrainState, optimizer, scheduler, scaler, optimizer_state: dict | None = None) -> dict:
     """What <checkpoint>.last.pt holds beside the weights so that --resume goes on exactly (see restore)."""
-    return {"optimizer": optimizer_state or optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+    return {"optimizer": optimizer_state or optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "step": state.step, "consumed": state.consumed, "skipped": state.skipped,
             "best": {k: v for k, v in state.best.items() if not k.startswith("_")},  # plain data, no arrays
             "best_score": state.best_score, "train_seconds": state.seconds(), "rng": rng_state()}
@@ -568,7 +572,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
         net = DistributedDataParallel(model, find_unused_parameters=True)
     compiling = resolve_compile(cfg.compile, device) == "on"  # until the first compiled step ran
     if compiling and sharded:  # the token exchange has data-dependent sizes
-        say("note: torch.compile is not used with expert_parallel; training eagerly")
+        if not quiet:
+            say("note: torch.compile is not used with expert_parallel; training eagerly")
         compiling = False
     eager_net = net
     if compiling:
@@ -649,9 +654,10 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 if world > 1:
                     torch.distributed.barrier()  # the other ranks wait while rank 0 evaluates and saves
     except KeyboardInterrupt:
-        save_last()
+        save_last()  # sharded: the experts cannot be gathered now; the last evaluation's state stays
         if last:
-            say(f"interrupted at step {state.step}; the state is in {last[0]}: add --resume to go on")
+            at = "the last evaluation's" if sharded else f"step {state.step}'s"
+            say(f"interrupted at step {state.step}; {at} state is in {last[0]}: add --resume to go on")
         raise
     finally:
         bar.close()

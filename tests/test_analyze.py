@@ -74,14 +74,18 @@ def test_analyze_seq2seq_both_stacks_and_refusals(trained_s2s, trained_lm, tmp_p
 
 
 def test_expert_choice_classifier_trains_evenly_loaded(tmp_path):
-    """routing=expert through main.py: every logged expert load is exactly 1/E, --analyze sees the same, and the
-    ONNX export (a data-dependent top-k over the batch) is refused in one line."""
+    """routing=expert through main.py: every logged expert load is exactly 1/E, the tokens no expert took are
+    logged, --analyze sees the same loads, and the ONNX export (a data-dependent top-k over the batch) is refused
+    in one line."""
     ckpt, out = str(tmp_path / "ec.pt"), str(tmp_path / "run")
     run_main("--train", "--task", "cls", "--preset", "tiny", "--set", "routing=expert", "--max_steps", "30",
              "--checkpoint", ckpt, "--out_dir", out)
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        loads = [row["expert_load"] for row in map(json.loads, f) if row.get("expert_load")]
+        rows = [row for row in map(json.loads, f) if row.get("expert_load")]
+    loads = [row["expert_load"] for row in rows]
     assert loads and all(share == pytest.approx(0.25) for row in loads for layer in row for share in layer)
+    # the tokens no expert took are logged (a token may get 0..E experts)
+    assert all(row["dropped"] >= 0 for row in rows) and any(row["dropped"] > 0 for row in rows)
     result = analyze("--checkpoint", ckpt, "--out_dir", out)
     assert all(s == pytest.approx(0.25, abs=1e-3) for layer in result["layers"] for s in layer["load_share"])
     bad = run_main("--export", "onnx", "--checkpoint", ckpt, check=False)
