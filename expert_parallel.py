@@ -135,13 +135,14 @@ def whole_experts(model: nn.Module, optimizer: torch.optim.Optimizer):
     if not layers:
         yield None
         return
-    state = optimizer.state_dict()
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, never changed
     index = optimizer_index(optimizer)
     for m in layers:
         for p in m.experts.parameters():
-            for key, v in state["state"].get(index[id(p)], {}).items():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    state["state"][index[id(p)]][key] = all_gather_rows(v)
+            i = index[id(p)]
+            if i in state["state"]:
+                state["state"][i] = {key: all_gather_rows(v) if torch.is_tensor(v) and v.shape == p.shape else v
+                                     for key, v in state["state"][i].items()}
     shards = [m.experts for m in layers]
     for m in layers:
         m.experts = m.experts.gathered()
@@ -156,11 +157,13 @@ def local_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim.
     """A saved optimizer state_dict (whole expert moments) -> this rank's (its experts' slice)."""
     index = optimizer_index(optimizer)
     for m in sharded_layers(model):
-        local, rank = m.experts.num_experts, m.experts.rank
+        local, rank, total = m.experts.num_experts, m.experts.rank, m.experts.total
         for p in m.experts.parameters():
-            for key, v in state["state"].get(index[id(p)], {}).items():
-                if torch.is_tensor(v) and v.dim() and v.size(0) == m.experts.total != local:
-                    state["state"][index[id(p)]][key] = v[rank * local:(rank + 1) * local]
+            i = index[id(p)]
+            if i in state["state"]:
+                state["state"][i] = {key: v[rank * local:(rank + 1) * local]
+                                     if torch.is_tensor(v) and v.dim() and v.size(0) == total != local else v
+                                     for key, v in state["state"][i].items()}
     return state
 
 

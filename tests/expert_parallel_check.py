@@ -77,6 +77,16 @@ def check(task: str, extra: dict) -> None:
             torch.testing.assert_close(p, q, **close, msg=lambda m: f"{task} weight {name}: {m}")
         for i, s in opt_ref.state_dict()["state"].items():
             torch.testing.assert_close(state["state"][i]["exp_avg_sq"], s["exp_avg_sq"], **close)
+    # the optimizer's own moments stayed this rank's slice, and a second step still equals the reference's
+    assert all(s["exp_avg"].shape == p.shape for p, s in opt_ep.state.items())
+    for model, opt, inputs in ((ref, opt_ref, halves), (net, opt_ep, [halves[rank]])):
+        opt.zero_grad()
+        sum(model(**h)[1] for h in inputs).div(len(inputs)).backward()
+        opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        expected = ref_params[name] if name not in own else ref_params[name][rank * local:(rank + 1) * local]
+        torch.testing.assert_close(p, expected, **close, msg=lambda m: f"{task} 2nd step {name}: {m}")
     # a whole state loads back as this rank's slice
     sliced = expert_parallel.local_optimizer_state(state, ep, opt_ep)
     for i, p in enumerate(ep.parameters()):

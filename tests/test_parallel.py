@@ -62,11 +62,12 @@ def test_expert_parallel_layer_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_expert_parallel_training_halts_resumes_and_matches_one_process(tmp_path, single):
-    """main.py --set expert_parallel=true under torchrun: 3 steps, halt, --resume to 6 (the resume state holds
-    whole experts and their AdamW moments, each rank takes its slice back); the losses are one process's, and
-    the checkpoint holds all experts, so one process loads it."""
+    """main.py --set expert_parallel=true under torchrun: 3 steps (evaluated at 2: the experts are gathered and
+    training goes on), halt, --resume to 6 (the resume state holds whole experts and their AdamW moments, each rank
+    takes its slice back); the losses are one process's, and the checkpoint holds all experts, so one process
+    loads it."""
     ep = tmp_path / "ep"
-    flags = [*COMMON, "--batch_size", "4", "--set", "expert_parallel=true", "--set", "eval_every=3",
+    flags = [*COMMON, "--batch_size", "4", "--set", "expert_parallel=true", "--set", "eval_every=2",
              "--checkpoint", str(ep / "lm.pt"), "--out_dir", str(ep)]
     first = torchrun(*flags, "--set", "halt_after=3")
     assert first.returncode == 0, first.stderr[-3000:]
