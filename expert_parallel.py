@@ -174,11 +174,9 @@ def optimizer_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole model, the experts of every rank included: the same norm, and
-    so the same clipping, on every rank."""
+    """torch.nn.utils.clip_grad_norm_ over a sharded model, the experts of every rank included: the same norm, and
+    so the same clipping, on every rank (a collective)."""
     experts = {id(p) for m in sharded_layers(model) for p in m.experts.parameters()}
-    if not experts:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     params = [p for p in model.parameters() if p.grad is not None]
     zero = torch.zeros((), device=params[0].device)
     square = lambda ps: sum((p.grad.detach().float().pow(2).sum() for p in ps), zero)

@@ -441,10 +441,15 @@ def train_step(net, batches: Iterator[dict], cfg: TrainConfig, device, scaler, s
     return loss_sum, infos, tokens
 
 
-def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float) -> torch.Tensor | None:
-    """Unscale, clip (returns the norm before clipping), step the optimizer, the scaler and the schedule."""
+def apply_gradients(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float,
+                    sharded: bool = False) -> torch.Tensor | None:
+    """Unscale, clip (returns the norm before clipping; `sharded`: over every rank's experts), step the optimizer,
+    the scaler and the schedule."""
     scaler.unscale_(optimizer)
-    grad_norm = expert_parallel.clip_grad_norm_(model, grad_clip) if grad_clip else None
+    grad_norm = None
+    if grad_clip:
+        grad_norm = (expert_parallel.clip_grad_norm_(model, grad_clip) if sharded
+                     else torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -634,7 +639,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
                 compiling = False
                 if not quiet:
                     say(f"compiled the training step in {time.time() - t_step:.1f} s (the first step)")
-            grad_norm = apply_gradients(model, optimizer, scheduler, scaler, cfg.grad_clip)
+            grad_norm = apply_gradients(model, optimizer, scheduler, scaler, cfg.grad_clip, sharded)
             state.step += 1
             window.add(loss, tokens)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
