@@ -111,16 +111,18 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
                 compile_modes: tuple = ()) -> dict:
     """Training step time on real batches of each task:preset (task cls also times its masked-LM pretraining
     phase, as "mlm"), in the preset's dtype, after 3 warm-up steps: the MoE model (moe_impl "auto", the
-    default), with grouped experts, with the per-expert loop, and its dense twin (num_experts 0, same active
+    default), with grouped experts, with the per-expert loop, with the other routing (token or expert choice;
+    not for the LM), and its dense twin (num_experts 0, same active
     parameters); with each of `compile_modes`, the MoE model and its dense twin under torch.compile too (their
-    warm-up steps compile). Each is timed in `rounds` interleaved rounds of `steps` steps; the fastest counts."""
+    warm-up steps compile). A step is what training does: forward, backward, clipping and the preset's optimizer.
+    Each is timed in `rounds` interleaved rounds of `steps` steps; the fastest counts."""
     from dataclasses import replace
     import main as cli
     from models import MaskedLM, build_model
-    from trainer import autocast, count_tokens, param_groups, resolve_dtype
+    from trainer import autocast, build_optimizer, count_tokens, resolve_dtype
 
     def step_ms_and_tokens_per_s(model, net, batches, dtype):
-        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
+        opt = build_optimizer(model, tcfg, device)  # the preset's optimizer, as training builds it
         model.train()
         n_tokens, t0 = 0, 0.0
         for i in range(steps + 3):
@@ -132,6 +134,8 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
                 _, loss, _ = net(**batch)
             opt.zero_grad()
             loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             opt.step()
             n_tokens = n_tokens + count_tokens(batch)
         sync(device)
@@ -148,6 +152,9 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
             cfg = replace(mcfg, vocab_size=tok.n_vocab)
             variants = {"moe": cfg, "moe_grouped": replace(cfg, moe_impl="grouped"),
                         "moe_loop": replace(cfg, moe_impl="loop"), "dense": replace(cfg, num_experts=0)}
+            if task != "lm":  # the other routing of the encoders (the decoder and the LM are token choice)
+                other = "token" if cfg.routing == "expert" else "expert"
+                variants[f"moe_{other}_choice"] = replace(cfg, routing=other)
             if not cfg.num_experts:
                 variants = {"dense": cfg}
             nets = {}  # name -> (model, what a training step calls)

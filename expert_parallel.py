@@ -61,9 +61,10 @@ class ShardedExperts(Experts):
                 p.copy_(getattr(whole, name)[rank * local:(rank + 1) * local])
         self.to(whole.w_up.device)
 
-    def forward(self, xs, counts, expert_ids):
+    def forward(self, xs, counts, expert_ids, capacity=None):
         """xs (M, C) grouped by expert, counts (E,) over all experts -> (M, C): each row computed by its expert,
-        wherever that expert lives."""
+        wherever that expert lives. `capacity` (expert choice): each of my experts gets every rank's capacity,
+        so they still all have the same number of rows."""
         P, local = self.world, self.num_experts
         send_counts = counts.view(P, local)  # row p: what rank p's experts get from me
         recv_counts = torch.empty_like(send_counts)  # row p: what my experts get from rank p
@@ -72,7 +73,8 @@ class ShardedExperts(Experts):
         arrived = AllToAll.apply(xs, send, recv)  # (R, C) by source rank, then by my expert
         mine = torch.arange(local, device=xs.device).repeat(P).repeat_interleave(recv_counts.reshape(-1))  # (R,)
         order = mine.argsort(stable=True)  # group the arrivals by my expert
-        ys = super().forward(arrived.index_select(0, order), recv_counts.sum(0), mine.index_select(0, order))
+        ys = super().forward(arrived.index_select(0, order), recv_counts.sum(0), mine.index_select(0, order),
+                             sum(recv) // local if capacity is not None else None)
         ys = ys.index_select(0, order.argsort())  # back to arrival order
         return AllToAll.apply(ys, recv, send)  # (M, C) home again, in xs's order
 

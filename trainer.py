@@ -243,7 +243,10 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) 
         groups.append({"params": [ngram.weight], "weight_decay": 0.0, "lr": cfg.ngram_lr})
     if cfg.optimizer == "muon":
         return Muon(groups, lr=cfg.lr, betas=cfg.betas)
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # fused: one kernel for all parameters instead of ~10 ops per tensor. On CPU 4.6x faster than the default
+    # per-tensor loop for the seq2seq MoE's 3.0 M parameters (16.2 -> 3.5 ms a step; dense twin 7.7 -> 1.7 ms;
+    # 2 threads, 2026-12-02), which is 10% of the MoE's training step
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fused)
 
 
