@@ -124,7 +124,7 @@ class Recorder:
             rows = (mask.reshape(-1).nonzero().squeeze(1) if mask is not None
                     else torch.arange(flat.size(0), device=x.device))
             r = module.assign(flat.index_select(0, rows))  # the layer's own choice (token or expert choice)
-            chosen = torch.zeros_like(r.probs).index_put_((r.tok, r.expert), torch.ones_like(r.weight))
+            chosen = r.per_token(torch.ones_like(r.weight))
             self.calls.append((name, r.probs.float().cpu(), chosen.cpu(), rows.cpu(), x.shape[:2]))
         return record
 

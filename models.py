@@ -383,6 +383,10 @@ class Routing(NamedTuple):
     wanted: torch.Tensor   # (E,) assignments each expert was chosen for (before a capacity cut)
     dropped: torch.Tensor  # token choice: assignments cut by the capacity; expert choice: tokens no expert took
 
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """values (M,), one per assignment -> (N, E): each token's value for each expert, 0 where none."""
+        return torch.zeros_like(self.probs).index_put_((self.tok, self.expert), values.to(self.probs.dtype))
+
 
 class MoE(nn.Module):
     """Sparse mixture-of-experts feed-forward layer (top-k routing, dropless by default).

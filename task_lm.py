@@ -157,7 +157,7 @@ def routing_trace(model, tokenizer, text: str, forward=None):
 
 def top_expert(r: Routing) -> torch.Tensor:
     """(N,) the expert giving each token its largest combine weight; -1 where no expert took it (expert choice)."""
-    weights = torch.zeros_like(r.probs).index_put_((r.tok, r.expert), r.weight.float())  # (N, E)
+    weights = r.per_token(r.weight)  # (N, E)
     return torch.where(weights.sum(1) > 0, weights.argmax(1), -1)
 
 
