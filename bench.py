@@ -112,10 +112,10 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
     """Training step time on real batches of each task:preset (task cls also times its masked-LM pretraining
     phase, as "mlm"), in the preset's dtype, after 3 warm-up steps: the MoE model (moe_impl "auto", the
     default), with grouped experts, with the per-expert loop, with the other routing (token or expert choice;
-    not for the LM), and its dense twin (num_experts 0, same active
-    parameters); with each of `compile_modes`, the MoE model and its dense twin under torch.compile too (their
-    warm-up steps compile). A step is what training does: forward, backward, clipping and the preset's optimizer.
-    Each is timed in `rounds` interleaved rounds of `steps` steps; the fastest counts."""
+    not for the LM), and its dense twin (num_experts 0, same active parameters); with each of `compile_modes`,
+    the MoE model and its dense twin under torch.compile too (their warm-up steps compile). A step is what
+    training does: forward, backward, clipping and the preset's optimizer. Each is timed in `rounds`
+    interleaved rounds of `steps` steps; the fastest counts."""
     from dataclasses import replace
     import main as cli
     from models import MaskedLM, build_model
