@@ -340,7 +340,7 @@ class Experts(nn.Module):
         return y + self.b_down.to(dtype).index_select(0, expert_ids)
 
     def _batched(self, xs, capacity):
-        x = xs.view(self.num_experts, capacity, -1)  # (E, cap, C)
+        x = xs.view(self.num_experts, capacity, xs.size(-1))  # (E, cap, C)
         dtype = xs.dtype
         h = torch.baddbmm(self.b_up.to(dtype)[:, None], x, self.w_up.to(dtype))  # (E, cap, H), bias fused
         y = torch.baddbmm(self.b_down.to(dtype)[:, None], F.gelu(h), self.w_down.to(dtype))  # (E, cap, C)

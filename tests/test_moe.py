@@ -518,6 +518,8 @@ def test_expert_choice_batched_experts_equal_the_per_expert_loop():
     torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    y, out = batched(x, torch.zeros(3, 7, dtype=torch.bool))  # nothing to route: every expert takes 0 rows
+    assert y.abs().max() == 0 and out.expert_counts.tolist() == [0] * 8
 
 
 def test_expert_choice_only_where_no_future_leaks():
