@@ -137,14 +137,8 @@ def whole_experts(model: nn.Module, optimizer: torch.optim.Optimizer):
     if not layers:
         yield None
         return
-    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, never changed
-    index = optimizer_index(optimizer)
-    for m in layers:
-        for p in m.experts.parameters():
-            i = index[id(p)]
-            if i in state["state"]:
-                state["state"][i] = {key: all_gather_rows(v) if torch.is_tensor(v) and v.shape == p.shape else v
-                                     for key, v in state["state"][i].items()}
+    state = map_expert_moments(optimizer.state_dict(), model, optimizer,
+                               lambda experts, p, v: all_gather_rows(v) if v.shape == p.shape else v)
     shards = [m.experts for m in layers]
     for m in layers:
         m.experts = m.experts.gathered()
@@ -157,14 +151,22 @@ def whole_experts(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 def local_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """A saved optimizer state_dict (whole expert moments) -> this rank's (its experts' slice)."""
+    def local_slice(experts: ShardedExperts, p, v):
+        local, rank = experts.num_experts, experts.rank
+        return v[rank * local:(rank + 1) * local] if v.dim() and v.size(0) == experts.total != local else v
+    return map_expert_moments(state, model, optimizer, local_slice)
+
+
+def map_expert_moments(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, fn) -> dict:
+    """`state` (the optimizer's state_dict) with every tensor v of each sharded expert parameter p replaced by
+    fn(experts, p, v). Each of those per-parameter dicts is replaced by a new one, never changed in place:
+    state_dict() hands out the optimizer's own dicts."""
     index = optimizer_index(optimizer)
     for m in sharded_layers(model):
-        local, rank, total = m.experts.num_experts, m.experts.rank, m.experts.total
         for p in m.experts.parameters():
             i = index[id(p)]
             if i in state["state"]:
-                state["state"][i] = {key: v[rank * local:(rank + 1) * local]
-                                     if torch.is_tensor(v) and v.dim() and v.size(0) == total != local else v
+                state["state"][i] = {key: fn(m.experts, p, v) if torch.is_tensor(v) else v
                                      for key, v in state["state"][i].items()}
     return state
 
