@@ -181,6 +181,22 @@ def coerce(key: str, value: str, default):
         raise DataError(f"--set {key}={value}: expected a {type(default).__name__}") from None
 
 
+def budget_shape(model_cfg, train_cfg, args):
+    """Under --time_budget: the recipe's batch size (and context length, where its budget_batch entry gives one)
+    for the budget; short runs need many small steps (docs/experiments.md). Explicit values win."""
+    fits = [entry for entry in train_cfg.budget_batch if args.time_budget < entry[0]]
+    if not fits:
+        return model_cfg, train_cfg
+    _, batch, *context = fits[0]
+    explicit = {key for key in ("batch_size", "max_len") if any(
+        item.startswith(f"{key}=") for item in getattr(args, "set", []))}
+    if getattr(args, "batch_size", None) is None and "batch_size" not in explicit:
+        train_cfg = replace(train_cfg, batch_size=int(batch))
+    if context and "max_len" not in explicit:
+        model_cfg = replace(model_cfg, max_len=int(context[0]))
+    return model_cfg, train_cfg
+
+
 def resolve_config(task: str, preset_name: str | None, args=None):
     """(preset name, ModelConfig, TrainConfig) for a task; `args` (parsed flags) override the preset."""
     from data import DataError
@@ -221,18 +237,13 @@ def resolve_config(task: str, preset_name: str | None, args=None):
             raise DataError(f"--set {item!r}: expected KEY=VALUE")
         check_known(key, "--set ")
         values[key] = coerce(key, value, (model_fields.get(key) or train_fields[key]).default)
-    explicit_batch = getattr(args, "batch_size", None) is not None or any(
-        item.startswith("batch_size=") for item in getattr(args, "set", []))
-    if getattr(args, "time_budget", None) and not explicit_batch:
-        # the recipe's batch for this budget: short runs need many small steps (docs/experiments.md)
-        fits = [batch for seconds, batch in values.get("budget_batch", ()) if args.time_budget < seconds]
-        if fits:
-            values["batch_size"] = int(fits[0])
     for key in sorted(values):
         check_known(key, f"configs.json {task}.{preset_name}: ")
     try:
         model_cfg = MODEL_CONFIGS[task](**{k: v for k, v in values.items() if k in model_fields})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+        if getattr(args, "time_budget", None):
+            model_cfg, train_cfg = budget_shape(model_cfg, train_cfg, args)
     except (TypeError, ValueError) as e:
         raise DataError(f"config {task}.{preset_name}: {e}") from None
     return preset_name, model_cfg, train_cfg

@@ -34,8 +34,9 @@ class TrainConfig:
     max_steps: int = 0            # 0: epochs * steps per epoch
     time_budget: float = 0.0      # seconds of training (0: no limit); the schedule then follows the clock
     batch_size: int = 64
-    budget_batch: tuple = ()      # ((seconds, batch), ...): under --time_budget below `seconds`, the batch size
-                                  # (the first pair that fits; measured per recipe, see configs.json); --batch_size wins
+    budget_batch: tuple = ()      # ((seconds, batch[, context]), ...): under --time_budget below `seconds`, the
+                                  # batch size and, if given, the context length max_len (the first entry that fits;
+                                  # measured per recipe, see configs.json); --batch_size / --set max_len= win
     lr: float = 1e-3
     min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = 0.05    # share of the run spent in linear warmup
@@ -102,10 +103,16 @@ class TrainConfig:
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("epochs=0 and max_steps=0: nothing to train")
         self.betas = tuple(self.betas)
-        self.budget_batch = tuple(tuple(pair) for pair in self.budget_batch)
-        if not all(len(pair) == 2 and pair[0] > 0 and int(pair[1]) == pair[1] >= 1 for pair in self.budget_batch):
-            raise ValueError(f"budget_batch={[list(p) for p in self.budget_batch]} must be [seconds, batch] pairs "
-                             "like [[120, 8], [360, 16]]")
+
+        def is_entry(entry) -> bool:  # [seconds > 0, batch >= 1] or [seconds, batch, context >= 1]
+            return (isinstance(entry, (list, tuple)) and len(entry) in (2, 3)
+                    and all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in entry)
+                    and entry[0] > 0 and all(int(n) == n >= 1 for n in entry[1:]))
+
+        if not isinstance(self.budget_batch, (list, tuple)) or not all(map(is_entry, self.budget_batch)):
+            raise ValueError(f"budget_batch={json.dumps(self.budget_batch)} must be [seconds, batch] or "
+                             "[seconds, batch, context] entries like [[120, 8], [360, 32, 64]]")
+        self.budget_batch = tuple(tuple(entry) for entry in self.budget_batch)
 
 
 def pick_device(name: str) -> torch.device:

@@ -241,21 +241,28 @@ def test_muon_optimizer_trains_and_resumes(tmp_path):
     assert summary["steps"] == 60 and summary["val_loss"] < 5.5  # tiny LM starts at ln(400) = 6.0
 
 
-@pytest.mark.parametrize("argv,batch,max_steps", [
-    ([], 32, 730),                                            # the preset: a step count, no clock
-    (["--time_budget", "60"], 8, 0),                          # a short budget: many small steps
-    (["--time_budget", "300"], 16, 0),
-    (["--time_budget", "900"], 32, 0),                        # long enough for the preset's batch
-    (["--time_budget", "60", "--batch_size", "12"], 12, 0),   # an explicit batch wins
-    (["--time_budget", "60", "--set", "batch_size=24"], 24, 0),
-    (["--time_budget", "60", "--max_steps", "50"], 8, 50),    # both limits: whichever comes first
-    (["--time_budget", "60", "--preset", "babygpt"], 12, 0),  # the baseline recipe keeps its own batch
+SHAPE = ["--set", "budget_batch=[[100, 8], [420, 32, 64]]"]  # an entry may set the context length too
+
+
+@pytest.mark.parametrize("argv,batch,context,max_steps", [
+    ([], 32, 128, 730),                                             # the preset: a step count, no clock
+    (["--time_budget", "60"], 8, 128, 0),                           # a short budget: many small steps
+    (["--time_budget", "300"], 16, 128, 0),
+    (["--time_budget", "900"], 32, 128, 0),                         # long enough for the preset's batch
+    (["--time_budget", "60", "--batch_size", "12"], 12, 128, 0),    # an explicit batch wins
+    (["--time_budget", "60", "--set", "batch_size=24"], 24, 128, 0),
+    (["--time_budget", "60", "--max_steps", "50"], 8, 128, 50),     # both limits: whichever comes first
+    (["--time_budget", "60", "--preset", "babygpt"], 12, 64, 0),    # the baseline recipe keeps its own batch
+    (["--time_budget", "300", *SHAPE], 32, 64, 0),
+    (["--time_budget", "300", *SHAPE, "--set", "max_len=96", "--batch_size", "4"], 4, 96, 0),  # explicit wins
+    (["--time_budget", "60", *SHAPE], 8, 128, 0),                   # an entry without a context keeps it
+    (SHAPE, 32, 128, 730),                                          # no budget, no rule
 ])
-def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, max_steps):
+def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, context, max_steps):
     import main
     args = main.build_parser().parse_args(["--train", "--task", "lm", *argv])
-    _, _, train_cfg = main.resolve_config("lm", args.preset, args)
-    assert (train_cfg.batch_size, train_cfg.max_steps) == (batch, max_steps)
+    _, model_cfg, train_cfg = main.resolve_config("lm", args.preset, args)
+    assert (train_cfg.batch_size, model_cfg.max_len, train_cfg.max_steps) == (batch, context, max_steps)
 
 
 def test_upcycling_a_dense_checkpoint_through_main(tmp_path):
