@@ -241,20 +241,20 @@ def test_muon_optimizer_trains_and_resumes(tmp_path):
     assert summary["steps"] == 60 and summary["val_loss"] < 5.5  # tiny LM starts at ln(400) = 6.0
 
 
-SHAPE = ["--set", "budget_batch=[[100, 8], [420, 32, 64]]"]  # an entry may set the context length too
+SHAPE = ["--set", "budget_batch=[[100, 8], [420, 16, 96]]"]  # another rule, to test the mechanism on its own
 
 
 @pytest.mark.parametrize("argv,batch,context,max_steps", [
     ([], 32, 128, 730),                                             # the preset: a step count, no clock
     (["--time_budget", "60"], 8, 128, 0),                           # a short budget: many small steps
-    (["--time_budget", "300"], 16, 128, 0),
+    (["--time_budget", "300"], 32, 64, 0),                          # middle budgets: shorter contexts
     (["--time_budget", "900"], 32, 128, 0),                         # long enough for the preset's batch
     (["--time_budget", "60", "--batch_size", "12"], 12, 128, 0),    # an explicit batch wins
     (["--time_budget", "60", "--set", "batch_size=24"], 24, 128, 0),
     (["--time_budget", "60", "--max_steps", "50"], 8, 128, 50),     # both limits: whichever comes first
     (["--time_budget", "60", "--preset", "babygpt"], 12, 64, 0),    # the baseline recipe keeps its own batch
-    (["--time_budget", "300", *SHAPE], 32, 64, 0),
-    (["--time_budget", "300", *SHAPE, "--set", "max_len=96", "--batch_size", "4"], 4, 96, 0),  # explicit wins
+    (["--time_budget", "300", *SHAPE], 16, 96, 0),
+    (["--time_budget", "300", *SHAPE, "--set", "max_len=80", "--batch_size", "4"], 4, 80, 0),  # explicit wins
     (["--time_budget", "60", *SHAPE], 8, 128, 0),                   # an entry without a context keeps it
     (SHAPE, 32, 128, 730),                                          # no budget, no rule
 ])
