@@ -286,8 +286,9 @@ class Experts(nn.Module):
     Input: the M assignments sorted by expert (xs (M, C), `counts` (E,) rows each, expert_ids (M,)).
     impl "grouped": two F.grouped_mm calls and one GELU for all experts, so the Python op count does not grow
     with E (on CPU grouped_mm still makes one BLAS mm per expert inside: 48 of a layer's 54 mm calls in forward
-    and backward at E 8, profiled 2026-12-02; what is saved is the dispatch around them). impl "loop": one addmm pair per expert on its slice (bias fused); the reference, and the path
-    taken while exporting (ONNX has no grouped matmul) and on CUDA outside bf16 (grouped_mm's CUDA kernels
+    and backward at E 8, profiled 2026-12-02; what is saved is the dispatch around them).
+    impl "loop": one addmm pair per expert on its slice (bias fused); the reference, and the path taken while
+    exporting (ONNX has no grouped matmul) and on CUDA outside bf16 (grouped_mm's CUDA kernels
     want bf16). impl "auto" (default): "loop" on CPU once the average expert gets >= 1,024 rows, else
     "grouped". Measured with `bench.py --only moe` (2-core AMD EPYC, AVX2, fp32, C 128, H 256, top-2, layer
     fwd+bwd, MoE time / dense FFN time): 320 tokens E 4/8/16 grouped 2.9/2.4/2.5 vs loop 3.1/3.5/6.6;
