@@ -181,16 +181,15 @@ def coerce(key: str, value: str, default):
         raise DataError(f"--set {key}={value}: expected a {type(default).__name__}") from None
 
 
-def budget_shape(model_cfg, train_cfg, args):
+def budget_shape(model_cfg, train_cfg, time_budget: float, explicit: set[str]):
     """Under --time_budget: the recipe's batch size (and context length, where its budget_batch entry gives one)
-    for the budget; short runs need many small steps (docs/experiments.md). Explicit values win."""
-    fits = [entry for entry in train_cfg.budget_batch if args.time_budget < entry[0]]
+    for the budget; short runs need many small steps (docs/experiments.md). The `explicit` keys (given by a flag
+    or --set) win."""
+    fits = [entry for entry in train_cfg.budget_batch if time_budget < entry[0]]
     if not fits:
         return model_cfg, train_cfg
     _, batch, *context = fits[0]
-    explicit = {key for key in ("batch_size", "max_len") if any(
-        item.startswith(f"{key}=") for item in getattr(args, "set", []))}
-    if getattr(args, "batch_size", None) is None and "batch_size" not in explicit:
+    if "batch_size" not in explicit:
         train_cfg = replace(train_cfg, batch_size=int(batch))
     if context and "max_len" not in explicit:
         model_cfg = replace(model_cfg, max_len=int(context[0]))
@@ -211,7 +210,8 @@ def resolve_config(task: str, preset_name: str | None, args=None):
     values = dict(presets[preset_name])
     flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
                  "dtype", "seed", "tokenizer", "compile", "optimizer", "init_from")
-    values.update({k: getattr(args, k) for k in flag_keys if getattr(args, k, None) is not None})
+    explicit = {k for k in flag_keys if getattr(args, k, None) is not None}  # keys the command line gave
+    values.update({k: getattr(args, k) for k in explicit})
     for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
         if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
             raise DataError(f"--{flag} {getattr(args, flag)}: must be > 0")
@@ -237,13 +237,14 @@ def resolve_config(task: str, preset_name: str | None, args=None):
             raise DataError(f"--set {item!r}: expected KEY=VALUE")
         check_known(key, "--set ")
         values[key] = coerce(key, value, (model_fields.get(key) or train_fields[key]).default)
+        explicit.add(key)
     for key in sorted(values):
         check_known(key, f"configs.json {task}.{preset_name}: ")
     try:
         model_cfg = MODEL_CONFIGS[task](**{k: v for k, v in values.items() if k in model_fields})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
         if getattr(args, "time_budget", None):
-            model_cfg, train_cfg = budget_shape(model_cfg, train_cfg, args)
+            model_cfg, train_cfg = budget_shape(model_cfg, train_cfg, args.time_budget, explicit)
     except (TypeError, ValueError) as e:
         raise DataError(f"config {task}.{preset_name}: {e}") from None
     return preset_name, model_cfg, train_cfg
