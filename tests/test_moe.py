@@ -306,6 +306,35 @@ def test_orthogonalize_each_expert_matrix_on_its_own():
     assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's "about orthogonal" band (Jordan et al.)
     assert torch.allclose(orthogonalize(g)[0], orthogonalize(g[:1])[0], atol=1e-5)
 
+    x16 = orthogonalize(g, dtype=torch.bfloat16)  # Muon's usual precision, where the hardware has it
+    assert x16.dtype == torch.bfloat16
+    s16 = torch.linalg.svdvals(x16.float())
+    assert s16.min() > 0.5 and s16.max() < 1.5
+
+
+def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch):
+    """Muon orthogonalises all matrices of one shape as one stack; each parameter's update is what the
+    orthogonalisation of its own Nesterov momentum alone gives (fp32, so the reference is exact)."""
+    import math
+    import trainer
+    from models import LanguageModel
+    from trainer import Muon, orthogonalize, param_groups
+    monkeypatch.setattr(trainer, "newton_schulz_dtype", lambda device: torch.float32)
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=32, num_experts=4, top_k=2)
+    model = LanguageModel(cfg)
+    model(torch.randint(0, 64, (4, 16)), targets=torch.randint(0, 64, (4, 16)))[1].backward()
+    groups = param_groups(model, 0.1, muon=True)
+    hidden = [p for g in groups if g.get("muon") for p in g["params"]]
+    assert len({tuple(p.shape[-2:]) for p in hidden}) < len(hidden)  # some shapes are shared: they batch
+    before = {p: p.detach().clone() for p in hidden}
+    lr, wd, momentum = 1e-2, 0.1, 0.95
+    Muon(groups, lr=lr).step()
+    for p in hidden:
+        nesterov = p.grad.lerp(p.grad * (1 - momentum), momentum)  # first step: buffer = (1 - m) grad
+        expected = before[p] * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(p.shape[-2:])) * orthogonalize(nesterov)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
+
 
 def test_wide_ngram_part_is_the_hashed_bag_and_ignores_padding():
     """The classifier's wide part equals the hand-written bag of hashed token 1-3-grams / sqrt(count); padding
