@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CPU and CUDA); fp16: autocast + GradScaler (CUDA only)")
     h.add_argument("--seed", type=int)
     h.add_argument("--optimizer", choices=("adamw", "muon"),
-                   help="adamw (default), or muon: Muon for the hidden matrices of the blocks (per expert for "
-                        "the experts), AdamW for embeddings, norms, router and head, at the same --lr")
+                   help="adamw, or muon: Muon for the hidden matrices of the blocks (per expert for the experts), "
+                        "AdamW for embeddings, norms, router and head, at the same --lr. Default: the preset's "
+                        "(muon for lm and seq2seq; cls fine-tunes with adamw and pretrains with its "
+                        "pretrain_optimizer, muon)")
     h.add_argument("--compile", choices=("auto", "on", "off"),
                    help="torch.compile the training step. auto (default): on for CUDA, off on CPU (measured "
                         "faster / slower there); the first step then takes seconds to minutes; if compiling fails, "

@@ -143,7 +143,10 @@ def train_variants(task, variants: dict, train_cfg: TrainConfig, args, device) -
         a.checkpoint = os.path.join(args.out_dir, name, "model.pt")
         tcfg = same_seconds(train_cfg, next(iter(results.values()))) if i else train_cfg
         if not args.quiet:
-            limit = f", {tcfg.time_budget:.0f} s as the first variant took" if tcfg is not train_cfg else ""
+            spent = [f"{new:.0f} s of {phase}" for phase, old, new in (
+                ("pretraining", train_cfg.pretrain_seconds, tcfg.pretrain_seconds),
+                ("training", train_cfg.time_budget, tcfg.time_budget)) if new != old]
+            limit = f", {' and '.join(spent)} as the first variant took" if spent else ""
             print(f"== {name}{limit} ==", file=sys.stderr)
         results[name] = train(task, cfg, tcfg, a, device)
         curves[name] = MetricsLog.read(os.path.join(a.out_dir, "metrics.jsonl"))

@@ -117,7 +117,8 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
     seqs = windows(encode_texts(tokenizer, texts), model_cfg.max_len - 2)
     val_seqs = encode_texts(tokenizer, val_texts)
     cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
-                  max_steps=train_cfg.pretrain_steps, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0)
+                  max_steps=train_cfg.pretrain_steps, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0,
+                  optimizer=train_cfg.pretrain_optimizer or train_cfg.optimizer)
     steps_per_epoch = -(-len(seqs) // (cfg.batch_size * cfg.accum_steps))
     cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
     if not quiet:

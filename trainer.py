@@ -22,8 +22,8 @@ from models import MoE
 
 
 # TrainConfig fields that only one task reads (main.py refuses them for the others)
-TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seconds", "pretrain_lr", "ngram_lr",
-                             "pretrain_news"),
+TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seconds", "pretrain_lr",
+                             "pretrain_optimizer", "ngram_lr", "pretrain_news"),
                      "seq2seq": ("lexicon_pairs",)}
 
 
@@ -59,6 +59,7 @@ class TrainConfig:
     pretrain_steps: int = 0       # step limit of that phase (0: pretrain_epochs decide)
     pretrain_seconds: float = 0.0 # time limit of that phase (0: none)
     pretrain_lr: float = 0.0      # 0: same as lr
+    pretrain_optimizer: str = ""  # adamw | muon for that phase ("": same as optimizer)
     ngram_lr: float = 0.0         # learning rate of the classifier's hashed n-gram weights (0: same as lr)
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
     lexicon_pairs: int = 0        # seq2seq on the built-in pinyin data: word-list pairs from jieba's dictionary
@@ -74,8 +75,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype={self.dtype!r} must be auto, fp32, bf16 or fp16")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer={self.optimizer!r} must be adamw or muon")
+        for name, allowed in (("optimizer", ("adamw", "muon")), ("pretrain_optimizer", ("", "adamw", "muon"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be adamw or muon")
         if self.tokenizer not in ("bpe", "bpe_hanzi", "char"):
             raise ValueError(f"tokenizer={self.tokenizer!r} must be bpe, bpe_hanzi or char")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):

@@ -267,6 +267,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--set", "pretrain_steps=-1"], "pretrain_steps=-1 must be >= 0"),
     (["--train", "--task", "seq2seq", "--set", "lexicon_pairs=-1"], "lexicon_pairs=-1 must be >= 0"),
     (["--train", "--set", "optimizer=sgd"], "optimizer='sgd' must be adamw or muon"),
+    (["--train", "--set", "pretrain_optimizer=sgd"], "pretrain_optimizer='sgd' must be adamw or muon"),
     (["--train", "--set", "tokenizer=word"], "tokenizer='word' must be bpe, bpe_hanzi or char"),
     (["--train", "--set", "dtype=fp8"], "dtype='fp8' must be auto, fp32, bf16 or fp16"),
     (["--train", "--set", "compile=maybe"], "compile='maybe' must be auto, on or off"),
@@ -319,15 +320,17 @@ def test_corrupt_checkpoint(tmp_path):
     assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
 
 
-@pytest.mark.parametrize("halt", [3, 7], ids=["in_pretraining", "in_fine_tuning"])
-def test_cls_resume_continues_exactly(tmp_path, halt):
+@pytest.mark.parametrize("halt,optimizer", [(3, ""), (7, ""), (3, "muon")],
+                         ids=["in_pretraining", "in_fine_tuning", "in_muon_pretraining"])
+def test_cls_resume_continues_exactly(tmp_path, halt, optimizer):
     """An interrupted classifier run goes on in the phase it stopped in (masked-LM or fine-tuning) and ends
-    with the same weights as the run that was never interrupted."""
+    with the same weights as the run that was never interrupted; also with Muon for the masked-LM phase only
+    (pretrain_optimizer), whose optimizer state the resume state then holds."""
     import main
     from checkpoint import last_path
     common = ["--train", "--task", "cls", "--preset", "tiny", "--data", FIXTURE, "--max_steps", "8",
               "--set", "pretrain_epochs=1", "--set", "pretrain_steps=6", "--set", "pretrain_news=false",
-              "--set", "eval_every=4", "--set", "dropout=0.1", "--quiet"]
+              "--set", "eval_every=4", "--set", "dropout=0.1", "--set", f"pretrain_optimizer={optimizer}", "--quiet"]
 
     def run(name, *extra):
         d = tmp_path / name
@@ -338,6 +341,8 @@ def test_cls_resume_continues_exactly(tmp_path, halt):
     run("halted", "--set", f"halt_after={halt}")
     state = torch.load(last_path(str(tmp_path / "halted" / "m.pt")), weights_only=True)
     assert (state["phase"], state["resume"]["step"]) == (("pretrain", 3) if halt == 3 else ("finetune", 7))
+    momentum = [s for s in state["resume"]["optimizer"]["state"].values() if "momentum_buffer" in s]
+    assert bool(momentum) == (optimizer == "muon")  # Muon's state in pretraining, AdamW's in fine-tuning
     resumed = run("halted", "--resume")
     assert torch.load(str(resumed / "m.pt"), weights_only=True)["metrics"]["test_acc"] > 0  # the run ended
     a = torch.load(last_path(str(straight / "m.pt")), weights_only=True)  # the final weights (the best
@@ -358,3 +363,23 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_debris(tmp_path):
                 f.write("half a checkpoint")
             raise RuntimeError("disk full")
     assert load_checkpoint(str(path), "")["step"] == 1 and os.listdir(path.parent) == ["m.pt"]
+
+
+def test_compare_trains_both_models_for_the_same_seconds_and_writes_the_table(tmp_path):
+    """--compare on the tiny classifier: the MoE stops at its step counts, the dense twin gets the seconds each
+    of the MoE's phases took (masked-LM pretraining and fine-tuning), and the TF-IDF baseline joins the table."""
+    from pipeline import same_seconds
+    from trainer import TrainConfig
+    proc = run_main("--compare", "--task", "cls", "--preset", "tiny", "--data", FIXTURE, "--max_steps", "6",
+                    "--set", "pretrain_epochs=1", "--set", "pretrain_steps=4", "--set", "pretrain_news=false",
+                    "--out_dir", str(tmp_path), "--checkpoint", str(tmp_path / "m.pt"))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["moe_pretrain_steps"], summary["moe_steps"]) == (4, 6)
+    assert summary["dense_pretrain_steps"] >= 1 and summary["dense_steps"] >= 1
+    assert 0 <= summary["tfidf_svm_test_acc"] <= 1
+    rows = (tmp_path / "compare.md").read_text(encoding="utf-8").splitlines()
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["moe", "dense", "tfidf_svm"]
+    assert os.path.getsize(summary["compare_plot"]) > 10_000
+    cfg = TrainConfig(max_steps=6, pretrain_steps=4, pretrain_epochs=1)
+    later = same_seconds(cfg, {"train_seconds": 2.5, "pretrain_seconds": 1.5})
+    assert (later.max_steps, later.time_budget, later.pretrain_steps, later.pretrain_seconds) == (0, 2.5, 0, 1.5)
