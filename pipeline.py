@@ -165,10 +165,11 @@ def same_seconds(cfg: TrainConfig, first: dict) -> TrainConfig:
 
 
 def markdown_table(results: dict, columns: list[str]) -> str:
-    """| model | col ... | rows from {name: {col: value}}; small floats to 4 places, large to 1, missing as '-'."""
+    """| model | col ... | rows from {name: {col: value}}; floats below 10 (accuracies, losses) to 4 places, larger
+    ones (seconds, tokens/s) to 1, missing as '-'."""
     def cell(v):
         if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
+            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.4f}"
         return "-" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for name, r in results.items()]

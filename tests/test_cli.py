@@ -379,6 +379,7 @@ def test_compare_trains_both_models_for_the_same_seconds_and_writes_the_table(tm
     assert 0 <= summary["tfidf_svm_test_acc"] <= 1
     rows = (tmp_path / "compare.md").read_text(encoding="utf-8").splitlines()
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["moe", "dense", "tfidf_svm"]
+    assert f"| {summary['moe_test_acc']:.4f} |" in rows[2]  # accuracies to 4 places
     assert os.path.getsize(summary["compare_plot"]) > 10_000
     cfg = TrainConfig(max_steps=6, pretrain_steps=4, pretrain_epochs=1)
     later = same_seconds(cfg, {"train_seconds": 2.5, "pretrain_seconds": 1.5})
