@@ -4,6 +4,7 @@ evaluation hook with best-checkpoint selection, a time budget, tqdm progress and
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -191,6 +192,7 @@ def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> l
     return groups + ([{"params": orthogonal, "weight_decay": weight_decay, "muon": True}] if muon else [])
 
 
+@functools.cache  # asked once per matrix shape at every optimizer step; the answer never changes
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 where matrix products run natively in it (CUDA; CPUs with AVX-512 BF16 or AMX, read through
     torch.cpu), fp32 elsewhere: emulated bf16 is slower than fp32. The iteration only needs the update's
