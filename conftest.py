@@ -5,6 +5,7 @@ import platform
 import resource
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -29,7 +30,8 @@ def cpu_quota() -> int | None:
 
 # torch starts one thread per visible core: on a many-core host with a 2-CPU quota that is dozens of threads
 # spinning on two CPUs. Every test and the processes it starts get the CPUs this run may use.
-CPUS = min(len(os.sched_getaffinity(0)), cpu_quota() or math.inf)
+VISIBLE = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+CPUS = min(VISIBLE, cpu_quota() or math.inf)
 os.environ.setdefault("OMP_NUM_THREADS", str(CPUS))
 
 
@@ -40,7 +42,7 @@ def pytest_sessionstart(session):
     if reporter is None:
         return
     disk = shutil.disk_usage(ROOT).free / 2 ** 30
-    tmp = shutil.disk_usage(os.environ.get("TMPDIR", "/tmp")).free / 2 ** 30
+    tmp = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
     try:
         with open("/proc/cpuinfo") as f:
