@@ -91,7 +91,7 @@ def train(task, model_cfg, train_cfg: TrainConfig, args, device) -> dict:
     summary = {"task": task.NAME, "checkpoint": args.checkpoint, "last_state": last, "out_dir": args.out_dir,
                "params_total": total, "params_active": active, "tokenizer": tokenizer.kind,
                "tokenizer_vocab": tokenizer.n_vocab, **phase1, "steps": best["steps"],
-               "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 1)}
+               "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 3)}
     if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
         log.close()                                  # split waits for the end), or a rank > 0 under torchrun
         last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
@@ -155,12 +155,14 @@ def train_variants(task, variants: dict, train_cfg: TrainConfig, args, device) -
 
 def same_seconds(cfg: TrainConfig, first: dict) -> TrainConfig:
     """The training config of a later --compare variant: a step count of the preset becomes the seconds the
-    first variant spent on it (a faster model then makes more steps, as it would in the same wall-clock)."""
+    first variant spent on it (a faster model then makes more steps, as it would in the same wall-clock). At least
+    1 ms: a budget of 0 means "no limit", which with 10**6 epochs would never end."""
     if cfg.max_steps and not cfg.time_budget:
-        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, 10 ** 6), time_budget=first["train_seconds"])
-    if cfg.pretrain_steps and not cfg.pretrain_seconds and first.get("pretrain_seconds"):
+        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, 10 ** 6),
+                      time_budget=max(first["train_seconds"], 1e-3))
+    if cfg.pretrain_steps and not cfg.pretrain_seconds and "pretrain_seconds" in first:
         cfg = replace(cfg, pretrain_steps=0, pretrain_epochs=max(cfg.pretrain_epochs, 10 ** 6),
-                      pretrain_seconds=first["pretrain_seconds"])
+                      pretrain_seconds=max(first["pretrain_seconds"], 1e-3))
     return cfg
 
 

@@ -138,7 +138,7 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
                  last=last and (last[0], lambda m: last[1](mlm, m)), resume=resume)
     if is_main_process() and not result["halted"]:
         plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
-    return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 1),
+    return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 3),
             "pretrain_val_loss": result.get("val_loss"), "_halted": result["halted"]}
 
 

@@ -644,7 +644,7 @@ def fit(model: nn.Module, cfg: TrainConfig, batches: Iterator[dict], steps_per_e
 
     window = LogWindow()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-    halted, budget_done = False, out_of_time()
+    halted, budget_done = False, state.step > 0 and out_of_time()  # a resumed run may have spent it; a new one steps
     try:
         while state.step < total_steps and not budget_done:
             if cfg.halt_after and state.step >= cfg.halt_after:

@@ -384,3 +384,5 @@ def test_compare_trains_both_models_for_the_same_seconds_and_writes_the_table(tm
     cfg = TrainConfig(max_steps=6, pretrain_steps=4, pretrain_epochs=1)
     later = same_seconds(cfg, {"train_seconds": 2.5, "pretrain_seconds": 1.5})
     assert (later.max_steps, later.time_budget, later.pretrain_steps, later.pretrain_seconds) == (0, 2.5, 0, 1.5)
+    instant = same_seconds(cfg, {"train_seconds": 0.0, "pretrain_seconds": 0.0})  # faster than the clock reads
+    assert instant.time_budget > 0 and instant.pretrain_seconds > 0  # 0 would be "no limit": a run without end
