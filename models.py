@@ -992,12 +992,15 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def beam_hypotheses(self, input_ids, attention_mask, bos_id: int, eos_id: int, max_new_tokens: int,
-                        beam_size: int = 4, length_penalty: float = 1.0) -> list[list[tuple[float, list[int]]]]:
+                        beam_size: int = 4, length_penalty: float = 1.0,
+                        fusion=None) -> list[list[tuple[float, list[int]]]]:
         """Batched beam search with the KV cache -> per source, its finished hypotheses as (score, ids without
         bos/eos), best first: the candidates an input method shows.
 
         A hypothesis' score is its summed log-probability / length ** length_penalty. Each source keeps
         `beam_size` live beams; a source is done once it has `beam_size` finished hypotheses (early stopping).
+        `fusion` (shallow fusion): a callable from the live beams' target ids (lists without bos) to a (rows, V)
+        tensor added to the model's log-probabilities at every step, e.g. weight * log P_LM (charlm.Fusion).
         """
         self.eval()
         B, W = input_ids.size(0), beam_size
@@ -1011,6 +1014,8 @@ class Seq2Seq(nn.Module):
         done = [False] * B
         for _ in range(max_new_tokens):
             logp = self._next_logprobs(tokens, memory, mask, caches)  # (B*W, V)
+            if fusion is not None:
+                logp = logp + fusion(tokens[:, 1:].tolist()).to(logp)
             V = logp.size(-1)
             cand = (scores.view(-1, 1) + logp).view(B, W * V)
             top_scores, top_idx = cand.topk(2 * W, dim=-1)  # 2W: enough to refill W beams after eos picks

@@ -97,7 +97,8 @@ def export(args) -> dict:
         proto = program.model_proto
         meta = {"task": task, "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
                 "max_len": str(model.config.max_len), "label_names": json.dumps(ckpt.get("label_names", [])),
-                "dtype": ckpt["train_config"].get("dtype", "fp32")}
+                "dtype": ckpt["train_config"].get("dtype", "fp32"),
+                "calibration": json.dumps(ckpt.get("calibration", {}))}
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)
@@ -135,6 +136,7 @@ class OnnxClassifier:
         self.tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
         self.names = json.loads(meta["label_names"])
         self.max_len = int(meta["max_len"])
+        self.calibration = json.loads(meta.get("calibration", "{}"))
 
     def logits(self, batch: dict) -> np.ndarray:
         """batch of tensors from data.collate_cls -> logits (B, classes) as numpy."""

@@ -16,6 +16,8 @@ A task module (task_cls, task_lm, task_s2s) gives the pipeline the same small in
         .report(model, rows, test, out_dir)         -> {"loss_curve": png, ...}: plots and prediction files
         .pretrain(model, train_cfg, args, device, payload, resume) (optional: a phase before training,
                                                     the classifier's masked-LM) -> (summary, resume for fit)
+        .calibrate(model, test, train_cfg, device)  (optional, after the test split is scored with the best
+                                                    checkpoint) -> (what the checkpoint keeps, test metrics)
     baselines(args, train_cfg) (optional)           -> {name: results} added to the --compare table
 
 Adding a task means writing one such module and naming it in main.run (its task table, TASKS) and
@@ -103,6 +105,10 @@ def train(task, model_cfg, train_cfg: TrainConfig, args, device) -> dict:
     model.load_state_dict(ckpt["state_dict"])
     test = {k.replace("val_", "test_", 1): v for k, v in data.evaluate(model, "test", train_cfg, device).items()}
     metrics = {**public(best), **public(test)}
+    if hasattr(data, "calibrate"):  # fitted on validation, scored on test
+        kept, scores = data.calibrate(model, test, train_cfg, device)
+        ckpt.update(kept)
+        metrics.update(scores)
     ckpt["metrics"] = metrics
     save_checkpoint(args.checkpoint, ckpt)
     outputs = data.report(model, log.rows, test, args.out_dir)

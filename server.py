@@ -4,11 +4,12 @@
 
     GET  /                 the page (index.html)
     GET  /api/models       which models are loaded: {"cls": {"ready": true, ...}, "lm": {...}, "seq2seq": {...}}
-    POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}}
+    POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}, "unsure": false}
     POST /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
                             "top_k": 0, "seed": 1337, "stop_at_eos": false} -> {"text": "...", "new_tokens": n}
     POST /api/pinyin       {"text": "woaibiancheng", "beam": 4, "num_candidates": 1}
-                           -> {"pred": "...", "candidates": [{"text": "...", "score": -0.1}, ...]}
+                           -> {"pred": "...", "candidates": [{"text": "...", "score": -0.1}, ...],
+                               "kept": [what is no pinyin and stays as typed]}
 
 Errors are JSON {"error": "..."}: 400 bad JSON or field (NaN and Infinity included), 404 unknown path, 413 body
 over 64 KiB (the body is read and dropped first, up to 16 MiB, so every client sees the answer), 501 any other
@@ -92,9 +93,8 @@ class Models:
         self.need("cls")
         text = field(req, "text", str)
         with self.locks["cls"]:
-            probs = self.cls.predict([text])[0]
-        return {"label": self.cls.names[int(probs.argmax())],
-                "probs": {n: round(float(p), 6) for n, p in zip(self.cls.names, probs)}}
+            answer = self.cls.answer(self.cls.predict([text])[0])
+        return {**answer, "probs": {n: round(p, 6) for n, p in answer["probs"].items()}}
 
     def generate(self, req: dict) -> dict:
         from task_lm import continuation, prompt_ids
@@ -125,7 +125,8 @@ class Models:
         n = field(req, "num_candidates", int, 1, lo=1, hi=16)
         with self.locks["seq2seq"]:
             out = candidates(model, tokenizer, ckpt, text, self.device, beam, n=n)
-        return {"source": text, "pred": out["pred"], "candidates": out["candidates"], "beam": beam}
+        return {"source": text, "pred": out["pred"], "candidates": out["candidates"], "kept": out["kept"],
+                "beam": beam}
 
 
 def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allow_empty: bool = False):

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 import plots
-from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts,
-                  length_bucketed_batches, label_names, read_table, reviews_splits, tokenizer_cache, user_splits)
+from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts, length_bucketed_batches,
+                  label_names, read_table, reviews_splits, shipped_texts, tokenizer_cache, user_splits,
+                  with_extra_sentiment)
 from models import ModelConfig
 from tokenizer import load_or_train
 from checkpoint import last_path, load_trained
@@ -24,10 +25,22 @@ TRAIN_HINT = "python main.py --train --task cls"
 # -----------------------------------------------------------------------------
 # Data and evaluation
 
-def load_splits(data: str | None, text_col: str, label_col: str, seed: int, quiet: bool):
+def load_splits(data: str | None, text_col: str, label_col: str, seed: int, quiet: bool, extra: bool = False):
+    """--data's splits, or the built-in reviews (with `extra`, their training split joined by the other domains)."""
     if data:
         return user_splits(data, text_col, label_col, seed)
-    return reviews_splits(quiet=quiet)
+    splits = reviews_splits(quiet=quiet)
+    return with_extra_sentiment(splits) if extra else splits
+
+
+def pretrain_texts(splits: dict, cfg: TrainConfig) -> list[str]:
+    """The masked-LM phase's texts: the training split, and with pretrain_shipped every review text the project
+    ships, less any text of the val or test split (so pretraining never reads a held-out text)."""
+    texts = list(splits["train"].text)
+    if cfg.pretrain_shipped:
+        seen = set(texts) | set(splits["val"].text) | set(splits["test"].text)
+        texts += [t for t in dict.fromkeys(shipped_texts()) if t not in seen]
+    return texts
 
 
 def encode_split(tokenizer, df, names: list[str], where: str):
@@ -44,7 +57,7 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
     from sklearn.metrics import accuracy_score, f1_score
     model.eval()
     num_classes = cfg.num_classes
-    preds = np.zeros(len(seqs), dtype=int)
+    all_logits = np.zeros((len(seqs), num_classes), dtype=np.float32)
     loss_sum = 0.0
     layer_counts = class_counts = None
     for c in range(num_classes):  # one class at a time, so routing statistics can be kept per class
@@ -55,7 +68,7 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
             with autocast(device, dtype):
                 logits, _, info = model(**batch)
             loss_sum += float(info["ce"]) * len(rows)  # cross-entropy only: comparable with and without MoE
-            preds[rows] = logits.argmax(-1).cpu().numpy()
+            all_logits[rows] = logits.float().cpu().numpy()
             if info["counts"]:
                 counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
                 if layer_counts is None:
@@ -63,10 +76,10 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
                     class_counts = np.zeros((num_classes, counts.shape[1]), dtype=counts.dtype)
                 layer_counts += counts
                 class_counts[c] += counts.sum(0)
-    y = np.asarray(labels)
+    y, preds = np.asarray(labels), all_logits.argmax(1)
     return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
             "val_f1": float(f1_score(y, preds, average="macro")),
-            "_layer_counts": layer_counts, "_class_counts": class_counts}
+            "_layer_counts": layer_counts, "_class_counts": class_counts, "_logits": all_logits}
 
 
 def batch_stream(tokenizer, seqs, labels, max_len: int, batch_size: int, seed: int, device):
@@ -122,7 +135,8 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
     steps_per_epoch = -(-len(seqs) // (cfg.batch_size * cfg.accum_steps))
     cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
     if not quiet:
-        corpus = "training texts + People's Daily" if train_cfg.pretrain_news else "training texts"
+        corpus = " + ".join(["training texts"] + ["shipped reviews"] * train_cfg.pretrain_shipped
+                            + ["People's Daily"] * train_cfg.pretrain_news)
         until = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epoch(s)"
         cap = f", at most {cfg.time_budget:.0f} s" if cfg.time_budget else ""
         print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {until}{cap}",
@@ -143,18 +157,72 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
 
 
 # -----------------------------------------------------------------------------
+# Calibration: one temperature for the logits, and the confidence below which an answer is marked unsure
+
+CONFIDENT_ACCURACY = 0.95  # answers at or above the unsure threshold are right this often on validation
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, labels) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al. 2017), by a
+    fine grid over log T: one parameter, so a grid is exact enough and cannot diverge."""
+    y = np.asarray(labels)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 801))
+    nll = [-np.log(softmax(logits, t)[np.arange(len(y)), y] + 1e-12).mean() for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def expected_calibration_error(probs: np.ndarray, labels, bins: int = 15) -> float:
+    """ECE: the gap between confidence (max probability) and accuracy, averaged over equal-width confidence bins
+    weighted by their share of the texts."""
+    conf, right = probs.max(1), probs.argmax(1) == np.asarray(labels)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(abs(conf[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def unsure_threshold(probs: np.ndarray, labels, target: float = CONFIDENT_ACCURACY) -> float:
+    """The lowest confidence t such that the validation answers with max probability >= t are right at least
+    `target` of the time (1.0 when no threshold reaches it: every answer is then marked unsure)."""
+    conf, right = probs.max(1), probs.argmax(1) == np.asarray(labels)
+    order = np.argsort(-conf)
+    accuracy_above = np.cumsum(right[order]) / np.arange(1, len(order) + 1)  # accuracy of the k most confident
+    ok = np.flatnonzero(accuracy_above >= target)
+    return float(conf[order][ok[-1]]) if len(ok) else 1.0
+
+
+def calibrate(val: dict, val_labels, test: dict, test_labels) -> tuple[dict, dict]:
+    """(what the checkpoint keeps: temperature and unsure threshold, fitted on validation; the test metrics: ECE
+    before and after, and the share of test texts marked unsure)."""
+    temperature = fit_temperature(val["_logits"], val_labels)
+    threshold = unsure_threshold(softmax(val["_logits"], temperature), val_labels)
+    test_probs = softmax(test["_logits"], temperature)
+    return ({"temperature": temperature, "unsure_below": threshold},
+            {"test_ece_raw": expected_calibration_error(softmax(test["_logits"]), test_labels),
+             "test_ece": expected_calibration_error(test_probs, test_labels),
+             "test_unsure_share": float((test_probs.max(1) < threshold).mean())})
+
+
+# -----------------------------------------------------------------------------
 # The task interface (pipeline.py)
 
 NAME, SELECT = "cls", "val_f1"
-METRICS = ("val_acc", "val_f1", "test_acc", "test_f1")
+METRICS = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece")
 
 
 def splits(args, train_cfg: TrainConfig) -> dict:
-    return load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, args.quiet)
+    return load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, args.quiet,
+                       train_cfg.extra_labelled)
 
 
 def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-    cache = None if args.data else tokenizer_cache("reviews", train_cfg.tokenizer, model_cfg.vocab_size)
+    corpus = "reviews_extra" if train_cfg.extra_labelled else "reviews"  # the training split it is trained on
+    cache = None if args.data else tokenizer_cache(corpus, train_cfg.tokenizer, model_cfg.vocab_size)
     return load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
                          progress=not args.quiet)
 
@@ -201,13 +269,19 @@ class Data:
             return {**resume["saved"].get("phase1", {}), "_halted": False}, resume
         if not cfg.pretrain_epochs:
             return {"_halted": False}, resume
-        phase1 = pretrain(model, self.tokenizer, list(self.splits["train"].text), list(self.splits["val"].text),
+        phase1 = pretrain(model, self.tokenizer, pretrain_texts(self.splits, cfg), list(self.splits["val"].text),
                           self.cfg, cfg, args.out_dir, device, args.quiet,
                           last=(last_path(args.checkpoint), lambda net, m: payload(m, net=net, phase="pretrain")),
                           resume=resume)
         if not phase1["_halted"] and not args.quiet:
             print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
         return phase1, None
+
+    def calibrate(self, model, test: dict, cfg: TrainConfig, device) -> tuple[dict, dict]:
+        """Temperature and unsure threshold from the validation split's logits; ECE on test before and after."""
+        val = self.evaluate(model, "val", cfg, device)
+        kept, scores = calibrate(val, self.encoded["val"][1], test, self.encoded["test"][1])
+        return {"calibration": kept}, scores
 
     def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
         kind = "dense" if not model.config.num_experts else "MoE"
@@ -222,7 +296,7 @@ class Data:
 def baselines(args, train_cfg: TrainConfig) -> dict:
     """The linear baseline of --compare, on the same split."""
     return {"tfidf_svm": tfidf_baseline(load_splits(args.data, args.text_col, args.label_col, train_cfg.seed,
-                                                    True))}
+                                                    True, train_cfg.extra_labelled))}
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +304,9 @@ def baselines(args, train_cfg: TrainConfig) -> dict:
 
 class Predictor:
     """A trained classifier ready for batches of raw text: tokenizer + label names + a PyTorch model, or with
-    backend="onnx" its exported ONNX file (<checkpoint>.onnx) on one reused ONNX Runtime session."""
+    backend="onnx" its exported ONNX file (<checkpoint>.onnx) on one reused ONNX Runtime session. Probabilities
+    are calibrated (the temperature fitted on validation) and an answer below the validation-chosen confidence is
+    marked unsure (checkpoints from before calibration: temperature 1, never unsure)."""
 
     def __init__(self, path: str, device, backend: str = "torch"):
         self.device, self.backend = device, backend
@@ -239,12 +315,15 @@ class Predictor:
             self.session = OnnxClassifier(onnx_path(path))
             self.tokenizer, self.names, self.max_len = (self.session.tokenizer, self.session.names,
                                                         self.session.max_len)
-            self.device = torch.device("cpu")
-            return
-        self.model, self.tokenizer, ckpt = load_trained(path, "cls", TRAIN_HINT, device)
-        self.max_len = self.model.config.max_len
-        self.names = list(ckpt["label_names"])
-        self.dtype = ckpt["train_config"].get("dtype", "fp32")
+            self.device, calibration = torch.device("cpu"), self.session.calibration
+        else:
+            self.model, self.tokenizer, ckpt = load_trained(path, "cls", TRAIN_HINT, device)
+            self.max_len = self.model.config.max_len
+            self.names = list(ckpt["label_names"])
+            self.dtype = ckpt["train_config"].get("dtype", "fp32")
+            calibration = ckpt.get("calibration", {})
+        self.temperature = float(calibration.get("temperature", 1.0))
+        self.unsure_below = float(calibration.get("unsure_below", 0.0))
 
     @torch.no_grad()
     def logits(self, batch: dict) -> np.ndarray:
@@ -262,8 +341,13 @@ class Predictor:
         batches = length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False)
         for idx in tqdm(batches, desc="classify", unit="batch", disable=not progress):
             batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.max_len, self.device)
-            probs[idx] = torch.from_numpy(self.logits(batch)).softmax(-1).numpy()
+            probs[idx] = softmax(self.logits(batch), self.temperature)
         return probs
+
+    def answer(self, probs: np.ndarray) -> dict:
+        """One text's class probabilities -> {label, probs, unsure}."""
+        return {"label": self.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(self.names, probs)},
+                "unsure": bool(probs.max() < self.unsure_below)}
 
 
 def infer(args, device) -> dict:
@@ -274,8 +358,7 @@ def infer(args, device) -> dict:
     n_tokens = len(p.tokenizer.encode(text))
     if n_tokens > p.max_len - 2:
         print(f"note: text is {n_tokens} tokens; only the first {p.max_len - 2} are used", file=sys.stderr)
-    probs = p.predict([text])[0]
-    return {"label": p.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(p.names, probs)}}
+    return {**p.answer(p.predict([text])[0]), "unsure_below": p.unsure_below}
 
 
 def classify(args, device) -> dict:
@@ -287,6 +370,7 @@ def classify(args, device) -> dict:
     probs = p.predict(texts, progress=not args.quiet)
     out = df.copy()
     out["pred"] = [p.names[i] for i in probs.argmax(1)]
+    out["unsure"] = probs.max(1) < p.unsure_below
     for j, n in enumerate(p.names):
         out[f"prob_{n}"] = probs[:, j]
     output = args.output or os.path.join(args.out_dir, "predictions.csv")
@@ -309,17 +393,23 @@ def classify(args, device) -> dict:
 # -----------------------------------------------------------------------------
 # Dense vs MoE at equal active parameters, and the TF-IDF baseline, on the same split
 
-def tfidf_baseline(splits) -> dict:
-    """TF-IDF over character 1-3-grams + LinearSVC, fit on train, scored on val and test."""
+def tfidf_model(train):
+    """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame: the linear baseline."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
     from sklearn.svm import LinearSVC
+    return make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2),
+                         LinearSVC(C=0.5)).fit(train.text, train.label)
+
+
+def tfidf_baseline(splits) -> dict:
+    """The linear baseline fit on train, scored on val and test."""
+    from sklearn.metrics import accuracy_score, f1_score
     t0 = time.time()
-    vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
-    clf = LinearSVC(C=0.5).fit(vec.fit_transform(splits["train"].text), splits["train"].label)
+    clf = tfidf_model(splits["train"])
     out = {"train_seconds": time.time() - t0}
     for s in ("val", "test"):
-        pred = clf.predict(vec.transform(splits[s].text))
+        pred = clf.predict(splits[s].text)
         out[f"{s}_acc"] = float(accuracy_score(splits[s].label, pred))
         out[f"{s}_f1"] = float(f1_score(splits[s].label, pred, average="macro"))
     return out

@@ -13,7 +13,7 @@ import torch
 
 import plots
 from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, lexicon_pairs,
-                  open_pinyin_sources, pinyin_splits, read_table, tokenizer_cache, user_pair_splits, word_logprob)
+                  open_pinyin_sources, pinyin_spans, pinyin_splits, read_table, tokenizer_cache, user_pair_splits, word_logprob)
 from models import ModelConfig
 from task_lm import routing_trace
 from tokenizer import load_or_train
@@ -25,6 +25,9 @@ TRAIN_HINT = "python main.py --train --task seq2seq"
 # checkpoints trained on the built-in pinyin pairs. Chosen on the first 600 validation sentences, beam 4 (char
 # accuracy 0.8695 without; 0.8744 / 0.8763 / 0.8771 / 0.8759 / 0.8754 with 0.1 / 0.2 / 0.3 / 0.5 / 1.0)
 WORD_PRIOR = 0.3
+# weight of the character n-gram model (charlm.py) in shallow fusion: added at every beam step for checkpoints
+# trained on the built-in pinyin pairs (fusion_for). Chosen on validation (docs/experiments.md).
+FUSION = 0.3
 EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
 
 
@@ -110,12 +113,20 @@ def rerank(hyps: list[tuple[float, str]], word_prior: float) -> list[tuple[float
     return sorted(scored, key=lambda h: -h[0])
 
 
+def fusion_term(tokenizer, weight: float):
+    """The beam search's shallow-fusion callable for `weight` (None at 0)."""
+    if not weight:
+        return None
+    import charlm
+    return charlm.Fusion(charlm.load(), tokenizer, weight)
+
+
 @torch.no_grad()
 def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp32", beam: int = 1,
             length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False,
-            word_prior: float = 0.0) -> list[str]:
-    """Decode every source (greedy, or beam search when beam > 1, its hypotheses reranked with `word_prior`);
-    batches of similar length, original order."""
+            word_prior: float = 0.0, fusion: float = 0.0) -> list[str]:
+    """Decode every source (greedy, or beam search when beam > 1 with `fusion` times the character n-gram model
+    in every step and its hypotheses reranked with `word_prior`); batches of similar length, original order."""
     from tqdm import tqdm
     model.eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
@@ -130,7 +141,8 @@ def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp
                 texts = [tokenizer.decode(seq) for seq in model.greedy(*args)]
             else:
                 texts = [rerank([(score, tokenizer.decode(seq)) for score, seq in hyps], word_prior)[0][1]
-                         for hyps in model.beam_hypotheses(*args, beam, length_penalty)]
+                         for hyps in model.beam_hypotheses(*args, beam, length_penalty,
+                                                           fusion_term(tokenizer, fusion))]
         for i, text in zip(idx, texts):
             out[i] = text
     return out
@@ -237,6 +249,13 @@ def source_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     return [s[:max_len] for s in tokenizer.encode_batch(texts)]
 
 
+def fusion_for(ckpt: dict, fusion: float | None) -> float:
+    """An explicit weight, else FUSION for a model trained on the built-in pinyin pairs, else 0."""
+    if fusion is not None:
+        return fusion
+    return FUSION if ckpt.get("source") == "pinyin" else 0.0
+
+
 def word_prior_for(ckpt: dict, word_prior: float | None) -> float:
     """An explicit weight, else WORD_PRIOR for a model trained on the built-in pinyin pairs (Chinese targets),
     else 0 (a user's pairs may not be Chinese at all)."""
@@ -246,15 +265,14 @@ def word_prior_for(ckpt: dict, word_prior: float | None) -> float:
 
 
 @torch.no_grad()
-def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, length_penalty: float = 1.0,
-               n: int = 1, word_prior: float | None = None) -> dict:
-    """One user input -> its `n` best conversions with their scores (an input method's candidate list).
+def ranked(model, tokenizer, ckpt: dict, text: str, device, beam: int, length_penalty: float, n: int,
+           word_prior: float, fusion: float) -> tuple[list[tuple[float, str]], str, bool, int]:
+    """One source -> (its distinct conversions (score, text) best first, the source as the model read it,
+    truncated?, source tokens).
 
     For a pinyin model the input is first put in the training sources' form (`data.pinyin_sources`: case, ü,
     spacing, syllables typed together, a final mark); when a run of letters splits into syllables in several
-    ways, each split is decoded and the scores decide. A final mark added for the model is dropped again. The
-    hypotheses are ranked with the word prior (rerank; word_prior_for says which weight)."""
-    text = text.strip()
+    ways, each split is decoded and the scores decide. A final mark added for the model is dropped again."""
     sources, added_mark = [text], False
     if ckpt.get("source") == "pinyin":
         sources, added_mark = close_sentence(open_pinyin_sources(text))
@@ -263,17 +281,52 @@ def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, l
     batch = collate(tokenizer, [s[:max_len] or [tokenizer.eos_id] for s in encoded], None, device)
     with autocast(device, ckpt["train_config"].get("dtype", "fp32")):
         hyps = model.beam_hypotheses(batch["input_ids"], batch["attention_mask"], tokenizer.bos_id,
-                                     tokenizer.eos_id, max_len - 1, max(beam, n), length_penalty)
+                                     tokenizer.eos_id, max_len - 1, max(beam, n), length_penalty,
+                                     fusion_term(tokenizer, fusion))
     decoded = [(score, tokenizer.decode(out)) for per_source in hyps for score, out in per_source]
     if added_mark:
         decoded = [(score, words[:-1] if words.endswith("。") else words) for score, words in decoded]
     seen, found = set(), []
-    for score, words in rerank(decoded, word_prior_for(ckpt, word_prior)):
+    for score, words in rerank(decoded, word_prior):
         if words not in seen:
             seen.add(words)
-            found.append({"text": words, "score": round(score, 4)})
-    return {"source": sources[0], "pred": found[0]["text"] if found else "", "candidates": found[:n],
-            "truncated": len(encoded[0]) > max_len, "source_tokens": len(encoded[0])}
+            found.append((score, words))
+    return found, sources[0], len(encoded[0]) > max_len, len(encoded[0])
+
+
+def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, length_penalty: float = 1.0,
+               n: int = 1, word_prior: float | None = None, fusion: float | None = None) -> dict:
+    """One user input -> its `n` best conversions with their scores (an input method's candidate list), ranked
+    with the character n-gram model fused into every beam step and the word prior (fusion_for and
+    word_prior_for say which weights).
+
+    For a pinyin model, what is no pinyin (Latin words that split into no syllables, numbers) is not converted:
+    it stays as typed, between the conversions of the pinyin around it, and is listed under "kept"."""
+    text = text.strip()
+    weights = (word_prior_for(ckpt, word_prior), fusion_for(ckpt, fusion))
+    spans = pinyin_spans(text) if ckpt.get("source") == "pinyin" else [(text, True)]
+    kept = [piece for piece, convert in spans if not convert]
+    converted, read, truncated, n_tokens = [], [], False, 0
+    for piece, convert in spans:
+        if convert:
+            found, source, cut, tokens = ranked(model, tokenizer, ckpt, piece, device, beam, length_penalty, n,
+                                                *weights)
+            converted.append(found or [(0.0, "")])
+            read.append(source)
+            truncated, n_tokens = truncated or cut, max(n_tokens, tokens)
+        else:
+            converted.append([(0.0, piece)])
+            read.append(piece)
+    # the i-th candidate: each piece's i-th conversion (its best when it has fewer); scores add up
+    found = []
+    for i in range(max(len(c) for c in converted) if converted else 0):
+        pieces = [c[min(i, len(c) - 1)] for c in converted]
+        joined = "".join(words for _, words in pieces)
+        if joined not in {f["text"] for f in found}:
+            found.append({"text": joined, "score": round(sum(score for score, _ in pieces), 4)})
+    found = found or [{"text": text, "score": 0.0}]
+    return {"source": " ".join(read), "pred": found[0]["text"], "candidates": found[:n], "kept": kept,
+            "truncated": truncated, "source_tokens": n_tokens}
 
 
 def infer(args, device) -> dict:
@@ -283,8 +336,10 @@ def infer(args, device) -> dict:
     model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
     t0 = time.perf_counter()
     out = candidates(model, tokenizer, ckpt, args.text, device, args.beam, args.length_penalty, args.num_candidates,
-                     args.word_prior)
+                     args.word_prior, args.fusion)
     n_tokens = out.pop("source_tokens")
+    if out["kept"]:
+        print(f"note: not pinyin, kept as typed: {', '.join(out['kept'])}", file=sys.stderr)
     if out["truncated"]:
         print(f"note: source is {n_tokens} tokens; only the first {model.config.max_len} are converted",
               file=sys.stderr)
@@ -304,7 +359,8 @@ def classify(args, device) -> dict:
     t0 = time.time()
     preds = convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), device,
                     ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty,
-                    progress=not args.quiet, word_prior=word_prior_for(ckpt, args.word_prior))
+                    progress=not args.quiet, word_prior=word_prior_for(ckpt, args.word_prior),
+                    fusion=fusion_for(ckpt, args.fusion))
     seconds = time.time() - t0
     out = args.output or os.path.join(args.out_dir, "predictions.csv")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

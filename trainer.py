@@ -24,7 +24,8 @@ from models import MoE
 
 # TrainConfig fields that only one task reads (main.py refuses them for the others)
 TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seconds", "pretrain_lr",
-                             "pretrain_optimizer", "ngram_lr", "pretrain_news"),
+                             "pretrain_optimizer", "ngram_lr", "pretrain_news", "extra_labelled",
+                             "pretrain_shipped"),
                      "seq2seq": ("lexicon_pairs",)}
 
 
@@ -63,6 +64,10 @@ class TrainConfig:
     pretrain_optimizer: str = ""  # adamw | muon for that phase ("": same as optimizer)
     ngram_lr: float = 0.0         # learning rate of the classifier's hashed n-gram weights (0: same as lr)
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
+    pretrain_shipped: bool = False  # pretrain on every review text the project ships too (data.shipped_texts),
+                                  # less each text of the val and test splits (theirs, or those of --data)
+    extra_labelled: bool = False  # built-in reviews: the shipped reviews of other domains (food delivery, fruit,
+                                  # clothes ...; data.EXTRA_SENTIMENT) join the training split; val/test stay
     lexicon_pairs: int = 0        # seq2seq on the built-in pinyin data: word-list pairs from jieba's dictionary
                                   # added to the training pairs (data.lexicon_pairs); ignored with --data
     init_from: str = ""           # sparse upcycling: a dense checkpoint of the same task whose weights start the

@@ -106,7 +106,7 @@ def test_classify_with_labels(trained_cls, tmp_path):
                     "--out_dir", str(run_dir))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     out = pd.read_csv(preds)
-    assert list(out.columns) == ["id", "text", "label", "pred", "prob_negative", "prob_positive"]
+    assert list(out.columns) == ["id", "text", "label", "pred", "unsure", "prob_negative", "prob_positive"]
     assert len(out) == len(df) and out.id.tolist() == df.id.tolist()
     assert ((out.prob_negative + out.prob_positive - 1).abs() < 1e-5).all()
     assert summary["accuracy"] == pytest.approx((out.pred == out.label).mean())
