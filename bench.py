@@ -390,9 +390,9 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     prior, fusion = word_prior_for(ckpt, None), fusion_for(ckpt, None)
     variants = {"": (prior, fusion), "_without_fusion": (prior, 0.0), "_model_alone": (0.0, 0.0)}
 
-    def batch_convert(beam, word_prior=prior, fuse=fusion):
+    def batch_convert(beam, word_prior=prior, fuse=fusion, pinyin=True):
         return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam,
-                                  word_prior=word_prior, fusion=fuse)
+                                  word_prior=word_prior, fusion=fuse, pinyin=pinyin)
 
     out["word_prior"], out["fusion"] = prior, fusion
     for prefix in ("", "reviews_"):

@@ -13,6 +13,7 @@ dataset/charlm/.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -138,6 +139,69 @@ def load(quiet: bool = True) -> CharLM:
         data.atomic_write_text(json.dumps(counts_to_json(counts), ensure_ascii=False), path)
     _MODEL = CharLM(counts)
     return _MODEL
+
+
+@functools.lru_cache(maxsize=4)
+def han_readings(tokenizer) -> tuple[np.ndarray, dict]:
+    """(has_han: (V,) bool, the tokens that write one Han character; {toneless syllable: (V,) bool, those whose
+    character can read so}) for a decoder's vocabulary, from pypinyin's
+    per-character readings (all of a polyphone's)."""
+    from pypinyin import Style, pinyin
+    has_han = np.zeros(tokenizer.n_vocab, dtype=bool)
+    readers: dict = defaultdict(lambda: np.zeros(tokenizer.n_vocab, dtype=bool))
+    for t in range(tokenizer.n_vocab):
+        chars = NON_HAN.sub("", tokenizer.decode([t]))
+        if chars and t != tokenizer.eos_id:
+            has_han[t] = True
+            for reading in pinyin(chars[0], style=Style.NORMAL, heteronym=True)[0]:
+                readers[reading][t] = len(chars) == 1
+    return has_han, dict(readers)
+
+
+class PinyinConstraint:
+    """What an input method guarantees: a conversion writes one character that reads as each syllable of the pinyin
+    and everything else (marks, digits, Latin) as typed, in order, then ends. The training pairs are made so
+    (data.to_pinyin), so the model only has to choose among homophones. As a beam-search term: 0 for the tokens
+    that fit the next position of that template, -inf for the rest (no constraint at a character the vocabulary
+    cannot write). Rows are beams, `beam` adjacent ones per source."""
+
+    def __init__(self, tokenizer, sources: list[str], beam: int):
+        import data
+        self.tokenizer, self.beam = tokenizer, beam
+        has_han, readers = han_readings(tokenizer)
+        syllables = data.pinyin_syllables()
+        self.by_text = {tokenizer.decode([t]): t for t in range(tokenizer.n_vocab)
+                        if t != tokenizer.eos_id and "\ufffd" not in tokenizer.decode([t])}
+        self.longest = max(map(len, self.by_text))
+        self.readers = {s: np.where(m, 0.0, -np.inf).astype(np.float32) for s, m in readers.items()}
+        self.any_han = np.where(has_han, 0.0, -np.inf).astype(np.float32)
+        # per source, its template: a syllable (one character that reads so) or a literal character per position
+        self.templates = [[(item in syllables, ch) for item in source.split()
+                           for ch in ([item] if item in syllables else item)] for source in sources]
+
+    def allowed(self, template: list, written: str) -> np.ndarray:
+        pos, V = len(written), len(self.any_han)
+        if pos >= len(template):  # all written: only the end
+            out = np.full(V, -np.inf, dtype=np.float32)
+            out[self.tokenizer.eos_id] = 0.0
+            return out
+        is_syllable, what = template[pos]
+        if is_syllable:
+            return self.readers.get(what, self.any_han)
+        out = np.full(V, -np.inf, dtype=np.float32)
+        literal = ""
+        for is_syllable, ch in template[pos:pos + self.longest]:  # tokens that write the next literal characters
+            if is_syllable:
+                break
+            literal += ch
+            if literal in self.by_text:
+                out[self.by_text[literal]] = 0.0
+        return out if np.isfinite(out).any() else np.zeros(V, dtype=np.float32)
+
+    def __call__(self, rows: list[list[int]]):
+        import torch
+        return torch.from_numpy(np.stack([self.allowed(self.templates[r // self.beam], self.tokenizer.decode(ids))
+                                          for r, ids in enumerate(rows)]))
 
 
 class Fusion:

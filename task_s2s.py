@@ -21,13 +21,13 @@ from checkpoint import load_trained
 from trainer import TrainConfig, autocast
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
-# weight of the jieba word prior when ranking a pinyin model's beam hypotheses (rerank), used by default for
-# checkpoints trained on the built-in pinyin pairs. Chosen on the first 600 validation sentences, beam 4 (char
-# accuracy 0.8695 without; 0.8744 / 0.8763 / 0.8771 / 0.8759 / 0.8754 with 0.1 / 0.2 / 0.3 / 0.5 / 1.0)
-WORD_PRIOR = 0.3
-# weight of the character n-gram model (charlm.py) in shallow fusion: added at every beam step for checkpoints
-# trained on the built-in pinyin pairs (fusion_for). Chosen on validation (docs/experiments.md).
-FUSION = 0.3
+# Decoding a model trained on the built-in pinyin pairs (fusion_for, word_prior_for): at every beam step the
+# character n-gram model of charlm.py (shallow fusion, weight FUSION) and the input method's constraint that each
+# character reads as its syllable; the finished hypotheses reranked by jieba's word prior (weight WORD_PRIOR).
+# Chosen on the whole validation split, beam 4 (char accuracy; docs/experiments.md): no fusion 0.8813, fusion 0.3
+# 0.9017, 0.5 0.9067, 0.7 0.9071, 1.0 0.9072 (word prior 0.15); 0.7 without the word prior 0.9060.
+FUSION = 0.7
+WORD_PRIOR = 0.15
 EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
 
 
@@ -113,18 +113,22 @@ def rerank(hyps: list[tuple[float, str]], word_prior: float) -> list[tuple[float
     return sorted(scored, key=lambda h: -h[0])
 
 
-def fusion_term(tokenizer, weight: float):
-    """The beam search's shallow-fusion callable for `weight` (None at 0)."""
-    if not weight:
-        return None
+def fusion_term(tokenizer, weight: float, pinyin_sources: list[str] | None = None, beam: int = 1):
+    """What the beam search adds to the model's log-probabilities at every step: `weight` times the character
+    n-gram model (shallow fusion), and for a pinyin model's `pinyin_sources` the input method's constraint that
+    each character reads as its syllable (charlm.PinyinConstraint). None when neither applies."""
     import charlm
-    return charlm.Fusion(charlm.load(), tokenizer, weight)
+    terms = ([charlm.Fusion(charlm.load(), tokenizer, weight)] if weight else []) + (
+        [charlm.PinyinConstraint(tokenizer, pinyin_sources, beam)] if pinyin_sources else [])
+    if len(terms) < 2:
+        return terms[0] if terms else None
+    return lambda rows: terms[0](rows) + terms[1](rows)
 
 
 @torch.no_grad()
 def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp32", beam: int = 1,
             length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False,
-            word_prior: float = 0.0, fusion: float = 0.0) -> list[str]:
+            word_prior: float = 0.0, fusion: float = 0.0, pinyin: bool = False) -> list[str]:
     """Decode every source (greedy, or beam search when beam > 1 with `fusion` times the character n-gram model
     in every step and its hypotheses reranked with `word_prior`); batches of similar length, original order."""
     from tqdm import tqdm
@@ -140,9 +144,10 @@ def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp
             if beam == 1:
                 texts = [tokenizer.decode(seq) for seq in model.greedy(*args)]
             else:
+                sources = [tokenizer.decode(src_ids[i]) for i in idx] if pinyin else None
                 texts = [rerank([(score, tokenizer.decode(seq)) for score, seq in hyps], word_prior)[0][1]
                          for hyps in model.beam_hypotheses(*args, beam, length_penalty,
-                                                           fusion_term(tokenizer, fusion))]
+                                                           fusion_term(tokenizer, fusion, sources, beam))]
         for i, text in zip(idx, texts):
             out[i] = text
     return out
@@ -273,8 +278,8 @@ def ranked(model, tokenizer, ckpt: dict, text: str, device, beam: int, length_pe
     For a pinyin model the input is first put in the training sources' form (`data.pinyin_sources`: case, ü,
     spacing, syllables typed together, a final mark); when a run of letters splits into syllables in several
     ways, each split is decoded and the scores decide. A final mark added for the model is dropped again."""
-    sources, added_mark = [text], False
-    if ckpt.get("source") == "pinyin":
+    sources, added_mark, pinyin = [text], False, ckpt.get("source") == "pinyin"
+    if pinyin:
         sources, added_mark = close_sentence(open_pinyin_sources(text))
     max_len = model.config.max_len
     encoded = tokenizer.encode_batch(sources)
@@ -282,7 +287,7 @@ def ranked(model, tokenizer, ckpt: dict, text: str, device, beam: int, length_pe
     with autocast(device, ckpt["train_config"].get("dtype", "fp32")):
         hyps = model.beam_hypotheses(batch["input_ids"], batch["attention_mask"], tokenizer.bos_id,
                                      tokenizer.eos_id, max_len - 1, max(beam, n), length_penalty,
-                                     fusion_term(tokenizer, fusion))
+                                     fusion_term(tokenizer, fusion, sources if pinyin else None, max(beam, n)))
     decoded = [(score, tokenizer.decode(out)) for per_source in hyps for score, out in per_source]
     if added_mark:
         decoded = [(score, words[:-1] if words.endswith("。") else words) for score, words in decoded]
@@ -360,7 +365,7 @@ def classify(args, device) -> dict:
     preds = convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), device,
                     ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty,
                     progress=not args.quiet, word_prior=word_prior_for(ckpt, args.word_prior),
-                    fusion=fusion_for(ckpt, args.fusion))
+                    fusion=fusion_for(ckpt, args.fusion), pinyin=ckpt.get("source") == "pinyin")
     seconds = time.time() - t0
     out = args.output or os.path.join(args.out_dir, "predictions.csv")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

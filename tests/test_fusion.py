@@ -9,6 +9,7 @@ import torch
 import charlm
 import data
 import main
+import task_s2s
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_fusion_changes_the_beam_toward_the_ngram_model(pinyin_ckpt, capsys, lm)
     lm_scores = [lm.text_logprob(c["text"]) for c in on["candidates"]]
     assert lm_scores[0] == max(lm_scores)
     default, _ = infer(pinyin_ckpt, capsys, "wo ai bian cheng", *args, "--word_prior", "0")
-    fused, _ = infer(pinyin_ckpt, capsys, "wo ai bian cheng", *args, "--fusion", "0.3", "--word_prior", "0")
+    fused, _ = infer(pinyin_ckpt, capsys, "wo ai bian cheng", *args, "--fusion", str(task_s2s.FUSION),
+                     "--word_prior", "0")
     assert default["candidates"] == fused["candidates"]  # the default weight for a pinyin model
 
 
@@ -79,3 +81,23 @@ def test_what_is_no_pinyin_is_kept_as_typed(pinyin_ckpt, capsys):
     assert mixed["kept"] == ["3", "iPhone"]
     assert "3" in mixed["pred"] and mixed["pred"].endswith("iPhone") and "you" not in mixed["pred"]
     assert data.pinyin_spans("xi'an he lüse") == [("xi'an he lüse", True)]
+
+
+def test_every_conversion_reads_as_its_pinyin():
+    from pypinyin import Style, pinyin
+    from test_seq2seq import sentences
+    from tokenizer import BPETokenizer
+    # the default preset's kind of vocabulary: one token per Han character (the tiny fixture's 300 tokens spell
+    # most characters in bytes, which the rule refuses)
+    tokenizer = BPETokenizer.train(sentences(), 700, kind="bpe_hanzi")
+    rule = charlm.PinyinConstraint(tokenizer, ["jin tian hen hao 3.5 。", "wo ai bian cheng"], beam=2)
+    allowed = lambda rows: [[tokenizer.decode([t]) for t in np.flatnonzero(np.isfinite(r))] for r in rule(rows).numpy()]
+    first, other_source = allowed([[], []])[0], allowed([[], [], []])[2]
+    assert first and all("jin" in pinyin(w, style=Style.NORMAL, heteronym=True)[0] for w in first)
+    assert "今" in first and "我" not in first and other_source == ["我"]  # row 2 is the second source's beam
+    assert tokenizer.eos_id not in np.flatnonzero(np.isfinite(rule([[]]).numpy()[0]))  # no end before the last
+    written = tokenizer.encode("今天很好")
+    assert set(allowed([written])[0]) <= {"3", "3.", "3.5"} and "3" in allowed([written])[0]
+    assert allowed([tokenizer.encode("今天很好3.5")])[0] == ["。"]
+    assert list(np.flatnonzero(np.isfinite(rule([tokenizer.encode("今天很好3.5。")]).numpy()[0]))) == [
+        tokenizer.eos_id]
