@@ -102,12 +102,13 @@ class CharLM:
         return float(sum(np.log(self.probs(seq[i - ORDER + 1:i])[self.index[seq[i]]]) if seq[i] in self.index
                          else np.log(self.unigram.min()) for i in range(ORDER - 1, len(seq))))
 
+    @functools.lru_cache(maxsize=4)
     def token_map(self, tokenizer) -> np.ndarray:
         """Each token id of a decoder's vocabulary -> the index of its symbol (a Han character, OTHER, or EOS for
         <eos>); -1 for a Han character the model never saw (it then gets the unigram floor)."""
         out = np.empty(tokenizer.n_vocab, dtype=np.int64)
-        for t in range(tokenizer.n_vocab):
-            text = EOS if t == tokenizer.eos_id else symbols(tokenizer.decode([t]))
+        for t, text in enumerate(token_texts(tokenizer)):
+            text = EOS if t == tokenizer.eos_id else symbols(text)
             out[t] = self.index.get(text if len(text) == 1 else OTHER, -1)
         return out
 
@@ -142,20 +143,29 @@ def load(quiet: bool = True) -> CharLM:
 
 
 @functools.lru_cache(maxsize=4)
-def han_readings(tokenizer) -> tuple[np.ndarray, dict]:
-    """(has_han: (V,) bool, the tokens that write one Han character; {toneless syllable: (V,) bool, those whose
-    character can read so}) for a decoder's vocabulary, from pypinyin's
-    per-character readings (all of a polyphone's)."""
+def token_texts(tokenizer) -> list[str]:
+    """Each token id's text (a piece of a character's bytes decodes to U+FFFD), worked out once per vocabulary."""
+    return [tokenizer.decode([t]) for t in range(tokenizer.n_vocab)]
+
+
+@functools.lru_cache(maxsize=4)
+def han_readings(tokenizer) -> tuple[np.ndarray, dict, dict]:
+    """For a decoder's vocabulary, from pypinyin's per-character readings (all of a polyphone's), as (V,) terms
+    of 0 / -inf: (any one Han character, {toneless syllable: the characters that can read so}, {text: token id})."""
     from pypinyin import Style, pinyin
     has_han = np.zeros(tokenizer.n_vocab, dtype=bool)
     readers: dict = defaultdict(lambda: np.zeros(tokenizer.n_vocab, dtype=bool))
-    for t in range(tokenizer.n_vocab):
-        chars = NON_HAN.sub("", tokenizer.decode([t]))
+    for t, text in enumerate(token_texts(tokenizer)):
+        chars = NON_HAN.sub("", text)
         if chars and t != tokenizer.eos_id:
             has_han[t] = True
             for reading in pinyin(chars[0], style=Style.NORMAL, heteronym=True)[0]:
                 readers[reading][t] = len(chars) == 1
-    return has_han, dict(readers)
+    # as beam-search terms: 0 where allowed, -inf elsewhere; and every token by its text (byte pieces left out)
+    as_term = lambda allowed: np.where(allowed, 0.0, -np.inf).astype(np.float32)
+    by_text = {text: t for t, text in enumerate(token_texts(tokenizer))
+               if t != tokenizer.eos_id and "\ufffd" not in text}
+    return as_term(has_han), {s: as_term(m) for s, m in readers.items()}, by_text
 
 
 class PinyinConstraint:
@@ -168,13 +178,9 @@ class PinyinConstraint:
     def __init__(self, tokenizer, sources: list[str], beam: int):
         import data
         self.tokenizer, self.beam = tokenizer, beam
-        has_han, readers = han_readings(tokenizer)
+        self.any_han, self.readers, self.by_text = han_readings(tokenizer)
         syllables = data.pinyin_syllables()
-        self.by_text = {tokenizer.decode([t]): t for t in range(tokenizer.n_vocab)
-                        if t != tokenizer.eos_id and "\ufffd" not in tokenizer.decode([t])}
         self.longest = max(map(len, self.by_text))
-        self.readers = {s: np.where(m, 0.0, -np.inf).astype(np.float32) for s, m in readers.items()}
-        self.any_han = np.where(has_han, 0.0, -np.inf).astype(np.float32)
         # per source, its template: a syllable (one character that reads so) or a literal character per position
         self.templates = [[(item in syllables, ch) for item in source.split()
                            for ch in ([item] if item in syllables else item)] for source in sources]
