@@ -78,12 +78,9 @@ class CharLM:
                 cnt = np.array(list(c.values()), dtype=np.float64)
                 table[h] = (cnt.sum(), np.minimum(cnt, DISCOUNT).sum(), np.array([self.index[s] for s in c]), cnt)
             self.tables.append(table)
-        self._cache: dict = {}
 
     def probs(self, history: str) -> np.ndarray:
         """P(. | history) over self.vocab; history is a symbol string, BOS-padded to ORDER-1 symbols."""
-        if history in self._cache:
-            return self._cache[history]
         p = self.unigram
         for n, table in enumerate(self.tables, start=1):
             entry = table.get(history[len(history) - n:])
@@ -92,8 +89,6 @@ class CharLM:
             total, discounted, ids, cnt = entry
             p = p * (discounted / total)
             p[ids] += np.maximum(cnt - DISCOUNT, 0) / total
-        if len(self._cache) < 200_000:
-            self._cache[history] = p
         return p
 
     def text_logprob(self, text: str) -> float:
@@ -210,6 +205,12 @@ class PinyinConstraint:
                                           for r, ids in enumerate(rows)]))
 
 
+@functools.lru_cache(maxsize=4)
+def token_logprobs(lm: CharLM, tokenizer) -> dict:
+    """A per-vocabulary cache {history: log P_LM of each token (V,)}, filled by Fusion (beams share histories)."""
+    return {}
+
+
 class Fusion:
     """The shallow-fusion term of a beam search: for every live beam (its target ids so far), log P_LM of each
     possible next token, as a (rows, V) tensor; the decoder adds `weight` times it to its own log-probabilities."""
@@ -218,12 +219,17 @@ class Fusion:
         self.lm, self.tokenizer, self.weight = lm, tokenizer, weight
         self.map = lm.token_map(tokenizer)
         self.floor = float(np.log(lm.unigram.min()))
+        self.cache = token_logprobs(lm, tokenizer)
+
+    def vector(self, history: str) -> np.ndarray:
+        if history not in self.cache:
+            logp = np.log(self.lm.probs(history))
+            if len(self.cache) >= 20_000:  # ~330 MB at 4,096 tokens: start again rather than grow
+                self.cache.clear()
+            self.cache[history] = np.where(self.map >= 0, logp[self.map], self.floor).astype(np.float32)
+        return self.cache[history]
 
     def __call__(self, rows: list[list[int]]):
         import torch
-        out = np.empty((len(rows), len(self.map)), dtype=np.float32)
-        for r, ids in enumerate(rows):
-            hist = (BOS * (ORDER - 1) + symbols(self.tokenizer.decode(ids)))[-(ORDER - 1):]
-            logp = np.log(self.lm.probs(hist))
-            out[r] = np.where(self.map >= 0, logp[self.map], self.floor)
-        return torch.from_numpy(out) * self.weight
+        hists = [(BOS * (ORDER - 1) + symbols(self.tokenizer.decode(ids)))[-(ORDER - 1):] for ids in rows]
+        return torch.from_numpy(np.stack([self.vector(h) for h in hists])) * self.weight
