@@ -8,8 +8,8 @@ today. It counts character 1-3-grams in
   and the shipped other-domain reviews (how words follow each other in plain sentences).
 Probabilities are interpolated absolute discounting (Ney, Essen and Kneser 1994): each order gives a discount D
 of every seen count to the next lower order, down to an add-one unigram. Symbols: each Han character, one symbol
-for any run of other text (punctuation, digits, Latin), sentence start and end. Built once (~30 s) and cached in
-dataset/charlm/.
+for any run of other text (punctuation, digits, Latin), sentence start and end. Built once (20-35 s on 2 cores)
+and cached in dataset/charlm/.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import re
+import sys
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -61,10 +62,10 @@ def count_ngrams(texts: list[str], words: list[str], word_counts: list[int]) -> 
 
 
 class CharLM:
-    """log P(next symbol | the last ORDER-1 symbols), as one dense vector over a decoder's tokens at a time."""
+    """P(next symbol | the last ORDER-1 symbols) over all symbols at once; token_map puts it on a decoder's
+    vocabulary."""
 
     def __init__(self, counts: list[dict]):
-        self.counts = counts
         self.vocab = sorted(counts[0][""])
         self.index = {s: i for i, s in enumerate(self.vocab)}
         uni = np.array([counts[0][""][s] for s in self.vocab], dtype=np.float64)
@@ -115,8 +116,8 @@ def counts_to_json(counts: list[dict]) -> dict:
 _MODEL = None
 
 
-def load(quiet: bool = True) -> CharLM:
-    """The cached model (built on first use into dataset/charlm/charlm.json)."""
+def load() -> CharLM:
+    """The model, loaded once per process from dataset/charlm/charlm<ORDER>.json (built there on first use)."""
     global _MODEL
     if _MODEL is not None:
         return _MODEL
@@ -126,9 +127,7 @@ def load(quiet: bool = True) -> CharLM:
             levels = json.load(f)["levels"]
         counts = [{h: Counter(c) for h, c in level.items()} for level in levels]
     else:
-        import sys
-        if not quiet:
-            print("building the character n-gram model for shallow fusion (once) ...", file=sys.stderr)
+        print("building the character n-gram model of the pinyin decoder (once, 20-35 s) ...", file=sys.stderr)
         words, word_counts = data.jieba_words(1, 8)
         counts = count_ngrams(training_texts(), words, word_counts)
         os.makedirs(os.path.dirname(path), exist_ok=True)

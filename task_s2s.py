@@ -13,7 +13,8 @@ import torch
 
 import plots
 from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, lexicon_pairs,
-                  open_pinyin_sources, pinyin_spans, pinyin_splits, read_table, tokenizer_cache, user_pair_splits, word_logprob)
+                  open_pinyin_sources, pinyin_spans, pinyin_splits, read_table, tokenizer_cache, user_pair_splits,
+                  word_logprob)
 from models import ModelConfig
 from task_lm import routing_trace
 from tokenizer import load_or_train
@@ -24,8 +25,8 @@ TRAIN_HINT = "python main.py --train --task seq2seq"
 # Decoding a model trained on the built-in pinyin pairs (fusion_for, word_prior_for): at every beam step the
 # character n-gram model of charlm.py (shallow fusion, weight FUSION) and the input method's constraint that each
 # character reads as its syllable; the finished hypotheses reranked by jieba's word prior (weight WORD_PRIOR).
-# Chosen on the whole validation split, beam 4 (char accuracy; docs/experiments.md): no fusion 0.8813, fusion 0.3
-# 0.9017, 0.5 0.9067, 0.7 0.9071, 1.0 0.9072 (word prior 0.15); 0.7 without the word prior 0.9060.
+# Chosen on the whole validation split, beam 4 (char accuracy; docs/experiments.md): constraint without fusion
+# 0.8813, fusion 0.3 0.9017, 0.5 0.9067, 0.7 0.9071, 1.0 0.9072 (word prior 0.15); 0.7 without the prior 0.9060.
 FUSION = 0.7
 WORD_PRIOR = 0.15
 EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of the test split at the end)
@@ -120,9 +121,7 @@ def fusion_term(tokenizer, weight: float, pinyin_sources: list[str] | None = Non
     import charlm
     terms = ([charlm.Fusion(charlm.load(), tokenizer, weight)] if weight else []) + (
         [charlm.PinyinConstraint(tokenizer, pinyin_sources, beam)] if pinyin_sources else [])
-    if len(terms) < 2:
-        return terms[0] if terms else None
-    return lambda rows: terms[0](rows) + terms[1](rows)
+    return (lambda rows: sum(term(rows) for term in terms)) if terms else None
 
 
 @torch.no_grad()
@@ -130,7 +129,8 @@ def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp
             length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False,
             word_prior: float = 0.0, fusion: float = 0.0, pinyin: bool = False) -> list[str]:
     """Decode every source (greedy, or beam search when beam > 1 with `fusion` times the character n-gram model
-    in every step and its hypotheses reranked with `word_prior`); batches of similar length, original order."""
+    and, for `pinyin` sources, the pinyin constraint in every step, its hypotheses reranked with `word_prior`);
+    batches of similar length, original order."""
     from tqdm import tqdm
     model.eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
