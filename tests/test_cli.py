@@ -235,6 +235,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--set", "pooling=max"], "pooling='max' must be 'cls' or 'mean'"),
     (["--train", "--set", "capacity_factor=-1"], "capacity_factor=-1.0 must be a number >= 0"),
     (["--infer", "--task", "seq2seq", "--text", "ni hao", "--word_prior", "-1"], "--word_prior -1.0: must be a number >= 0"),
+    (["--infer", "--task", "seq2seq", "--text", "ni hao", "--fusion", "nan"], "--fusion nan: must be a number >= 0"),
     (["--train", "--set", "balance=none"], "balance='none' must be 'loss' or 'bias'"),
     (["--train", "--set", "bias_rate=-0.1"], "bias_rate=-0.1 must be a number >= 0"),
     (["--train", "--set", "balance_coef=nan"], "balance_coef=nan must be a number >= 0"),
