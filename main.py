@@ -413,8 +413,8 @@ def run(args) -> int:
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
         else:
-            unsure = (f"  (unsure: below the {result['unsure_below']:.2f} confidence at which validation answers are right "
-                      f"{task_cls.CONFIDENT_ACCURACY:.0%} of the time)" if result["unsure"] else "")
+            unsure = (f"  (unsure: below the {result['unsure_below']:.2f} confidence at which validation answers "
+                      f"are right {task_cls.CONFIDENT_ACCURACY:.0%} of the time)" if result["unsure"] else "")
             print(f"label: {result['label']}{unsure}")
             for name, prob in sorted(result["probs"].items(), key=lambda kv: -kv[1]):
                 print(f"  {name:<12} {prob:.4f}")

@@ -999,8 +999,9 @@ class Seq2Seq(nn.Module):
 
         A hypothesis' score is its summed log-probability / length ** length_penalty. Each source keeps
         `beam_size` live beams; a source is done once it has `beam_size` finished hypotheses (early stopping).
-        `fusion` (shallow fusion): a callable from the live beams' target ids (lists without bos) to a (rows, V)
-        tensor added to the model's log-probabilities at every step, e.g. weight * log P_LM (charlm.Fusion).
+        `fusion`: a callable from the live beams' target ids (lists without bos) to a (rows, V) tensor added to the
+        model's log-probabilities at every step: shallow fusion's weight * log P_LM, the pinyin constraint's
+        0 / -inf (task_s2s.fusion_term).
         """
         self.eval()
         B, W = input_ids.size(0), beam_size

@@ -71,7 +71,8 @@ def test_calibration_lowers_ece_and_infer_says_unsure(trained_cls, tmp_path):
     doubtful = str(tmp_path / "doubtful.pt")
     torch.save(saved, doubtful)
     assert "(unsure:" in run_main("--infer", "--text", "我爱编程", "--checkpoint", doubtful).stdout
-    assert json.loads(run_main("--infer", "--text", "我爱编程", "--json", "--checkpoint", doubtful).stdout)["unsure"]
+    answer = json.loads(run_main("--infer", "--text", "我爱编程", "--json", "--checkpoint", doubtful).stdout)
+    assert answer["unsure"]
     res = json.loads(run_main("--infer", "--text", "我爱编程", "--json", "--checkpoint", ckpt).stdout)
     assert res["unsure"] == (max(res["probs"].values()) < cal["unsure_below"])
 
