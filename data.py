@@ -164,11 +164,14 @@ def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
 @contextlib.contextmanager
 def atomic_write(path: str):
     """Yields a temporary path beside `path` to write; it becomes `path` (one rename) only if the block
-    succeeds, so a crash or an error never leaves half a file, and the previous file stays until then."""
+    succeeds, so a crash or an error never leaves half a file, and the previous file stays until then. The data
+    reaches the disk (fsync) before the rename, so a power cut cannot leave the new name on an empty file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -366,6 +366,16 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_debris(tmp_path):
     assert load_checkpoint(str(path), "")["step"] == 1 and os.listdir(path.parent) == ["m.pt"]
 
 
+def test_a_write_reaches_the_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    from data import atomic_write_text
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    atomic_write_text("done", str(tmp_path / "out.txt"))
+    assert events == ["fsync", "replace"] and (tmp_path / "out.txt").read_text() == "done"
+
+
 def test_compare_trains_both_models_for_the_same_seconds_and_writes_the_table(tmp_path):
     """--compare on the tiny classifier: the MoE stops at its step counts, the dense twin gets the seconds each
     of the MoE's phases took (masked-LM pretraining and fine-tuning), and the TF-IDF baseline joins the table."""
