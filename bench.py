@@ -390,9 +390,9 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
     prior, fusion = word_prior_for(ckpt, None), fusion_for(ckpt, None)
     variants = {"": (prior, fusion), "_without_fusion": (prior, 0.0), "_model_alone": (0.0, 0.0)}
 
-    def batch_convert(beam, word_prior=prior, fuse=fusion, pinyin=True):
+    def batch_convert(beam, word_prior=prior, fuse=fusion):
         return lambda xs: convert(model, tok, source_ids(tok, xs, model.config.max_len), device, dtype, beam=beam,
-                                  word_prior=word_prior, fusion=fuse, pinyin=pinyin)
+                                  word_prior=word_prior, fusion=fuse, pinyin=True)
 
     out["word_prior"], out["fusion"] = prior, fusion
     for prefix in ("", "reviews_"):
@@ -431,7 +431,7 @@ def bench_sentiment(checkpoint: str, card_text: str = "我爱编程") -> dict:
     card = p.answer(p.predict([card_text])[0])
     metrics = ckpt.get("metrics", {})
     return {"everyday_n": len(everyday), "everyday_acc_model": float((everyday.label == pred).mean()),
-            "everyday_unsure_model": float((probs.max(1) < p.unsure_below).mean()),
+            "everyday_unsure_model": float(p.unsure(probs).mean()),
             "everyday_acc_tfidf": float((linear.predict(everyday.text) == everyday.label).mean()),
             "card_label": card["label"], "card_prob": card["probs"][card["label"]], "card_unsure": card["unsure"],
             **{f"ckpt_{k}": metrics[k] for k in ("test_acc", "test_ece_raw", "test_ece") if k in metrics}}

@@ -170,7 +170,6 @@ class PinyinConstraint:
     cannot write). Rows are beams, `beam` adjacent ones per source."""
 
     def __init__(self, tokenizer, sources: list[str], beam: int):
-        import data
         self.tokenizer, self.beam = tokenizer, beam
         self.any_han, self.readers, self.by_text = han_readings(tokenizer)
         syllables = data.pinyin_syllables()
@@ -198,10 +197,11 @@ class PinyinConstraint:
                 out[self.by_text[literal]] = 0.0
         return out if np.isfinite(out).any() else np.zeros(V, dtype=np.float32)
 
-    def __call__(self, rows: list[list[int]]):
+    def __call__(self, written: list[str]):
+        """The live beams' text so far -> (rows, V) terms."""
         import torch
-        return torch.from_numpy(np.stack([self.allowed(self.templates[r // self.beam], self.tokenizer.decode(ids))
-                                          for r, ids in enumerate(rows)]))
+        return torch.from_numpy(np.stack([self.allowed(self.templates[r // self.beam], text)
+                                          for r, text in enumerate(written)]))
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,7 +211,7 @@ def token_logprobs(lm: CharLM, tokenizer) -> dict:
 
 
 class Fusion:
-    """The shallow-fusion term of a beam search: for every live beam (its target ids so far), log P_LM of each
+    """The shallow-fusion term of a beam search: for every live beam (its text so far), log P_LM of each
     possible next token, as a (rows, V) tensor; the decoder adds `weight` times it to its own log-probabilities."""
 
     def __init__(self, lm: CharLM, tokenizer, weight: float):
@@ -228,7 +228,8 @@ class Fusion:
             self.cache[history] = np.where(self.map >= 0, logp[self.map], self.floor).astype(np.float32)
         return self.cache[history]
 
-    def __call__(self, rows: list[list[int]]):
+    def __call__(self, written: list[str]):
+        """The live beams' text so far -> (rows, V) terms."""
         import torch
-        hists = [(BOS * (ORDER - 1) + symbols(self.tokenizer.decode(ids)))[-(ORDER - 1):] for ids in rows]
+        hists = [(BOS * (ORDER - 1) + symbols(text))[-(ORDER - 1):] for text in written]
         return torch.from_numpy(np.stack([self.vector(h) for h in hists])) * self.weight

@@ -136,9 +136,9 @@ EXTRA_SENTIMENT = ("shopping7.tsv.xz", "waimai_10k.tsv.xz", "hownet_words.tsv.xz
 def extra_sentiment(exclude=frozenset()) -> pd.DataFrame:
     """The shipped other-domain reviews as one cleaned text/label frame, less every text in `exclude` (a val or
     test split's texts, so that nothing held out is trained on)."""
-    frames = [pd.read_csv(os.path.join(DATASET_DIR, name), sep="\t", dtype=str, keep_default_na=False)
-              for name in EXTRA_SENTIMENT]
-    df = clean_labelled(pd.concat(frames).text, pd.concat(frames).label)
+    raw = pd.concat([pd.read_csv(os.path.join(DATASET_DIR, name), sep="\t", dtype=str, keep_default_na=False)
+                     for name in EXTRA_SENTIMENT])
+    df = clean_labelled(raw.text, raw.label)
     return df[~df.text.isin(set(exclude))].reset_index(drop=True)
 
 

@@ -344,10 +344,14 @@ class Predictor:
             probs[idx] = softmax(self.logits(batch), self.temperature)
         return probs
 
+    def unsure(self, probs: np.ndarray) -> np.ndarray:
+        """Class probabilities (..., classes) -> whether each answer is below the unsure threshold."""
+        return probs.max(-1) < self.unsure_below
+
     def answer(self, probs: np.ndarray) -> dict:
         """One text's class probabilities -> {label, probs, unsure}."""
         return {"label": self.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(self.names, probs)},
-                "unsure": bool(probs.max() < self.unsure_below)}
+                "unsure": bool(self.unsure(probs))}
 
 
 def infer(args, device) -> dict:
@@ -370,7 +374,7 @@ def classify(args, device) -> dict:
     probs = p.predict(texts, progress=not args.quiet)
     out = df.copy()
     out["pred"] = [p.names[i] for i in probs.argmax(1)]
-    out["unsure"] = probs.max(1) < p.unsure_below
+    out["unsure"] = p.unsure(probs)
     for j, n in enumerate(p.names):
         out[f"prob_{n}"] = probs[:, j]
     output = args.output or os.path.join(args.out_dir, "predictions.csv")

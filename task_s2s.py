@@ -121,7 +121,13 @@ def fusion_term(tokenizer, weight: float, pinyin_sources: list[str] | None = Non
     import charlm
     terms = ([charlm.Fusion(charlm.load(), tokenizer, weight)] if weight else []) + (
         [charlm.PinyinConstraint(tokenizer, pinyin_sources, beam)] if pinyin_sources else [])
-    return (lambda rows: sum(term(rows) for term in terms)) if terms else None
+    if not terms:
+        return None
+
+    def term(rows: list[list[int]]):  # each beam's ids decoded once a step, for every term
+        written = [tokenizer.decode(ids) for ids in rows]
+        return sum(t(written) for t in terms)
+    return term
 
 
 @torch.no_grad()
