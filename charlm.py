@@ -23,6 +23,8 @@ from collections import Counter, defaultdict
 import numpy as np
 
 import data
+import pinyin
+from fsio import atomic_write_text
 
 BOS, OTHER, EOS = "\ue000", "\ue001", "\ue002"  # private-use characters: start, non-Han run, end
 NON_HAN = re.compile(r"[^\u4e00-\u9fff]+")
@@ -128,10 +130,10 @@ def load() -> CharLM:
         counts = [{h: Counter(c) for h, c in level.items()} for level in levels]
     else:
         print("building the character n-gram model of the pinyin decoder (once, 20-35 s) ...", file=sys.stderr)
-        words, word_counts = data.jieba_words(1, 8)
+        words, word_counts = pinyin.jieba_words(1, 8)
         counts = count_ngrams(training_texts(), words, word_counts)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        data.atomic_write_text(json.dumps(counts_to_json(counts), ensure_ascii=False), path)
+        atomic_write_text(json.dumps(counts_to_json(counts), ensure_ascii=False), path)
     _MODEL = CharLM(counts)
     return _MODEL
 
@@ -165,14 +167,14 @@ def han_readings(tokenizer) -> tuple[np.ndarray, dict, dict]:
 class PinyinConstraint:
     """What an input method guarantees: a conversion writes one character that reads as each syllable of the pinyin
     and everything else (marks, digits, Latin) as typed, in order, then ends. The training pairs are made so
-    (data.to_pinyin), so the model only has to choose among homophones. As a beam-search term: 0 for the tokens
+    (pinyin.to_pinyin), so the model only has to choose among homophones. As a beam-search term: 0 for the tokens
     that fit the next position of that template, -inf for the rest (no constraint at a character the vocabulary
     cannot write). Rows are beams, `beam` adjacent ones per source."""
 
     def __init__(self, tokenizer, sources: list[str], beam: int):
         self.tokenizer, self.beam = tokenizer, beam
         self.any_han, self.readers, self.by_text = han_readings(tokenizer)
-        syllables = data.pinyin_syllables()
+        syllables = pinyin.pinyin_syllables()
         self.longest = max(map(len, self.by_text))
         # per source, its template: a syllable (one character that reads so) or a literal character per position
         self.templates = [[(item in syllables, ch) for item in source.split()

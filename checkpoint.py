@@ -12,8 +12,11 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn as nn
 
-from data import DataError, atomic_write
-from models import build_model, model_config, upcycle, upcycled_config
+from config import Options, TrainConfig, model_config
+from errors import DataError
+from fsio import atomic_write
+from models import build_model
+from moe import upcycle, upcycled_config
 from tokenizer import tokenizer_from_dict
 
 CHECKPOINT_VERSION = 1
@@ -56,17 +59,16 @@ def load_trained(path: str, task: str, train_hint: str, device):
     return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
 
 
-def load_resume(args, task: str, train_hint: str):
+def load_resume(opts: Options, task: str, train_hint: str):
     """With --resume: (model config, TrainConfig, tokenizer, resume state for fit) from <checkpoint>.last.pt, the
     run's own configs (halt_after cleared so it runs to the end); None without --resume."""
-    if not getattr(args, "resume", False):
+    if not opts.resume:
         return None
-    from trainer import TrainConfig  # trainer writes checkpoints through this module
-    path = last_path(args.checkpoint)
+    path = last_path(opts.checkpoint)
     state = load_checkpoint(path, train_hint)
     if state.get("task") != task or "resume" not in state:
         raise DataError(f"{path}: not a resumable {task} run")
-    if not args.quiet:
+    if not opts.quiet:
         print(f"resuming from {path} at step {state['resume']['step']}", file=sys.stderr)
     saved = {k: v for k, v in state.items() if k not in ("resume", "state_dict")}  # the task's own extras too
     return (model_config(task, state["model_config"]), replace(TrainConfig(**state["train_config"]), halt_after=0),

@@ -50,7 +50,7 @@ def pytest_sessionstart(session):
     except OSError:
         cpu = platform.processor() or "?"
     import torch
-    from trainer import newton_schulz_dtype
+    from optim import newton_schulz_dtype
     reporter.write_line(
         f"machine: {cpu}, Python {platform.python_version()}, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads (Muon's Newton-Schulz in {newton_schulz_dtype(torch.device('cpu'))}), "

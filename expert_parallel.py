@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from models import Experts, MoE
+from moe import Experts, MoE
 
 
 class AllToAll(torch.autograd.Function):

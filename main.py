@@ -25,11 +25,22 @@ import math
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import asdict, fields, replace
 
+import torch.distributed as dist
+
+import analyze
+import onnx_export
+import pipeline
+import server
+from config import FLAG_KEYS, Options, resolve_config
+from distributed import check_expert_parallel, dist_info, init_distributed
+from errors import DataError
+from fsio import writable_dir, writable_file
+from registry import TASKS, tasks_with
+from runtime import pick_device, resolve_compile, resolve_dtype
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("cls", "lm", "seq2seq")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -170,120 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 # -----------------------------------------------------------------------------
 # Config resolution: defaults -> preset -> flags
 
-def coerce(key: str, value: str, default):
-    """Parse a --set value to the type of the field's default."""
-    from data import DataError
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, (int, float, str)):
-            return type(default)(value)
-        return json.loads(value)
-    except ValueError:
-        raise DataError(f"--set {key}={value}: expected a {type(default).__name__}") from None
-
-
-def budget_shape(model_cfg, train_cfg, time_budget: float, explicit: set[str]):
-    """Under --time_budget: the recipe's batch size (and context length, where its budget_batch entry gives one)
-    for the budget; short runs need many small steps (docs/experiments.md). The `explicit` keys (given by a flag
-    or --set) win."""
-    fits = [entry for entry in train_cfg.budget_batch if time_budget < entry[0]]
-    if not fits:
-        return model_cfg, train_cfg
-    _, batch, *context = fits[0]
-    if "batch_size" not in explicit:
-        train_cfg = replace(train_cfg, batch_size=int(batch))
-    if context and "max_len" not in explicit:
-        model_cfg = replace(model_cfg, max_len=int(context[0]))
-    return model_cfg, train_cfg
-
-
-def resolve_config(task: str, preset_name: str | None, args=None):
-    """(preset name, ModelConfig, TrainConfig) for a task; `args` (parsed flags) override the preset."""
-    from data import DataError
-    from models import MODEL_CONFIGS
-    from trainer import TASK_TRAIN_FIELDS, TrainConfig
-    with open(os.path.join(HERE, "configs.json"), encoding="utf-8") as f:
-        presets = json.load(f)[task]
-    preset_name = preset_name or presets.get("_default", "default")
-    if preset_name not in presets or preset_name.startswith("_"):
-        names = ", ".join(k for k in presets if not k.startswith("_"))
-        raise DataError(f"configs.json: no preset {preset_name!r} for task {task} (have: {names})")
-    values = dict(presets[preset_name])
-    flag_keys = ("epochs", "max_steps", "time_budget", "batch_size", "lr", "num_experts", "top_k", "num_layers",
-                 "dtype", "seed", "tokenizer", "compile", "optimizer", "init_from")
-    explicit = {k for k in flag_keys if getattr(args, k, None) is not None}  # keys the command line gave
-    values.update({k: getattr(args, k) for k in explicit})
-    for flag in ("epochs", "max_steps", "time_budget"):  # 0 in a config means "no limit"; as a flag it is a slip
-        if getattr(args, flag, None) is not None and not getattr(args, flag) > 0:
-            raise DataError(f"--{flag} {getattr(args, flag)}: must be > 0")
-    if getattr(args, "time_budget", None) and getattr(args, "max_steps", None) is None:
-        values["max_steps"] = 0  # "train for N seconds": the clock, not the preset's step count, ends the run
-    model_fields = {f.name: f for f in fields(MODEL_CONFIGS[task])}
-    train_fields = {f.name: f for f in fields(TrainConfig)}
-    # whose a field is, when it is not this task's: another model's, or another task's training setting
-    owner = {f.name: f"the {t} model" for t, c in MODEL_CONFIGS.items() for f in fields(c)}
-    owner.update({name: f"--task {t} training" for t, names in TASK_TRAIN_FIELDS.items() for name in names})
-    mine = set(model_fields) | (set(train_fields) - {k for t, ks in TASK_TRAIN_FIELDS.items() if t != task for k in ks})
-
-    def check_known(key: str, where: str) -> None:
-        if key in mine:
-            return
-        if key in owner:
-            raise DataError(f"{where}{key}: a setting of {owner[key]}, not of --task {task}")
-        raise DataError(f"{where}{key}: unknown key; known for --task {task}: {', '.join(sorted(mine))}")
-
-    for item in getattr(args, "set", []):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DataError(f"--set {item!r}: expected KEY=VALUE")
-        check_known(key, "--set ")
-        values[key] = coerce(key, value, (model_fields.get(key) or train_fields[key]).default)
-        explicit.add(key)
-    for key in sorted(values):
-        check_known(key, f"configs.json {task}.{preset_name}: ")
-    try:
-        model_cfg = MODEL_CONFIGS[task](**{k: v for k, v in values.items() if k in model_fields})
-        train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-        if getattr(args, "time_budget", None):
-            model_cfg, train_cfg = budget_shape(model_cfg, train_cfg, args.time_budget, explicit)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"config {task}.{preset_name}: {e}") from None
-    return preset_name, model_cfg, train_cfg
-
 
 # -----------------------------------------------------------------------------
 # Output paths: checked before any work, so a long run never dies at its last write
-
-def writable_dir(path: str, flag: str, shown: str | None = None) -> None:
-    """Create `path` if needed and prove a file can be written in it, or fail in one line naming the flag."""
-    from data import DataError
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise DataError(f"{flag} {shown or path}: {path} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {shown or path}: cannot write there ({e.strerror or e})") from None
-
-
-def writable_file(path: str, flag: str) -> None:
-    from data import DataError
-    if os.path.isdir(path):
-        raise DataError(f"{flag} {path}: is a directory, not a file")
-    writable_dir(os.path.dirname(os.path.abspath(path)), flag, shown=path)
 
 
 @contextlib.contextmanager
 def checkpoint_lock(path: str):
     """<checkpoint>.lock holds the pid of the run writing `path`: a second live run is refused (it would
     silently overwrite the first one's model); a lock left by a killed run is taken over."""
-    from data import DataError
     lock = path + ".lock"
     for _ in range(2):
         try:
@@ -314,46 +220,37 @@ def checkpoint_lock(path: str):
         os.unlink(lock)
 
 
-def check_outputs(args) -> None:
+def check_outputs(args, opts: Options) -> None:
     """The files and folders this mode will write."""
     if args.train or args.compare:
-        writable_file(args.checkpoint, "--checkpoint")
+        writable_file(opts.checkpoint, "--checkpoint")
     if args.train or args.compare or args.classify or args.generate or args.analyze:
-        writable_dir(args.out_dir, "--out_dir")
-    if args.output and (args.classify or args.export):
-        writable_file(args.output, "--output")
+        writable_dir(opts.out_dir, "--out_dir")
+    if opts.output and (args.classify or args.export):
+        writable_file(opts.output, "--output")
 
 
 # -----------------------------------------------------------------------------
 # Modes
 
-def run(args) -> int:
-    import pipeline
-    import task_cls
-    import task_lm
-    import task_s2s
-    from data import DataError
-    from trainer import dist_info, init_distributed, pick_device, resolve_compile, resolve_dtype
+MODES = ("infer", "classify", "generate", "eval")  # the modes that use a trained model (Task.modes)
 
-    if args.serve:
-        import server
-        return server.serve(args)
-    if args.analyze and args.task is None and args.checkpoint:
-        import analyze
-        args.task = analyze.checkpoint_task(args.checkpoint)
-    args.task = args.task or ("lm" if args.generate or args.eval else "cls")
-    task = {"cls": task_cls, "lm": task_lm, "seq2seq": task_s2s}[args.task]
-    args.checkpoint = args.checkpoint or os.path.join("checkpoints", f"{args.task}.pt")
-    args.out_dir = args.out_dir or os.path.join("runs", args.task)
-    device = pick_device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not args.train:
-            raise DataError("torchrun runs --train only (one process per device)")
-        device = init_distributed(args.device)
-    if args.task == "lm" and (args.infer or args.classify):
-        raise DataError("--infer and --classify are for --task cls; use --generate or --eval with --task lm")
-    if args.task != "lm" and (args.generate or args.eval):
-        raise DataError("--generate and --eval are for --task lm")
+
+def options(args, task: str) -> Options:
+    """The argparse namespace as typed Options, with the defaults that depend on the task filled in."""
+    values = {f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None}
+    return Options(**{**values, "task": task, "top_k": args.top_k or 0,
+                      "checkpoint": args.checkpoint or os.path.join("checkpoints", f"{task}.pt"),
+                      "out_dir": args.out_dir or os.path.join("runs", task)})
+
+
+def config_flags(args) -> dict:
+    """The training settings the command line gave as flags (resolve_config puts them over the preset)."""
+    return {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
+
+
+def check_flags(args) -> None:
+    """Flag combinations and values that no mode accepts."""
     if args.resume and not args.train:
         raise DataError("--resume works with --train (it goes on with an interrupted training run)")
     if args.init_from is not None and not args.train:
@@ -373,90 +270,68 @@ def run(args) -> int:
     if args.backend == "onnx" and not (args.task == "cls" and (args.infer or args.classify)):
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
-    check_outputs(args)
+
+def run(args) -> int:
+    device = pick_device(args.device)
+    if args.serve:
+        return server.serve(options(args, "cls"), device)
+    if args.analyze and args.task is None and args.checkpoint:
+        args.task = analyze.checkpoint_task(args.checkpoint)
+    args.task = args.task or ("lm" if args.generate or args.eval else "cls")
+    task = TASKS[args.task]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not args.train:
+            raise DataError("torchrun runs --train only (one process per device)")
+        device = init_distributed(args.device)
+    mode = next((m for m in MODES if getattr(args, m)), None)
+    if mode and mode not in task.modes:
+        raise DataError(f"--{mode} is for --task {' or '.join(tasks_with(mode))}; --task {task.name} has "
+                        f"{', '.join('--' + m for m in task.modes)}")
+    check_flags(args)
+    opts = options(args, task.name)
+    check_outputs(args, opts)
     if args.train or args.compare:
-        preset, model_cfg, train_cfg = resolve_config(args.task, args.preset, args)
-        # the checkpoint says which dtype and compile mode the run used
-        train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device),
-                            compile=resolve_compile(train_cfg.compile, device))
-        rank, world = dist_info()
-        if train_cfg.expert_parallel:
-            check_expert_parallel(model_cfg.num_experts, world)
-        if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
-            train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
-            args.quiet = args.quiet or rank > 0
-        if not args.quiet:
-            print(f"config ({args.task}/{preset}, device {device}"
-                  f"{f', {world} processes' if world > 1 else ''}):", file=sys.stderr)
-            print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
-                  file=sys.stderr)
-        # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the resume state is saved and the best checkpoint kept
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-        lock = checkpoint_lock(args.checkpoint) if args.train and rank == 0 else contextlib.nullcontext()
-        try:
-            with lock:
-                summary = (pipeline.compare if args.compare else pipeline.train)(task, model_cfg, train_cfg, args,
-                                                                                   device)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if rank == 0:
-            print(json.dumps(summary, ensure_ascii=False))
-    elif args.infer and args.task == "seq2seq":
-        result = task_s2s.infer(args, device)
-        if args.json or args.num_candidates == 1:
-            print(json.dumps(result, ensure_ascii=False) if args.json else result["pred"])
-        else:
-            for i, c in enumerate(result["candidates"], 1):
-                print(f"{i}. {c['text']}  ({c['score']:.3f})")
-    elif args.infer:
-        result = task_cls.infer(args, device)
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False))
-        else:
-            unsure = (f"  (unsure: below the {result['unsure_below']:.2f} confidence at which validation answers "
-                      f"are right {task_cls.CONFIDENT_ACCURACY:.0%} of the time)" if result["unsure"] else "")
-            print(f"label: {result['label']}{unsure}")
-            for name, prob in sorted(result["probs"].items(), key=lambda kv: -kv[1]):
-                print(f"  {name:<12} {prob:.4f}")
-    elif args.classify:
-        if not args.input:
-            raise DataError("--classify needs --input FILE")
-        print(json.dumps(task.classify(args, device), ensure_ascii=False))
-    elif args.generate:
-        if (args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1
-                or not 0 <= args.temperature < math.inf or (args.top_k or 0) < 0):
-            raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, "
-                            "0 <= temperature < inf, top_k >= 0")
-        args.sample_top_k = args.top_k or 0
-        summary = task_lm.generate(args, device)
-        print(json.dumps(summary, ensure_ascii=False), file=sys.stderr)
+        train(task, args, opts, device)
+    elif mode:
+        task.show(mode, task.run_mode(mode, opts, device), opts)
     elif args.export:
-        import onnx_export
-        print(json.dumps(onnx_export.export(args), ensure_ascii=False))
+        print(json.dumps(onnx_export.export(task, opts), ensure_ascii=False))
     elif args.analyze:
-        import analyze
-        print(json.dumps(analyze.analyze(args, device), ensure_ascii=False))
-    elif args.eval:
-        if not args.input:
-            raise DataError("--eval needs --input FILE")
-        print(json.dumps(task_lm.eval_file(args, device), ensure_ascii=False))
+        print(json.dumps(analyze.analyze(task, opts, device), ensure_ascii=False))
     return 0
 
 
-def check_expert_parallel(num_experts: int, world: int) -> None:
-    """expert_parallel=true shares each layer's experts out among the torchrun processes: there must be some."""
-    from data import DataError
-    if world == 1:
-        raise DataError("--set expert_parallel=true: run under torchrun with 2+ processes "
-                        "(torchrun --nproc_per_node=2 main.py --train ...)")
-    if num_experts == 0 or num_experts % world:
-        raise DataError(f"--set expert_parallel=true: num_experts={num_experts} must be a positive multiple of the "
-                        f"{world} processes")
+def train(task, args, opts: Options, device) -> None:
+    """--train / --compare: resolve the configs, then the pipeline; the JSON summary is the last line."""
+    preset, model_cfg, train_cfg = resolve_config(task.name, args.preset, config_flags(args), args.set)
+    # the checkpoint says which dtype and compile mode the run used
+    train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device),
+                        compile=resolve_compile(train_cfg.compile, device))
+    rank, world = dist_info()
+    if train_cfg.expert_parallel:
+        check_expert_parallel(model_cfg.num_experts, world)
+    if world > 1:  # --batch_size is per process; the config (and checkpoint) records the global batch
+        train_cfg = replace(train_cfg, batch_size=train_cfg.batch_size * world)
+        opts = replace(opts, quiet=opts.quiet or rank > 0)
+    if not opts.quiet:
+        print(f"config ({task.name}/{preset}, device {device}"
+              f"{f', {world} processes' if world > 1 else ''}):", file=sys.stderr)
+        print(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, ensure_ascii=False),
+              file=sys.stderr)
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the resume state is saved and the best checkpoint kept
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    lock = checkpoint_lock(opts.checkpoint) if args.train and rank == 0 else contextlib.nullcontext()
+    try:
+        with lock:
+            summary = (pipeline.compare if args.compare else pipeline.train)(task, model_cfg, train_cfg, opts, device)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if rank == 0:
+        print(json.dumps(summary, ensure_ascii=False))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from data import DataError
     try:
         return run(args)
     except DataError as e:
@@ -473,7 +348,6 @@ def main(argv=None) -> int:
         print("interrupted; the best checkpoint so far (if any) is intact", file=sys.stderr)
         return 130  # also for SIGTERM: the run did not finish
     finally:
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # clean shutdown of a torchrun worker
 

@@ -21,11 +21,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import DataError, atomic_write
-from models import exporting
+from checkpoint import load_trained
+from config import Options
+from errors import DataError
+from fsio import atomic_write
+from moe import exporting
+from tokenizer import tokenizer_from_dict
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
-EXPORTABLE = ("cls", "lm")
 MAX_BATCH = 65536
 
 
@@ -54,48 +57,41 @@ class LogitsOnly(nn.Module):
         return self.model(*inputs)[0]
 
 
-def example_inputs(task: str, max_len: int) -> tuple[tuple, list[str], dict]:
-    """(example tensors, input names, dynamic shapes): batch (up to MAX_BATCH) and sequence (up to max_len) axes
-    are dynamic; B, T > 1 in the example, so neither is specialised to 1."""
+def dynamic_shapes(names: list[str], max_len: int) -> dict:
+    """Every input has a dynamic batch (up to MAX_BATCH) and sequence (up to max_len) axis."""
     # a bounded batch axis keeps the graph's size checks (tokens x top_k) inside int64
     B, T = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seq", min=1, max=max_len)
-    ids = torch.randint(4, 50, (2, min(16, max_len)))
-    if task == "cls":
-        mask = torch.ones_like(ids)
-        mask[1, -3:] = 0
-        return (ids, mask), ["input_ids", "attention_mask"], {"inputs": ({0: B, 1: T}, {0: B, 1: T})}
-    return (ids,), ["idx"], {"inputs": ({0: B, 1: T},)}
+    return {"inputs": tuple({0: B, 1: T} for _ in names)}
 
 
-def export(args) -> dict:
-    """--export onnx: write the ONNX file of --checkpoint (cls or lm), check it against PyTorch, return a summary."""
+def export(task, opts: Options) -> dict:
+    """--export onnx: write the ONNX file of --checkpoint, check it against PyTorch, return a summary. The task
+    says what the graph's inputs are (Task.export_inputs; a task whose decoding cannot export refuses there)."""
+    example = torch.randint(4, 50, (2, 16))  # B, T > 1, so that neither axis is specialised to 1
+    task.export_inputs(example)
     onnx, ort = require("onnx", "onnxruntime")
     require("onnxscript")
-    from checkpoint import load_trained
-    task = args.task
-    if task not in EXPORTABLE:
-        raise DataError(f"--export onnx: --task {task} does not export (only cls and lm); seq2seq decoding "
-                        "runs loops with KV caches in Python")
-    hint = f"python main.py --train --task {task}"
-    model, tokenizer, ckpt = load_trained(args.checkpoint, task, hint, torch.device("cpu"))
+    path = opts.checkpoint
+    model, tokenizer, ckpt = load_trained(path, task.name, task.train_hint, torch.device("cpu"))
     if model.config.capacity_factor > 0:
-        raise DataError(f"{args.checkpoint}: capacity_factor={model.config.capacity_factor} drops tokens per batch; "
+        raise DataError(f"{path}: capacity_factor={model.config.capacity_factor} drops tokens per batch; "
                         "only dropless MoE models export")
     if model.config.routing == "expert" and model.config.num_experts:
-        raise DataError(f"{args.checkpoint}: routing='expert' picks tokens across the whole batch (a data-dependent "
+        raise DataError(f"{path}: routing='expert' picks tokens across the whole batch (a data-dependent "
                         "top-k); only token-choice MoE models export")
-    output = args.output or onnx_path(args.checkpoint)
-    inputs, names, dynamic = example_inputs(task, model.config.max_len)
+    output = opts.output or onnx_path(path)
+    inputs, names = task.export_inputs(example[:, :model.config.max_len])
     graph = LogitsOnly(model).eval()
     with atomic_write(output) as tmp:  # a failed export never leaves a half-written file under the real name
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes about torchvision ops
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with exporting():
-                program = torch.onnx.export(graph, inputs, dynamo=True, dynamic_shapes=dynamic, input_names=names,
-                                            output_names=["logits"], verbose=False)
+                program = torch.onnx.export(graph, inputs, dynamo=True,
+                                            dynamic_shapes=dynamic_shapes(names, model.config.max_len),
+                                            input_names=names, output_names=["logits"], verbose=False)
         proto = program.model_proto
-        meta = {"task": task, "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        meta = {"task": task.name, "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
                 "max_len": str(model.config.max_len), "label_names": json.dumps(ckpt.get("label_names", [])),
                 "dtype": ckpt["train_config"].get("dtype", "fp32"),
                 "calibration": json.dumps(ckpt.get("calibration", {}))}
@@ -107,13 +103,12 @@ def export(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     diffs = []
     for B, T in ((1, 3), (5, model.config.max_len)):
-        ids = torch.randint(4, tokenizer.n_vocab, (B, T), generator=gen)
-        feeds = [ids] + ([torch.ones_like(ids)] if task == "cls" else [])
+        feeds, _ = task.export_inputs(torch.randint(4, tokenizer.n_vocab, (B, T), generator=gen))
         with torch.no_grad():
             ref = graph(*feeds).numpy()
         got = session.run(None, {n: t.numpy() for n, t in zip(names, feeds)})[0]
         diffs.append(float(np.abs(got - ref).max()))
-    return {"task": task, "checkpoint": args.checkpoint, "output": output,
+    return {"task": task.name, "checkpoint": path, "output": output,
             "bytes": os.path.getsize(output), "inputs": names, "max_abs_diff_vs_torch": max(diffs)}
 
 
@@ -123,7 +118,6 @@ class OnnxClassifier:
 
     def __init__(self, path: str):
         (ort,) = require("onnxruntime")
-        from tokenizer import tokenizer_from_dict
         if not os.path.exists(path):
             raise DataError(f"{path}: no ONNX model; export one first with: python main.py --export onnx")
         try:

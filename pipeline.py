@@ -1,141 +1,167 @@
-"""One pipeline for every task: `--train` (fresh, `--resume`, `--init_from`) and `--compare`.
-
-A task module (task_cls, task_lm, task_s2s) gives the pipeline the same small interface:
-
-    NAME, TRAIN_HINT        the task's name, and the command that trains it (for "no checkpoint" errors)
-    SELECT                  the validation metric that picks the checkpoint ("-val_loss": lower is better)
-    METRICS                 the val_/test_ metrics of the JSON summary and the --compare table
-    splits(args, train_cfg)                         -> {"train", "val", "test"}: the built-in data or --data
-    new_tokenizer(args, train_cfg, model_cfg, splits) -> a tokenizer trained (or cached) on the training split
-    sized(model_cfg, tokenizer, splits)             -> the model config sized to them (vocabulary, classes)
-    Data(tokenizer, splits, model_cfg, args, start) -> the splits as the model reads them, with
-        .describe()                                 the sizes, for the "model: ..." line
-        .extra()                                    what the checkpoint keeps besides the weights (label names)
-        .steps_per_epoch(train_cfg), .batches(train_cfg, device)   the training stream
-        .evaluate(model, split, train_cfg, device)  -> {"val_...": ...} ("_"-keys stay out of the summary)
-        .report(model, rows, test, out_dir)         -> {"loss_curve": png, ...}: plots and prediction files
-        .pretrain(model, train_cfg, args, device, payload, resume) (optional: a phase before training,
-                                                    the classifier's masked-LM) -> (summary, resume for fit)
-        .calibrate(model, test, train_cfg, device)  (optional, after the test split is scored with the best
-                                                    checkpoint) -> (what the checkpoint keeps, test metrics)
-    baselines(args, train_cfg) (optional)           -> {name: results} added to the --compare table
-
-Adding a task means writing one such module and naming it in main.run (its task table, TASKS) and
-models.build_model.
-"""
+"""One pipeline for every task (task.Task): `--train` (fresh, `--resume`, `--init_from`) and `--compare`."""
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch.nn as nn
 
 import plots
 from checkpoint import (checkpoint_payload, last_path, load_checkpoint, load_init, load_resume,
                         save_checkpoint)
+from config import ModelConfig, Options, TrainConfig
+from distributed import is_main_process
 from models import build_model, count_params
-from trainer import MetricsLog, TrainConfig, fit, is_main_process, run_log, seed_everything
+from runtime import seed_everything
+from task import Task, TaskData
+from tracking import MetricsLog, run_log
+from trainer import Checkpointer, Trainer
 
 
 def public(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
-def train(task, model_cfg, train_cfg: TrainConfig, args, device) -> dict:
+@dataclass
+class Run:
+    """One --train run, set up: the configs (the saved ones when resuming), the tokenizer, the task's data, the
+    model, and where its checkpoints go."""
+    task: Task
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: object
+    data: TaskData
+    model: nn.Module
+    resume: dict | None     # the resume state of <checkpoint>.last.pt (--resume)
+    checkpoint: str
+    last: str               # <checkpoint>.last.pt
+
+    def payload(self, metrics: dict, net: nn.Module | None = None, **facts) -> dict:
+        """The checkpoint of `net` (default: the model) as it is now; `facts`: the phase's resume facts."""
+        return checkpoint_payload(self.task.name, net or self.model, self.model_cfg, self.train_cfg, self.tokenizer,
+                                  metrics, **self.data.extra(), **facts)
+
+
+def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Options, device) -> dict:
     """The whole --train run of `task`; returns the summary main.py prints as the last line."""
     t_start = time.time()
-    resume = load_resume(args, task.NAME, task.TRAIN_HINT)
+    run = start(task, model_cfg, train_cfg, opts, device)
+    total, active = count_params(run.model, run.model_cfg)
+    if not opts.quiet:
+        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {run.tokenizer.kind} "
+              f"{run.tokenizer.n_vocab}; {run.data.describe()}", file=sys.stderr)
+    earlier, main_resume, halted_in = earlier_phases(run, opts, device)
+    if halted_in:
+        return {"task": task.name, "halted": True, "phase": halted_in, "steps": 0, "last_state": run.last, **earlier}
+    main_facts = {"phase": "finetune", "phase1": earlier} if task.phases(run.train_cfg) else {}
+    log = run_log(opts, task.name, run.model_cfg, run.train_cfg, append=main_resume is not None)
+    cfg, data, model = run.train_cfg, run.data, run.model
+    checkpointer = Checkpointer(lambda m: run.payload(m, **main_facts), run.checkpoint, run.last)
+    result = Trainer(model, cfg, device, data.steps_per_epoch(cfg), log, checkpointer, opts.quiet).run(
+        data.batches(cfg, device), lambda: data.evaluate(model, "val", cfg, device), task.select, main_resume)
+    summary = {"task": task.name, "checkpoint": run.checkpoint, "last_state": run.last, "out_dir": opts.out_dir,
+               "params_total": total, "params_active": active, "tokenizer": run.tokenizer.kind,
+               "tokenizer_vocab": run.tokenizer.n_vocab, **earlier, "steps": result.steps,
+               "skipped_batches": result.skipped_batches, "train_seconds": round(result.train_seconds, 3)}
+    if result.halted or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
+        log.close()                                 # split waits for the end), or a rank > 0 under torchrun
+        last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
+        return {**summary, "halted": result.halted, **({"phase": "finetune"} if main_facts else {}),
+                "train_loss": last_loss, **{k: result.best.get(k) for k in task.metrics if k.startswith("val_")}}
+    metrics, outputs = score_on_test(run, result.best, log, opts, device)
+    speeds = [r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
+    return {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
+            "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": result.best.get("step"),
+            **{k: metrics.get(k) for k in task.metrics}}
+
+
+def start(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Options, device) -> Run:
+    """Seed, splits, tokenizer and model: fresh, from --resume's saved state, or upcycled (--init_from)."""
+    resume = load_resume(opts, task.name, task.train_hint)
     if resume:  # a resumed run is the same run: model, training config and tokenizer come from the saved state
         model_cfg, train_cfg, tokenizer, resume = resume
     seed_everything(train_cfg.seed)
-    splits = task.splits(args, train_cfg)
-    init = load_init(task.NAME, model_cfg, train_cfg, task.TRAIN_HINT) if resume is None else None
-    start = None  # the checkpoint this run starts from: (flag, its saved dict)
+    splits = task.splits(opts, train_cfg)
+    init = load_init(task.name, model_cfg, train_cfg, task.train_hint) if resume is None else None
+    origin = None  # the checkpoint this run starts from: (flag, its saved dict)
     if init:  # upcycling: the dense model's shape and tokenizer; it had its pretraining phase already
         model_cfg, tokenizer, init_state, dense = init
         train_cfg = replace(train_cfg, pretrain_epochs=0)
-        start = (f"--init_from {train_cfg.init_from}", dense)
+        origin = (f"--init_from {train_cfg.init_from}", dense)
     elif resume is None:
-        tokenizer = task.new_tokenizer(args, train_cfg, model_cfg, splits)
+        tokenizer = task.new_tokenizer(opts, train_cfg, model_cfg, splits)
         model_cfg = task.sized(model_cfg, tokenizer, splits)
     else:
-        start = ("--resume", resume["saved"])
-    data = task.Data(tokenizer, splits, model_cfg, args, start)
-    model = build_model(task.NAME, model_cfg).to(device)
+        origin = ("--resume", resume["saved"])
+    data = task.data(tokenizer, splits, model_cfg, opts, origin)
+    model = build_model(task.name, model_cfg).to(device)
     if init:
         model.load_state_dict(init_state)
-    total, active = count_params(model, model_cfg)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not args.quiet:
-        print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {tokenizer.kind} "
-              f"{tokenizer.n_vocab}; {data.describe()}", file=sys.stderr)
+    os.makedirs(opts.out_dir, exist_ok=True)
+    return Run(task, model_cfg, train_cfg, tokenizer, data, model, resume, opts.checkpoint,
+               last_path(opts.checkpoint))
 
-    def payload(metrics: dict, net=model, **extra) -> dict:  # extra: a phase's resume facts
-        return checkpoint_payload(task.NAME, net, model_cfg, train_cfg, tokenizer, metrics, **data.extra(), **extra)
 
-    last = last_path(args.checkpoint)
-    phase1, fit_resume, fit_extra = {}, resume, {}
-    if hasattr(data, "pretrain"):
-        phase1, fit_resume = data.pretrain(model, train_cfg, args, device, payload, resume)
-        if phase1.pop("_halted"):
-            return {"task": task.NAME, "halted": True, "phase": "pretrain", "steps": 0, "last_state": last,
-                    **phase1}
-        fit_extra = {"phase": "finetune", "phase1": phase1}
+def earlier_phases(run: Run, opts: Options, device) -> tuple[dict, dict | None, str | None]:
+    """The phases the task lists before its main one (the classifier's masked-LM), each a Trainer of its own.
+    The resume state names the phase it was saved in: an earlier phase resumes there, a finished one is skipped.
+    -> (what the summary reports of them, the main phase's resume state, the phase that halted or None)."""
+    saved_phase = run.resume["saved"].get("phase") if run.resume else None
+    earlier, main_resume = {}, run.resume
+    for name in run.task.phases(run.train_cfg):
+        if saved_phase == "finetune":  # it ended before the run was interrupted
+            earlier.update(run.resume["saved"].get("phase1", {}))
+            continue
+        resume = run.resume if saved_phase == name else None
+        phase = run.task.phase(name, run.model, run.data, run.train_cfg, opts, device, resume=resume is not None)
+        checkpointer = Checkpointer(lambda m, net=phase.model, name=name: run.payload(m, net=net, phase=name),
+                                    last_path=run.last)
+        result = Trainer(phase.model, phase.cfg, device, phase.steps_per_epoch, phase.log, checkpointer,
+                         opts.quiet).run(phase.batches, phase.evaluate, phase.select, resume)
+        earlier.update(phase.finish(result))
+        main_resume = None
+        if result.halted:
+            return earlier, None, name
+    return earlier, main_resume, None
 
-    log = run_log(args, task.NAME, model_cfg, train_cfg, append=fit_resume is not None)
-    best = fit(model, train_cfg, data.batches(train_cfg, device), data.steps_per_epoch(train_cfg),
-               evaluate=lambda: data.evaluate(model, "val", train_cfg, device), select=task.SELECT,
-               on_best=lambda m: save_checkpoint(args.checkpoint, payload(m)), device=device, log=log,
-               quiet=args.quiet, last=(last, lambda m: payload(m, **fit_extra)), resume=fit_resume)
-    summary = {"task": task.NAME, "checkpoint": args.checkpoint, "last_state": last, "out_dir": args.out_dir,
-               "params_total": total, "params_active": active, "tokenizer": tokenizer.kind,
-               "tokenizer_vocab": tokenizer.n_vocab, **phase1, "steps": best["steps"],
-               "skipped_batches": best["skipped_batches"], "train_seconds": round(best["train_seconds"], 3)}
-    if best["halted"] or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
-        log.close()                                  # split waits for the end), or a rank > 0 under torchrun
-        last_loss = next((r["train_loss"] for r in reversed(log.rows) if "train_loss" in r), None)
-        return {**summary, "halted": best["halted"], **({"phase": "finetune"} if fit_extra else {}),
-                "train_loss": last_loss, **{k: best.get(k) for k in task.METRICS if k.startswith("val_")}}
 
-    # the test split is scored once, with the checkpoint chosen on validation
-    ckpt = load_checkpoint(args.checkpoint, task.TRAIN_HINT)
+def score_on_test(run: Run, best: dict, log: MetricsLog, opts: Options, device) -> tuple[dict, dict]:
+    """The checkpoint chosen on validation, scored once on the test split (and calibrated where the task does);
+    its metrics saved into it, the task's plots and predictions written. -> (metrics, report outputs)."""
+    cfg, data, model = run.train_cfg, run.data, run.model
+    ckpt = load_checkpoint(run.checkpoint, run.task.train_hint)
     model.load_state_dict(ckpt["state_dict"])
-    test = {k.replace("val_", "test_", 1): v for k, v in data.evaluate(model, "test", train_cfg, device).items()}
+    test = {k.replace("val_", "test_", 1): v for k, v in data.evaluate(model, "test", cfg, device).items()}
     metrics = {**public(best), **public(test)}
-    if hasattr(data, "calibrate"):  # fitted on validation, scored on test
-        kept, scores = data.calibrate(model, test, train_cfg, device)
-        ckpt.update(kept)
-        metrics.update(scores)
+    kept, scores = data.calibrate(model, test, cfg, device)  # fitted on validation, scored on test
+    ckpt.update(kept)
+    metrics.update(scores)
     ckpt["metrics"] = metrics
-    save_checkpoint(args.checkpoint, ckpt)
-    outputs = data.report(model, log.rows, test, args.out_dir)
+    save_checkpoint(run.checkpoint, ckpt)
+    outputs = data.report(model, log.rows, test, opts.out_dir)
     log.close([p for p in outputs.values() if isinstance(p, str) and p.endswith(".png")])
-    speeds = [r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
-    return {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
-            "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": best.get("step"),
-            **{k: metrics.get(k) for k in task.METRICS}}
+    return metrics, outputs
 
 
 # -----------------------------------------------------------------------------
 # --compare: the MoE and its dense twin at equal wall-clock
 
-def compare(task, model_cfg, train_cfg: TrainConfig, args, device) -> dict:
+def compare(task, model_cfg, train_cfg: TrainConfig, opts: Options, device) -> dict:
     """Train the MoE and the dense model with the same active parameters, on the same split, for the same
     seconds (plus the task's baselines); write compare.md and compare.png."""
     results, curves = train_variants(task, {"moe": model_cfg, "dense": replace(model_cfg, num_experts=0)},
-                                     train_cfg, args, device)
-    if hasattr(task, "baselines"):
-        results.update(task.baselines(args, train_cfg))
+                                     train_cfg, opts, device)
+    results.update(task.baselines(opts, train_cfg))
     phases = ["pretrain_seconds"] if any("pretrain_seconds" in r for r in results.values()) else []
     table = markdown_table(results, ["params_total", "params_active", *phases, "steps", "train_seconds",
-                                     "tokens_per_s", *task.METRICS])
-    return write_comparison(table, curves, args.out_dir, task.SELECT.lstrip("-"), results)
+                                     "tokens_per_s", *task.metrics])
+    return write_comparison(table, curves, opts.out_dir, task.select.lstrip("-"), results)
 
 
-def train_variants(task, variants: dict, train_cfg: TrainConfig, args, device) -> tuple[dict, dict]:
+def train_variants(task, variants: dict, train_cfg: TrainConfig, opts: Options, device) -> tuple[dict, dict]:
     """Run train() once per model-config variant, each in <out_dir>/<name>/ with its own checkpoint.
 
     The comparison is at equal wall-clock: where the preset stops at a step count, the variants after the first
@@ -144,11 +170,10 @@ def train_variants(task, variants: dict, train_cfg: TrainConfig, args, device) -
     """
     results, curves = {}, {}
     for i, (name, cfg) in enumerate(variants.items()):
-        a = copy.copy(args)
-        a.out_dir = os.path.join(args.out_dir, name)
-        a.checkpoint = os.path.join(args.out_dir, name, "model.pt")
+        a = replace(opts, out_dir=os.path.join(opts.out_dir, name),
+                    checkpoint=os.path.join(opts.out_dir, name, "model.pt"))
         tcfg = same_seconds(train_cfg, next(iter(results.values()))) if i else train_cfg
-        if not args.quiet:
+        if not opts.quiet:
             spent = [f"{new:.0f} s of {phase}" for phase, old, new in (
                 ("pretraining", train_cfg.pretrain_seconds, tcfg.pretrain_seconds),
                 ("training", train_cfg.time_budget, tcfg.time_budget)) if new != old]

@@ -22,7 +22,6 @@ on one call at a time).
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import selectors
@@ -34,9 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
-from data import DataError
+from api import ApiError
+from config import Options
+from errors import DataError
+from registry import TASKS
 
 MAX_BODY = 64 * 1024
 MAX_DRAIN = 16 * 1024 * 1024  # an oversized body up to this size is read and dropped before the 413
@@ -44,111 +44,40 @@ IDLE_TIMEOUT = 30.0           # seconds a connection may stay silent (between or
 MAX_WORKERS = 64              # connections served at once
 BACKLOG = 128                 # connections waiting to be accepted
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
-TASKS = ("cls", "lm", "seq2seq")
-
-
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Models:
-    """The trained models, loaded once; a model that is missing keeps the message that says how to train it."""
+    """The trained model of each registered task, loaded once; a model that is missing keeps the message that
+    says how to train it. Each task answers its own endpoint (Task.route, Task.answer)."""
 
     def __init__(self, paths: dict[str, str], device):
-        import task_cls
-        import task_lm
-        import task_s2s
-        from checkpoint import load_trained
-        self.device, self.paths, self.errors = device, paths, {}
-        self.locks = {task: threading.Lock() for task in TASKS}
-        loaders = {"cls": lambda p: task_cls.Predictor(p, device),
-                   "lm": lambda p: load_trained(p, "lm", task_lm.TRAIN_HINT, device),
-                   "seq2seq": lambda p: load_trained(p, "seq2seq", task_s2s.TRAIN_HINT, device)}
-        loaded = {}
-        for task, load in loaders.items():
+        self.device, self.paths, self.errors, self.loaded = device, paths, {}, {}
+        self.locks = {name: threading.Lock() for name in TASKS}
+        for name, task in TASKS.items():
             try:
-                loaded[task] = load(paths[task])
+                self.loaded[name] = task.serve_load(paths[name], device)
             except DataError as e:
-                self.errors[task] = str(e)
-        self.cls, self.lm, self.s2s = loaded.get("cls"), loaded.get("lm"), loaded.get("seq2seq")
+                self.errors[name] = str(e)
+        self.routes = {task.route: name for name, task in TASKS.items()}
 
     def status(self) -> dict:
         out = {}
-        for task in TASKS:
-            if task in self.errors:
-                out[task] = {"ready": False, "error": self.errors[task]}
+        for name, task in TASKS.items():
+            if name in self.errors:
+                out[name] = {"ready": False, "error": self.errors[name]}
             else:
-                out[task] = {"ready": True, "checkpoint": self.paths[task]}
-        if self.cls is not None:
-            out["cls"]["labels"] = self.cls.names
+                out[name] = {"ready": True, "checkpoint": self.paths[name], **task.serve_status(self.loaded[name])}
         return out
 
-    def need(self, task: str):
-        if task in self.errors:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[task])
-
-    def classify(self, req: dict) -> dict:
-        self.need("cls")
-        text = field(req, "text", str)
-        with self.locks["cls"]:
-            answer = self.cls.answer(self.cls.predict([text])[0])
-        return {**answer, "probs": {n: round(p, 6) for n, p in answer["probs"].items()}}
-
-    def generate(self, req: dict) -> dict:
-        from task_lm import continuation, prompt_ids
-        self.need("lm")
-        model, tokenizer, _ = self.lm
-        prompt = field(req, "prompt", str, "", allow_empty=True)
-        n = field(req, "max_new_tokens", int, 100, lo=1, hi=1024)
-        temperature = field(req, "temperature", float, 0.8, lo=0.0, hi=5.0)
-        top_p = field(req, "top_p", float, 0.95, lo=1e-6, hi=1.0)
-        top_k = field(req, "top_k", int, 0, lo=0, hi=tokenizer.n_vocab)
-        seed = field(req, "seed", int, 1337, lo=0, hi=2 ** 63 - 1)
-        stop_at_eos = field(req, "stop_at_eos", bool, False)
-        with self.locks["lm"]:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            ids = prompt_ids(tokenizer, prompt, model.config.max_len)
-            text, tokens = "", 0
-            for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen,
-                                              stop_at_eos):
-                text += piece
-        return {"prompt": prompt, "text": text, "new_tokens": tokens}
-
-    def pinyin(self, req: dict) -> dict:
-        from task_s2s import candidates
-        self.need("seq2seq")
-        model, tokenizer, ckpt = self.s2s
-        text = field(req, "text", str).strip()
-        beam = field(req, "beam", int, 4, lo=1, hi=8)  # 4: the CLI's default, chosen on validation
-        n = field(req, "num_candidates", int, 1, lo=1, hi=16)
-        with self.locks["seq2seq"]:
-            out = candidates(model, tokenizer, ckpt, text, self.device, beam, n=n)
-        return {"source": text, "pred": out["pred"], "candidates": out["candidates"], "kept": out["kept"],
-                "beam": beam}
-
-
-def field(req: dict, name: str, kind: type, default=None, lo=None, hi=None, allow_empty: bool = False):
-    """req[name] as `kind` within [lo, hi]; missing -> default (required when default is None)."""
-    value = req.get(name, default)
-    if value is None:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {name!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int too
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a {kind.__name__}, got {value!r}")
-    if kind is float and not math.isfinite(value):  # json.loads refuses NaN already; a caller's dict may not
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a finite number, got {value!r}")
-    if kind is str and not allow_empty and not value.strip():
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} is empty")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r}={value} is outside [{lo}, {hi}]")
-    return value
+    def answer(self, path: str, req: dict) -> dict:
+        name = self.routes[path]
+        if name in self.errors:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+        with self.locks[name]:
+            return TASKS[name].answer(self.loaded[name], req, self.device)
 
 
 def make_handler(models: Models, quiet: bool):
-    routes = {"/api/classify": models.classify, "/api/generate": models.generate, "/api/pinyin": models.pinyin}
 
     def no_constants(name: str):  # NaN, Infinity, -Infinity are not JSON, and pass every range check
         raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {name} is not a number")
@@ -191,7 +120,7 @@ def make_handler(models: Models, quiet: bool):
         def do_POST(self):
             path = self.path.split("?")[0]
             try:
-                if path not in routes:
+                if path not in models.routes:
                     raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
                 try:
                     length = int(self.headers.get("Content-Length") or 0)
@@ -210,7 +139,7 @@ def make_handler(models: Models, quiet: bool):
                     raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
                 if not isinstance(req, dict):
                     raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-                self.send_json(HTTPStatus.OK, routes[path](req))
+                self.send_json(HTTPStatus.OK, models.answer(path, req))
             except ApiError as e:
                 self.send_json(e.status, {"error": str(e)})
             except TimeoutError:  # the body stopped arriving before Content-Length bytes
@@ -310,12 +239,11 @@ def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool
     return server
 
 
-def serve(args) -> int:
-    from trainer import pick_device
-    if not 0 <= args.port <= 65535:
-        raise DataError(f"--port {args.port}: must be 0-65535 (0 picks a free port)")
-    paths = {task: os.path.join(args.checkpoint_dir, f"{task}.pt") for task in TASKS}
-    server = make_server(args.host, args.port, paths, pick_device(args.device), args.quiet)
+def serve(opts: Options, device) -> int:
+    if not 0 <= opts.port <= 65535:
+        raise DataError(f"--port {opts.port}: must be 0-65535 (0 picks a free port)")
+    paths = {task: os.path.join(opts.checkpoint_dir, f"{task}.pt") for task in TASKS}
+    server = make_server(opts.host, opts.port, paths, device, opts.quiet)
     for task, status in server.models.status().items():
         print(f"{task}: {'ready' if status['ready'] else status['error']}", file=sys.stderr)
     host, port = server.server_address[:2]

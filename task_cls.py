@@ -9,15 +9,30 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import LinearSVC
+from tqdm import tqdm
 
 import plots
-from data import (DataError, atomic_write_csv, collate_cls, column, encode_texts, length_bucketed_batches,
-                  label_names, read_table, reviews_splits, shipped_texts, tokenizer_cache, user_splits,
-                  with_extra_sentiment, EXTRA_SENTIMENT)
-from models import ModelConfig
+from analyze import ANALYZE_TEXTS, Recorder
+from api import field
+from checkpoint import load_trained
+from config import ModelConfig, Options, TrainConfig
+from data import (EXTRA_SENTIMENT, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
+                  mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
+                  tokenizer_cache, user_splits, windows, with_extra_sentiment)
+from distributed import is_main_process
+from errors import DataError
+from fsio import atomic_write_csv
+from models import MaskedLM
+from onnx_export import onnx_path, OnnxClassifier
+from runtime import autocast
+from task import Phase, Task, TaskData
 from tokenizer import load_or_train
-from checkpoint import last_path, load_trained
-from trainer import MetricsLog, TrainConfig, autocast, fit, is_main_process
+from tracking import MetricsLog
+from trainer import FitResult
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -53,29 +68,39 @@ def encode_split(tokenizer, df, names: list[str], where: str):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, device, dtype: str) -> dict:
-    """Loss, accuracy, macro-F1; expert counts per MoE layer and per true class (summed over layers)."""
-    from sklearn.metrics import accuracy_score, f1_score
+    """Loss, accuracy, macro-F1; expert counts per MoE layer, and per true class (summed over layers).
+
+    Batches are cut by length only, never by label: under expert choice (and a capacity limit) a text's routing
+    depends on its batch-mates, so batching by class would let the label reach the prediction. The per-class
+    counts come from each routed token's row (analyze.Recorder), whatever batch it is in."""
     model.eval()
     num_classes = cfg.num_classes
     all_logits = np.zeros((len(seqs), num_classes), dtype=np.float32)
     loss_sum = 0.0
     layer_counts = class_counts = None
-    for c in range(num_classes):  # one class at a time, so routing statistics can be kept per class
-        idx = [i for i, l in enumerate(labels) if l == c]
-        for batch_idx in length_bucketed_batches([len(seqs[i]) for i in idx], batch_size, None, shuffle=False):
-            rows = [idx[j] for j in batch_idx]
+    recorder = Recorder(model) if cfg.num_experts else None
+    try:
+        for rows in length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False):
             batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device)
             with autocast(device, dtype):
                 logits, _, info = model(**batch)
             loss_sum += float(info["ce"]) * len(rows)  # cross-entropy only: comparable with and without MoE
             all_logits[rows] = logits.float().cpu().numpy()
-            if info["counts"]:
-                counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
-                if layer_counts is None:
-                    layer_counts = np.zeros_like(counts)
-                    class_counts = np.zeros((num_classes, counts.shape[1]), dtype=counts.dtype)
-                layer_counts += counts
-                class_counts[c] += counts.sum(0)
+            if recorder is None or not info["counts"]:
+                continue
+            counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
+            if layer_counts is None:
+                layer_counts = np.zeros_like(counts)
+                class_counts = np.zeros((num_classes, counts.shape[1]), dtype=counts.dtype)
+            layer_counts += counts
+            row_class = np.asarray([labels[i] for i in rows])
+            for _, _, chosen, routed, shape in recorder.take():
+                # the batch row of each routed token (the pooled model routes one vector per text)
+                row_of = (routed // shape[1] if len(shape) == 2 else routed).numpy()
+                np.add.at(class_counts, row_class[row_of], chosen.numpy().astype(class_counts.dtype))
+    finally:
+        if recorder is not None:
+            recorder.close()
     y, preds = np.asarray(labels), all_logits.argmax(1)
     return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
             "val_f1": float(f1_score(y, preds, average="macro")),
@@ -92,8 +117,6 @@ def batch_stream(tokenizer, seqs, labels, max_len: int, batch_size: int, seed: i
 
 
 def mlm_stream(tokenizer, seqs, max_len: int, batch_size: int, seed: int, device):
-    import torch
-    from data import mask_tokens
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     lengths = [len(s) for s in seqs]
     while True:
@@ -105,7 +128,6 @@ def mlm_stream(tokenizer, seqs, max_len: int, batch_size: int, seed: int, device
 @torch.no_grad()
 def evaluate_mlm(model, tokenizer, seqs, max_len: int, batch_size: int, device, dtype: str) -> dict:
     """Masked-LM loss on held-out texts, with a fixed masking so evaluations compare."""
-    from data import mask_tokens
     model.eval()
     gen = torch.Generator().manual_seed(0)
     total, count = 0.0, 0
@@ -118,13 +140,10 @@ def evaluate_mlm(model, tokenizer, seqs, max_len: int, batch_size: int, device, 
     return {"val_loss": total / max(count, 1)}
 
 
-def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg: ModelConfig,
-             train_cfg: TrainConfig, out_dir: str, device, quiet: bool,
-             last: tuple | None = None, resume: dict | None = None) -> dict:
+def pretrain_phase(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg: ModelConfig,
+                   train_cfg: TrainConfig, opts: Options, device, resume: bool) -> Phase:
     """Phase 1 of --train when pretrain_epochs > 0: masked-LM on unlabelled text (until pretrain_steps, or the
-    epochs, or the seconds end). `last` = (path, payload(model, metrics)) for the resume state, as in fit."""
-    from data import people_daily_paragraphs, windows
-    from models import MaskedLM
+    epochs, or the seconds end); the encoder it trains is the classifier's."""
     if train_cfg.pretrain_news:
         texts = texts + people_daily_paragraphs()
     seqs = windows(encode_texts(tokenizer, texts), model_cfg.max_len - 2)
@@ -134,7 +153,7 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
                   optimizer=train_cfg.pretrain_optimizer or train_cfg.optimizer)
     steps_per_epoch = -(-len(seqs) // (cfg.batch_size * cfg.accum_steps))
     cfg = replace(cfg, eval_every=min(steps_per_epoch, 500))
-    if not quiet:
+    if not opts.quiet:
         corpus = " + ".join(["training texts"] + ["shipped reviews"] * train_cfg.pretrain_shipped
                             + ["People's Daily"] * train_cfg.pretrain_news)
         until = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epoch(s)"
@@ -142,18 +161,22 @@ def pretrain(model, tokenizer, texts: list[str], val_texts: list[str], model_cfg
         print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {until}{cap}",
               file=sys.stderr)
     mlm = MaskedLM(model)
-    log = MetricsLog(os.path.join(out_dir, "pretrain_metrics.jsonl") if is_main_process() else None,
-                     append=resume is not None)
-    result = fit(mlm, cfg, mlm_stream(tokenizer, seqs, model_cfg.max_len, cfg.batch_size, cfg.seed, device),
-                 steps_per_epoch,
-                 evaluate=lambda: evaluate_mlm(mlm, tokenizer, val_seqs, model_cfg.max_len, cfg.batch_size * 2,
-                                               device, cfg.dtype),
-                 select="-val_loss", on_best=lambda m: None, device=device, log=log, quiet=quiet,
-                 last=last and (last[0], lambda m: last[1](mlm, m)), resume=resume)
-    if is_main_process() and not result["halted"]:
-        plots.loss_curve(log.rows, os.path.join(out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
-    return {"pretrain_steps": result["steps"], "pretrain_seconds": round(result["train_seconds"], 3),
-            "pretrain_val_loss": result.get("val_loss"), "_halted": result["halted"]}
+    log = MetricsLog(os.path.join(opts.out_dir, "pretrain_metrics.jsonl") if is_main_process() else None,
+                     append=resume)
+
+    def finish(result: FitResult) -> dict:
+        if is_main_process() and not result.halted:
+            plots.loss_curve(log.rows, os.path.join(opts.out_dir, "pretrain_loss_curve.png"), "masked-LM pretraining")
+            if not opts.quiet:
+                print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
+        return {"pretrain_steps": result.steps, "pretrain_seconds": round(result.train_seconds, 3),
+                "pretrain_val_loss": result.best.get("val_loss")}
+
+    return Phase(mlm, cfg, steps_per_epoch, mlm_stream(tokenizer, seqs, model_cfg.max_len, cfg.batch_size, cfg.seed,
+                                                      device),
+                 lambda: evaluate_mlm(mlm, tokenizer, val_seqs, model_cfg.max_len, cfg.batch_size * 2, device,
+                                      cfg.dtype),
+                 "-val_loss", log, finish)
 
 
 # -----------------------------------------------------------------------------
@@ -209,97 +232,6 @@ def calibrate(val: dict, val_labels, test: dict, test_labels) -> tuple[dict, dic
 
 
 # -----------------------------------------------------------------------------
-# The task interface (pipeline.py)
-
-NAME, SELECT = "cls", "val_f1"
-METRICS = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece")
-
-
-def splits(args, train_cfg: TrainConfig) -> dict:
-    return load_splits(args.data, args.text_col, args.label_col, train_cfg.seed, args.quiet,
-                       train_cfg.extra_labelled)
-
-
-def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-    corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
-    cache = None if args.data else tokenizer_cache(corpus, train_cfg.tokenizer, model_cfg.vocab_size)
-    return load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
-                         progress=not args.quiet)
-
-
-def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
-    return replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(label_names(splits["train"].label)))
-
-
-class Data:
-    """Each split as token ids and class indices. Training has two phases when pretrain_epochs > 0: masked-LM
-    pretraining of the encoder on unlabelled text (pretrain), then fine-tuning on the labels. The resume state
-    (<checkpoint>.last.pt) says which phase it was saved in."""
-
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
-        self.tokenizer, self.splits, self.cfg = tokenizer, splits, model_cfg
-        self.names = label_names(splits["train"].label)
-        if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
-            raise DataError(f"{start[0]}: the data's classes {self.names} are not those of the model it starts "
-                            f"from ({start[1].get('label_names')}); use the same --data")
-        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{args.data or 'reviews'} [{s}]")
-                        for s, df in splits.items()}
-
-    def describe(self) -> str:
-        sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
-        return f"classes {self.names}; train/val/test {sizes}"
-
-    def extra(self) -> dict:
-        return {"label_names": self.names}
-
-    def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        return -(-len(self.encoded["train"][0]) // (cfg.batch_size * cfg.accum_steps))
-
-    def batches(self, cfg: TrainConfig, device):
-        return batch_stream(self.tokenizer, *self.encoded["train"], self.cfg.max_len, cfg.batch_size, cfg.seed,
-                            device)
-
-    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
-        return evaluate(model, self.tokenizer, *self.encoded[split], self.cfg, cfg.batch_size * 2, device, cfg.dtype)
-
-    def pretrain(self, model, cfg: TrainConfig, args, device, payload, resume) -> tuple[dict, dict | None]:
-        """Phase 1, unless the run resumes in phase 2: (its summary with "_halted", the resume state of phase 2)."""
-        phase = resume["saved"].get("phase") if resume else None
-        if phase == "finetune":
-            return {**resume["saved"].get("phase1", {}), "_halted": False}, resume
-        if not cfg.pretrain_epochs:
-            return {"_halted": False}, resume
-        phase1 = pretrain(model, self.tokenizer, pretrain_texts(self.splits, cfg), list(self.splits["val"].text),
-                          self.cfg, cfg, args.out_dir, device, args.quiet,
-                          last=(last_path(args.checkpoint), lambda net, m: payload(m, net=net, phase="pretrain")),
-                          resume=resume)
-        if not phase1["_halted"] and not args.quiet:
-            print("phase 2: fine-tuning on the labelled training split", file=sys.stderr)
-        return phase1, None
-
-    def calibrate(self, model, test: dict, cfg: TrainConfig, device) -> tuple[dict, dict]:
-        """Temperature and unsure threshold from the validation split's logits; ECE on test before and after."""
-        val = self.evaluate(model, "val", cfg, device)
-        kept, scores = calibrate(val, self.encoded["val"][1], test, self.encoded["test"][1])
-        return {"calibration": kept}, scores
-
-    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
-        kind = "dense" if not model.config.num_experts else "MoE"
-        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE classifier ({kind})")
-        heat_png = None
-        if test["_layer_counts"] is not None:
-            heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(out_dir, "expert_heatmap.png"),
-                                            test["_class_counts"], self.names, title="test split")
-        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
-
-
-def baselines(args, train_cfg: TrainConfig) -> dict:
-    """The linear baseline of --compare, on the same split."""
-    return {"tfidf_svm": tfidf_baseline(load_splits(args.data, args.text_col, args.label_col, train_cfg.seed,
-                                                    True, train_cfg.extra_labelled))}
-
-
-# -----------------------------------------------------------------------------
 # Using a trained classifier
 
 class Predictor:
@@ -311,7 +243,6 @@ class Predictor:
     def __init__(self, path: str, device, backend: str = "torch"):
         self.device, self.backend = device, backend
         if backend == "onnx":
-            from onnx_export import OnnxClassifier, onnx_path
             self.session = OnnxClassifier(onnx_path(path))
             self.tokenizer, self.names, self.max_len = (self.session.tokenizer, self.session.names,
                                                         self.session.max_len)
@@ -335,7 +266,6 @@ class Predictor:
 
     def predict(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities (len(texts), classes), in input order."""
-        from tqdm import tqdm
         seqs = encode_texts(self.tokenizer, texts)
         probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
         batches = length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False)
@@ -354,61 +284,17 @@ class Predictor:
                 "unsure": bool(self.unsure(probs))}
 
 
-def infer(args, device) -> dict:
-    text = args.text
-    if text is None or not text.strip():
-        raise DataError("--text: empty text; give a sentence to classify, e.g. --text \"我爱编程\"")
-    p = Predictor(args.checkpoint, device, args.backend)
-    n_tokens = len(p.tokenizer.encode(text))
-    if n_tokens > p.max_len - 2:
-        print(f"note: text is {n_tokens} tokens; only the first {p.max_len - 2} are used", file=sys.stderr)
-    return {**p.answer(p.predict([text])[0]), "unsure_below": p.unsure_below}
-
-
-def classify(args, device) -> dict:
-    """Label every row of --input; with a label column, also score the predictions."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-    df = read_table(args.input)
-    texts = [str(t) for t in column(df, args.text_col, args.input)]
-    p = Predictor(args.checkpoint, device, args.backend)
-    probs = p.predict(texts, progress=not args.quiet)
-    out = df.copy()
-    out["pred"] = [p.names[i] for i in probs.argmax(1)]
-    out["unsure"] = p.unsure(probs)
-    for j, n in enumerate(p.names):
-        out[f"prob_{n}"] = probs[:, j]
-    output = args.output or os.path.join(args.out_dir, "predictions.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    atomic_write_csv(out, output)
-    summary = {"input": args.input, "output": output, "rows": len(out)}
-    if args.label_col in df.columns:
-        truth = [str(l).strip() for l in df[args.label_col]]
-        labels = p.names + sorted(set(truth) - set(p.names))
-        summary["accuracy"] = float(accuracy_score(truth, out["pred"]))
-        summary["macro_f1"] = float(f1_score(truth, out["pred"], average="macro", labels=labels, zero_division=0))
-        print(classification_report(truth, out["pred"], labels=labels, zero_division=0, digits=4), file=sys.stderr)
-        cm = confusion_matrix(truth, out["pred"], labels=labels)
-        os.makedirs(args.out_dir, exist_ok=True)  # --output may have put the predictions elsewhere
-        summary["confusion_matrix"] = plots.confusion_matrix_png(
-            cm, labels, os.path.join(args.out_dir, "confusion_matrix.png"), f"confusion matrix: {args.input}")
-    return summary
-
-
 # -----------------------------------------------------------------------------
 # Dense vs MoE at equal active parameters, and the TF-IDF baseline, on the same split
 
 def tfidf_model(train):
     """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame: the linear baseline."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_pipeline
-    from sklearn.svm import LinearSVC
     return make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2),
                          LinearSVC(C=0.5)).fit(train.text, train.label)
 
 
 def tfidf_baseline(splits) -> dict:
     """The linear baseline fit on train, scored on val and test."""
-    from sklearn.metrics import accuracy_score, f1_score
     t0 = time.time()
     clf = tfidf_model(splits["train"])
     out = {"train_seconds": time.time() - t0}
@@ -417,3 +303,169 @@ def tfidf_baseline(splits) -> dict:
         out[f"{s}_acc"] = float(accuracy_score(splits[s].label, pred))
         out[f"{s}_f1"] = float(f1_score(splits[s].label, pred, average="macro"))
     return out
+
+
+# -----------------------------------------------------------------------------
+# The task
+
+class ClsData(TaskData):
+    """Each split as token ids and class indices."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, where: str, start=None):
+        self.tokenizer, self.splits, self.cfg = tokenizer, splits, model_cfg
+        self.names = label_names(splits["train"].label)
+        if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
+            raise DataError(f"{start[0]}: the data's classes {self.names} are not those of the model it starts "
+                            f"from ({start[1].get('label_names')}); use the same --data")
+        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]")
+                        for s, df in splits.items()}
+
+    def describe(self) -> str:
+        sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
+        return f"classes {self.names}; train/val/test {sizes}"
+
+    def extra(self) -> dict:
+        return {"label_names": self.names}
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return -(-len(self.encoded["train"][0]) // (cfg.batch_size * cfg.accum_steps))
+
+    def batches(self, cfg: TrainConfig, device):
+        return batch_stream(self.tokenizer, *self.encoded["train"], self.cfg.max_len, cfg.batch_size, cfg.seed,
+                            device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        return evaluate(model, self.tokenizer, *self.encoded[split], self.cfg, cfg.batch_size * 2, device, cfg.dtype)
+
+    def calibrate(self, model, test: dict, cfg: TrainConfig, device) -> tuple[dict, dict]:
+        """Temperature and unsure threshold from the validation split's logits; ECE on test before and after."""
+        val = self.evaluate(model, "val", cfg, device)
+        kept, scores = calibrate(val, self.encoded["val"][1], test, self.encoded["test"][1])
+        return {"calibration": kept}, scores
+
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE classifier ({kind})")
+        heat_png = None
+        if test["_layer_counts"] is not None:
+            heat_png = plots.expert_heatmap(test["_layer_counts"], os.path.join(out_dir, "expert_heatmap.png"),
+                                            test["_class_counts"], self.names, title="test split")
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
+
+
+class ClsTask(Task):
+    name, train_hint, select = "cls", TRAIN_HINT, "val_f1"
+    metrics = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece")
+    modes = ("infer", "classify")
+    route = "/api/classify"
+
+    def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
+        return load_splits(opts.data, opts.text_col, opts.label_col, train_cfg.seed, opts.quiet,
+                           train_cfg.extra_labelled)
+
+    def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+        corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
+        cache = None if opts.data else tokenizer_cache(corpus, train_cfg.tokenizer, model_cfg.vocab_size)
+        return load_or_train(train_cfg.tokenizer, list(splits["train"].text), model_cfg.vocab_size, cache,
+                             progress=not opts.quiet)
+
+    def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+        return replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(label_names(splits["train"].label)))
+
+    def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> ClsData:
+        return ClsData(tokenizer, splits, model_cfg, opts.data or "reviews", start)
+
+    def phases(self, train_cfg: TrainConfig) -> list[str]:
+        return ["pretrain"] if train_cfg.pretrain_epochs else []
+
+    def phase(self, name: str, model, data: ClsData, train_cfg: TrainConfig, opts: Options, device,
+              resume: bool) -> Phase:
+        return pretrain_phase(model, data.tokenizer, pretrain_texts(data.splits, train_cfg),
+                              list(data.splits["val"].text), data.cfg, train_cfg, opts, device, resume)
+
+    def baselines(self, opts: Options, train_cfg: TrainConfig) -> dict:
+        """The linear baseline of --compare, on the same split."""
+        return {"tfidf_svm": tfidf_baseline(load_splits(opts.data, opts.text_col, opts.label_col, train_cfg.seed,
+                                                        True, train_cfg.extra_labelled))}
+
+    def infer(self, opts: Options, device) -> dict:
+        text = opts.text
+        if text is None or not text.strip():
+            raise DataError("--text: empty text; give a sentence to classify, e.g. --text \"我爱编程\"")
+        p = Predictor(opts.checkpoint, device, opts.backend)
+        n_tokens = len(p.tokenizer.encode(text))
+        if n_tokens > p.max_len - 2:
+            print(f"note: text is {n_tokens} tokens; only the first {p.max_len - 2} are used", file=sys.stderr)
+        return {**p.answer(p.predict([text])[0]), "unsure_below": p.unsure_below}
+
+    def classify(self, opts: Options, device) -> dict:
+        """Label every row of --input; with a label column, also score the predictions."""
+        if not opts.input:
+            raise DataError("--classify needs --input FILE")
+        df = read_table(opts.input)
+        texts = [str(t) for t in column(df, opts.text_col, opts.input)]
+        p = Predictor(opts.checkpoint, device, opts.backend)
+        probs = p.predict(texts, progress=not opts.quiet)
+        out = df.copy()
+        out["pred"] = [p.names[i] for i in probs.argmax(1)]
+        out["unsure"] = p.unsure(probs)
+        for j, n in enumerate(p.names):
+            out[f"prob_{n}"] = probs[:, j]
+        output = opts.output or os.path.join(opts.out_dir, "predictions.csv")
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        atomic_write_csv(out, output)
+        summary = {"input": opts.input, "output": output, "rows": len(out)}
+        if opts.label_col in df.columns:
+            truth = [str(l).strip() for l in df[opts.label_col]]
+            labels = p.names + sorted(set(truth) - set(p.names))
+            summary["accuracy"] = float(accuracy_score(truth, out["pred"]))
+            summary["macro_f1"] = float(f1_score(truth, out["pred"], average="macro", labels=labels, zero_division=0))
+            print(classification_report(truth, out["pred"], labels=labels, zero_division=0, digits=4),
+                  file=sys.stderr)
+            cm = confusion_matrix(truth, out["pred"], labels=labels)
+            os.makedirs(opts.out_dir, exist_ok=True)  # --output may have put the predictions elsewhere
+            summary["confusion_matrix"] = plots.confusion_matrix_png(
+                cm, labels, os.path.join(opts.out_dir, "confusion_matrix.png"), f"confusion matrix: {opts.input}")
+        return summary
+
+    def show(self, mode: str, result: dict, opts: Options) -> None:
+        if mode != "infer" or opts.json:
+            return super().show(mode, result, opts)
+        unsure = (f"  (unsure: below the {result['unsure_below']:.2f} confidence at which validation answers "
+                  f"are right {CONFIDENT_ACCURACY:.0%} of the time)" if result["unsure"] else "")
+        print(f"label: {result['label']}{unsure}")
+        for name, prob in sorted(result["probs"].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<12} {prob:.4f}")
+
+    # ---- --analyze
+    def analysis_texts(self, opts: Options, model, tokenizer, device) -> list:
+        if opts.input:
+            return read_text_lines(opts.input, opts.text_col)
+        return list(reviews_splits(quiet=True)["test"].text[:ANALYZE_TEXTS])
+
+    def analysis_batches(self, model, tokenizer, texts: list, device, batch_size: int = 64):
+        seqs = encode_texts(tokenizer, texts)
+        for i in range(0, len(seqs), batch_size):
+            batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, model.config.max_len, device)
+            yield (batch["input_ids"], batch["attention_mask"]), {"": batch["input_ids"]}
+
+    # ---- --export onnx
+    def export_inputs(self, ids) -> tuple[tuple, list[str]]:
+        mask = torch.ones_like(ids)
+        mask[-1, -min(3, ids.size(1) - 1):] = 0  # a padded row, so the mask input is not constant
+        return (ids, mask), ["input_ids", "attention_mask"]
+
+    # ---- --serve
+    def serve_load(self, path: str, device):
+        return Predictor(path, device)
+
+    def serve_status(self, loaded) -> dict:
+        return {"labels": loaded.names}
+
+    def answer(self, loaded, req: dict, device) -> dict:
+        text = field(req, "text", str)
+        answer = loaded.answer(loaded.predict([text])[0])
+        return {**answer, "probs": {n: round(p, 6) for n, p in answer["probs"].items()}}
+
+
+TASK = ClsTask()

@@ -1,6 +1,7 @@
 """The language-model task: People's Daily (or your text) -> tokenizer -> noisy top-k MoE decoder; generate, eval."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -12,11 +13,16 @@ import numpy as np
 import torch
 
 import plots
-from data import DataError, atomic_write_text, news_splits, read_text_lines, tokenizer_cache
-from models import MoE, ModelConfig, Routing
-from tokenizer import load_or_train
+from analyze import ANALYZE_TEXTS, routing_trace
+from api import field
 from checkpoint import load_trained
-from trainer import TrainConfig, autocast
+from config import ModelConfig, Options, TrainConfig
+from data import news_splits, read_text_lines, tokenizer_cache
+from errors import DataError
+from fsio import atomic_write_text
+from runtime import autocast
+from task import Task, TaskData
+from tokenizer import load_or_train
 
 TRAIN_HINT = "python main.py --train --task lm"
 EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
@@ -82,86 +88,6 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
 
 
 # -----------------------------------------------------------------------------
-# The task interface (pipeline.py)
-
-NAME, SELECT = "lm", "-val_loss"
-METRICS = ("val_loss", "val_bpc", "test_loss", "test_bpc")
-
-
-def splits(args, train_cfg: TrainConfig) -> dict:
-    return load_splits(args.data, args.text_col, args.quiet)
-
-
-def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-    cache = None if args.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
-    return load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache, progress=not args.quiet)
-
-
-def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
-    return replace(model_cfg, vocab_size=tokenizer.n_vocab)
-
-
-class Data:
-    """Each split as one token stream; training reads random windows of max_len tokens."""
-
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
-        self.tokenizer, self.paragraphs, self.T = tokenizer, splits, model_cfg.max_len
-        self.streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
-
-    def describe(self) -> str:
-        return "train/val/test tokens " + "/".join(f"{len(self.streams[s].ids):,}" for s in ("train", "val", "test"))
-
-    def extra(self) -> dict:
-        return {}
-
-    def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        return max(len(self.streams["train"].ids) // (self.T * cfg.batch_size * cfg.accum_steps), 1)
-
-    def batches(self, cfg: TrainConfig, device):
-        return random_batches(self.streams["train"], self.T, cfg.batch_size, cfg.seed, device)
-
-    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
-        return evaluate(model, self.streams[split], self.T, cfg.batch_size, device, cfg.dtype)
-
-    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
-        kind = "dense" if not model.config.num_experts else "MoE"
-        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE language model ({kind})",
-                                    quality_keys=("val_bpc",))
-        heat_png = None
-        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
-        if loads:
-            sample = self.paragraphs["test"][0][:40]
-            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, self.tokenizer, sample),
-                                               os.path.join(out_dir, "expert_heatmap.png"))
-        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
-
-
-@torch.no_grad()
-def routing_trace(model, tokenizer, text: str, forward=None):
-    """For one sentence: the token strings and the top-1 expert of each token in each MoE layer (L, T).
-
-    `forward(ids)` runs the part of the model to trace (default: the whole model on the ids)."""
-    ids = tokenizer.encode(text)[: model.config.max_len]
-    captured = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append((mod, inp[0])))
-             for m in model.modules() if isinstance(m, MoE)]
-    model.eval()
-    try:
-        (forward or model)(torch.tensor([ids], device=model.tok_emb.weight.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    experts = [top_expert(mod.assign(x.reshape(-1, x.size(-1)))).cpu().numpy() for mod, x in captured]
-    return [tokenizer.decode([i]) for i in ids], np.stack(experts)
-
-
-def top_expert(r: Routing) -> torch.Tensor:
-    """(N,) the expert giving each token its largest combine weight; -1 where no expert took it (expert choice)."""
-    weights = r.per_token(r.weight)  # (N, E)
-    return torch.where(weights.sum(1) > 0, weights.argmax(1), -1)
-
-
-# -----------------------------------------------------------------------------
 # Using a trained LM
 
 def prompt_ids(tokenizer, prompt: str, max_len: int) -> list[int]:
@@ -205,42 +131,150 @@ def continuation(model, tokenizer, ids: list[int], max_new_tokens: int, temperat
         yield rest, n
 
 
-def generate(args, device) -> dict:
-    """Sample --num_samples continuations of --prompt, printing text as it is produced."""
-    model, tokenizer, ckpt = load_trained(args.checkpoint, "lm", TRAIN_HINT, device)
-    prompt = args.prompt or ""
-    ids = prompt_ids(tokenizer, prompt, model.config.max_len)
-    gen = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 1337)
-    samples = []
-    t0, n_tokens = time.time(), 0
-    for s in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {s + 1}", flush=True)
-        print(prompt, end="", flush=True)
-        text, n = "", 0
-        for piece, n in continuation(model, tokenizer, ids, args.max_new_tokens, args.temperature,
-                                     args.sample_top_k, args.top_p, gen, args.stop_at_eos):
-            print(piece, end="", flush=True)
+# -----------------------------------------------------------------------------
+# The task
+
+class LMData(TaskData):
+    """Each split as one token stream; training reads random windows of max_len tokens."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig):
+        self.tokenizer, self.paragraphs, self.T = tokenizer, splits, model_cfg.max_len
+        self.streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
+
+    def describe(self) -> str:
+        return "train/val/test tokens " + "/".join(f"{len(self.streams[s].ids):,}" for s in ("train", "val", "test"))
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return max(len(self.streams["train"].ids) // (self.T * cfg.batch_size * cfg.accum_steps), 1)
+
+    def batches(self, cfg: TrainConfig, device):
+        return random_batches(self.streams["train"], self.T, cfg.batch_size, cfg.seed, device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        return evaluate(model, self.streams[split], self.T, cfg.batch_size, device, cfg.dtype)
+
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"MoE language model ({kind})",
+                                    quality_keys=("val_bpc",))
+        heat_png = None
+        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
+        if loads:
+            sample = self.paragraphs["test"][0][:40]
+            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, self.tokenizer, sample),
+                                               os.path.join(out_dir, "expert_heatmap.png"))
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png}
+
+
+class LMTask(Task):
+    name, train_hint, select = "lm", TRAIN_HINT, "-val_loss"
+    metrics = ("val_loss", "val_bpc", "test_loss", "test_bpc")
+    modes = ("generate", "eval")
+    route = "/api/generate"
+
+    def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
+        return load_splits(opts.data, opts.text_col, opts.quiet)
+
+    def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+        cache = None if opts.data else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size)
+        return load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
+                             progress=not opts.quiet)
+
+    def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+        return replace(model_cfg, vocab_size=tokenizer.n_vocab)
+
+    def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> LMData:
+        return LMData(tokenizer, splits, model_cfg)
+
+    def generate(self, opts: Options, device) -> dict:
+        """Sample --num_samples continuations of --prompt, printing text as it is produced."""
+        if (opts.max_new_tokens < 1 or opts.num_samples < 1 or not 0 < opts.top_p <= 1
+                or not 0 <= opts.temperature < math.inf or opts.top_k < 0):
+            raise DataError("--generate: need max_new_tokens >= 1, num_samples >= 1, 0 < top_p <= 1, "
+                            "0 <= temperature < inf, top_k >= 0")
+        model, tokenizer, ckpt = load_trained(opts.checkpoint, "lm", TRAIN_HINT, device)
+        ids = prompt_ids(tokenizer, opts.prompt, model.config.max_len)
+        gen = torch.Generator(device=device).manual_seed(opts.seed)
+        samples = []
+        t0, n_tokens = time.time(), 0
+        for s in range(opts.num_samples):
+            if opts.num_samples > 1:
+                print(f"--- sample {s + 1}", flush=True)
+            print(opts.prompt, end="", flush=True)
+            text, n = "", 0
+            for piece, n in continuation(model, tokenizer, ids, opts.max_new_tokens, opts.temperature,
+                                         opts.top_k, opts.top_p, gen, opts.stop_at_eos):
+                print(piece, end="", flush=True)
+                text += piece
+            print(flush=True)
+            if n < opts.max_new_tokens and not opts.quiet:
+                print(f"(stopped at end-of-text after {n} of {opts.max_new_tokens} tokens: --stop_at_eos)",
+                      file=sys.stderr)
+            n_tokens += n
+            samples.append(opts.prompt + text)
+        path = os.path.join(opts.out_dir, "generated_text.txt")
+        os.makedirs(opts.out_dir, exist_ok=True)
+        atomic_write_text("\n\n".join(samples) + "\n", path)
+        seconds = time.time() - t0
+        return {"task": "lm", "output": path, "samples": len(samples), "new_tokens": n_tokens,
+                "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+
+    def eval(self, opts: Options, device) -> dict:
+        """Loss and bits per character of a trained LM on any text file (all of it, in windows)."""
+        if not opts.input:
+            raise DataError("--eval needs --input FILE")
+        model, tokenizer, ckpt = load_trained(opts.checkpoint, "lm", TRAIN_HINT, device)
+        stream = Stream(tokenizer, read_text_lines(opts.input, opts.text_col))
+        res = evaluate(model, stream, model.config.max_len, 16, device, ckpt["train_config"].get("dtype", "fp32"),
+                       max_batches=10 ** 9)
+        return {"task": "lm", "input": opts.input, "tokens": len(stream.ids), "chars": stream.chars,
+                "loss": res["val_loss"], "bpc": res["val_bpc"]}
+
+    def show(self, mode: str, result: dict, opts: Options) -> None:
+        if mode == "generate":  # the text went to stdout as it was sampled; the summary goes to stderr
+            print(json.dumps(result, ensure_ascii=False), file=sys.stderr)
+        else:
+            super().show(mode, result, opts)
+
+    # ---- --analyze: the texts as one token stream, cut into context windows
+    def analysis_texts(self, opts: Options, model, tokenizer, device) -> list:
+        if opts.input:
+            return read_text_lines(opts.input, opts.text_col)
+        return news_splits(quiet=True)["test"][:ANALYZE_TEXTS]
+
+    def analysis_batches(self, model, tokenizer, texts: list, device, batch_size: int = 64):
+        T = model.config.max_len
+        stream = [i for t in texts for i in [tokenizer.eos_id] + tokenizer.encode(t)]
+        full = len(stream) // T * T
+        windows = [stream[i:i + T] for i in range(0, full, T)]
+        chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        for chunk in chunks + ([[stream[full:]]] if full < len(stream) else []):  # the shorter tail on its own
+            ids = torch.tensor(chunk, device=device)
+            yield (ids,), {"": ids}
+
+    # ---- --export onnx
+    def export_inputs(self, ids) -> tuple[tuple, list[str]]:
+        return (ids,), ["idx"]
+
+    # ---- --serve
+    def serve_load(self, path: str, device):
+        return load_trained(path, "lm", TRAIN_HINT, device)
+
+    def answer(self, loaded, req: dict, device) -> dict:
+        model, tokenizer, _ = loaded
+        prompt = field(req, "prompt", str, "", allow_empty=True)
+        n = field(req, "max_new_tokens", int, 100, lo=1, hi=1024)
+        temperature = field(req, "temperature", float, 0.8, lo=0.0, hi=5.0)
+        top_p = field(req, "top_p", float, 0.95, lo=1e-6, hi=1.0)
+        top_k = field(req, "top_k", int, 0, lo=0, hi=tokenizer.n_vocab)
+        seed = field(req, "seed", int, 1337, lo=0, hi=2 ** 63 - 1)
+        stop_at_eos = field(req, "stop_at_eos", bool, False)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ids = prompt_ids(tokenizer, prompt, model.config.max_len)
+        text, tokens = "", 0
+        for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen, stop_at_eos):
             text += piece
-        print(flush=True)
-        if n < args.max_new_tokens and not args.quiet:
-            print(f"(stopped at end-of-text after {n} of {args.max_new_tokens} tokens: --stop_at_eos)",
-                  file=sys.stderr)
-        n_tokens += n
-        samples.append(prompt + text)
-    path = os.path.join(args.out_dir, "generated_text.txt")
-    os.makedirs(args.out_dir, exist_ok=True)
-    atomic_write_text("\n\n".join(samples) + "\n", path)
-    seconds = time.time() - t0
-    return {"task": "lm", "output": path, "samples": len(samples), "new_tokens": n_tokens,
-            "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+        return {"prompt": prompt, "text": text, "new_tokens": tokens}
 
 
-def eval_file(args, device) -> dict:
-    """Loss and bits per character of a trained LM on any text file (all of it, in windows)."""
-    model, tokenizer, ckpt = load_trained(args.checkpoint, "lm", TRAIN_HINT, device)
-    stream = Stream(tokenizer, read_text_lines(args.input, args.text_col))
-    T = model.config.max_len
-    res = evaluate(model, stream, T, 16, device, ckpt["train_config"].get("dtype", "fp32"), max_batches=10 ** 9)
-    return {"task": "lm", "input": args.input, "tokens": len(stream.ids), "chars": stream.chars,
-            "loss": res["val_loss"], "bpc": res["val_bpc"]}
+TASK = LMTask()

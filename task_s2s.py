@@ -10,16 +10,23 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
+import charlm
 import plots
-from data import (DataError, atomic_write_csv, close_sentence, length_bucketed_batches, lexicon_pairs,
-                  open_pinyin_sources, pinyin_spans, pinyin_splits, read_table, tokenizer_cache, user_pair_splits,
-                  word_logprob)
-from models import ModelConfig
-from task_lm import routing_trace
-from tokenizer import load_or_train
+from analyze import ANALYZE_TEXTS, routing_trace
+from api import field
 from checkpoint import load_trained
-from trainer import TrainConfig, autocast
+from config import ModelConfig, Options, TrainConfig
+from data import (length_bucketed_batches, pinyin_splits, read_table, read_text_lines, tokenizer_cache,
+                  user_pair_splits)
+from errors import DataError
+from fsio import atomic_write_csv
+from moe import MoE
+from pinyin import close_sentence, lexicon_pairs, open_pinyin_sources, pinyin_spans, word_logprob
+from runtime import autocast
+from task import Task, TaskData
+from tokenizer import load_or_train
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
 # Decoding a model trained on the built-in pinyin pairs (fusion_for, word_prior_for): at every beam step the
@@ -36,7 +43,7 @@ EVAL_DECODE = 400  # validation sentences decoded at every evaluation (all of th
 # Data
 
 def load_splits(data: str | None, seed: int, quiet: bool, lexicon: int = 0) -> dict:
-    """The user's pairs, or the built-in pinyin pairs with `lexicon` word-list pairs (data.lexicon_pairs) added
+    """The user's pairs, or the built-in pinyin pairs with `lexicon` word-list pairs (pinyin.lexicon_pairs) added
     to the training split only: validation and test stay news sentences."""
     if data:
         return user_pair_splits(data, seed)
@@ -106,7 +113,7 @@ def score(preds: list[str], targets: list[str]) -> dict:
 
 def rerank(hyps: list[tuple[float, str]], word_prior: float) -> list[tuple[float, str]]:
     """Beam hypotheses (score, text) of one source, best first, with `word_prior` times the text's per-character
-    word log-probability (data.word_logprob) added to each score: N-best rescoring with a word-level prior, for
+    word log-probability (pinyin.word_logprob) added to each score: N-best rescoring with a word-level prior, for
     words the sentence pairs seldom showed (早上好 over 早上号). word_prior 0: the model's order."""
     if not word_prior:
         return sorted(hyps, key=lambda h: -h[0])
@@ -118,7 +125,6 @@ def fusion_term(tokenizer, weight: float, pinyin_sources: list[str] | None = Non
     """What the beam search adds to the model's log-probabilities at every step: `weight` times the character
     n-gram model (shallow fusion), and for a pinyin model's `pinyin_sources` the input method's constraint that
     each character reads as its syllable (charlm.PinyinConstraint). None when neither applies."""
-    import charlm
     terms = ([charlm.Fusion(charlm.load(), tokenizer, weight)] if weight else []) + (
         [charlm.PinyinConstraint(tokenizer, pinyin_sources, beam)] if pinyin_sources else [])
     if not terms:
@@ -137,7 +143,6 @@ def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp
     """Decode every source (greedy, or beam search when beam > 1 with `fusion` times the character n-gram model
     and, for `pinyin` sources, the pinyin constraint in every step, its hypotheses reranked with `word_prior`);
     batches of similar length, original order."""
-    from tqdm import tqdm
     model.eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     out = [""] * len(src_ids)
@@ -179,76 +184,8 @@ def evaluate(model, tokenizer, pairs: Pairs, device, dtype: str, decode: int = E
             f"{prefix}_exact_match": quality["exact_match"], "_preds": preds}
 
 
-# -----------------------------------------------------------------------------
-# The task interface (pipeline.py)
-
-NAME, SELECT = "seq2seq", "val_char_acc"
-METRICS = ("val_loss", "val_char_acc", "val_exact_match", "test_loss", "test_char_acc", "test_exact_match")
-
-
-def splits(args, train_cfg: TrainConfig) -> dict:
-    if args.data and train_cfg.lexicon_pairs:
-        print(f"note: lexicon_pairs={train_cfg.lexicon_pairs} is for the built-in pinyin pairs; with --data it "
-              "adds nothing", file=sys.stderr)
-    return load_splits(args.data, train_cfg.seed, args.quiet, train_cfg.lexicon_pairs)
-
-
-def new_tokenizer(args, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-    lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
-    cache = None if args.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
-    texts = list(splits["train"].source) + list(splits["train"].target)
-    return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not args.quiet)
-
-
-def sized(model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
-    return replace(model_cfg, vocab_size=tokenizer.n_vocab)
-
-
-class Data:
-    """Each split as token-id pairs; training reads length-bucketed batches."""
-
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, args, start=None):
-        self.tokenizer, self.frames = tokenizer, splits
-        self.pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
-        self.source = "text" if args.data else "pinyin"  # "pinyin": --infer may normalise what a user types
-
-    def describe(self) -> str:
-        return "train/val/test pairs " + "/".join(f"{len(self.pairs[s]):,}" for s in ("train", "val", "test"))
-
-    def extra(self) -> dict:
-        return {"source": self.source}
-
-    def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        return max(len(self.pairs["train"]) // (cfg.batch_size * cfg.accum_steps), 1)
-
-    def batches(self, cfg: TrainConfig, device):
-        return batch_stream(self.tokenizer, self.pairs["train"], cfg.batch_size, cfg.seed, device)
-
-    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
-        """Validation decodes its first EVAL_DECODE sentences greedily; the test split decodes them all."""
-        return evaluate(model, self.tokenizer, self.pairs[split], device, cfg.dtype,
-                        decode=EVAL_DECODE if split == "val" else 0)
-
-    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
-        predictions = os.path.join(out_dir, "test_predictions.csv")
-        atomic_write_csv(self.frames["test"].assign(pred=test["_preds"]), predictions)
-        kind = "dense" if not model.config.num_experts else "MoE"
-        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"seq2seq ({kind})",
-                                    quality_keys=("val_char_acc", "val_exact_match"))
-        heat_png = None
-        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
-        if loads:
-            tokens, experts = routing_trace(model, self.tokenizer, self.pairs["test"].sources[0],
-                                            forward=lambda ids: model.encode(ids, torch.ones_like(ids)))
-            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
-                                               os.path.join(out_dir, "expert_heatmap.png"),
-                                               layer_names=moe_layer_names(model))
-        return {"loss_curve": loss_png, "expert_heatmap": heat_png, "test_predictions": predictions}
-
-
 def moe_layer_names(model) -> list[str]:
     """'enc 0', 'dec 1', ... for the MoE layers, in the order their stats are logged (encoder first)."""
-    from models import MoE
     return [f"{side} {i}" for side, stack in (("enc", model.encoder), ("dec", model.decoder))
             for i, block in enumerate(stack) if isinstance(block.ffn, MoE)]
 
@@ -281,7 +218,7 @@ def ranked(model, tokenizer, ckpt: dict, text: str, device, beam: int, length_pe
     """One source -> (its distinct conversions (score, text) best first, the source as the model read it,
     truncated?, source tokens).
 
-    For a pinyin model the input is first put in the training sources' form (`data.pinyin_sources`: case, ü,
+    For a pinyin model the input is first put in the training sources' form (`pinyin.pinyin_sources`: case, ü,
     spacing, syllables typed together, a final mark); when a run of letters splits into syllables in several
     ways, each split is decoded and the scores decide. A final mark added for the model is dropped again."""
     sources, added_mark, pinyin = [text], False, ckpt.get("source") == "pinyin"
@@ -340,45 +277,163 @@ def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, l
             "truncated": truncated, "source_tokens": n_tokens}
 
 
-def infer(args, device) -> dict:
-    """Convert one --text (pinyin for the default model; any source text for a model trained on your pairs)."""
-    if not args.text or not args.text.strip():
-        raise DataError("--infer needs --text, e.g. --text \"wo ai bian cheng\"")
-    model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
-    t0 = time.perf_counter()
-    out = candidates(model, tokenizer, ckpt, args.text, device, args.beam, args.length_penalty, args.num_candidates,
-                     args.word_prior, args.fusion)
-    n_tokens = out.pop("source_tokens")
-    if out["kept"]:
-        print(f"note: not pinyin, kept as typed: {', '.join(out['kept'])}", file=sys.stderr)
-    if out["truncated"]:
-        print(f"note: source is {n_tokens} tokens; only the first {model.config.max_len} are converted",
-              file=sys.stderr)
-    return {**out, "beam": args.beam, "ms": round((time.perf_counter() - t0) * 1000, 1)}
+# -----------------------------------------------------------------------------
+# The task
+
+class Seq2SeqData(TaskData):
+    """Each split as token-id pairs; training reads length-bucketed batches."""
+
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, user_data: bool):
+        self.tokenizer, self.frames = tokenizer, splits
+        self.pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
+        self.source = "text" if user_data else "pinyin"  # "pinyin": --infer may normalise what a user types
+
+    def describe(self) -> str:
+        return "train/val/test pairs " + "/".join(f"{len(self.pairs[s]):,}" for s in ("train", "val", "test"))
+
+    def extra(self) -> dict:
+        return {"source": self.source}
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        return max(len(self.pairs["train"]) // (cfg.batch_size * cfg.accum_steps), 1)
+
+    def batches(self, cfg: TrainConfig, device):
+        return batch_stream(self.tokenizer, self.pairs["train"], cfg.batch_size, cfg.seed, device)
+
+    def evaluate(self, model, split: str, cfg: TrainConfig, device) -> dict:
+        """Validation decodes its first EVAL_DECODE sentences greedily; the test split decodes them all."""
+        return evaluate(model, self.tokenizer, self.pairs[split], device, cfg.dtype,
+                        decode=EVAL_DECODE if split == "val" else 0)
+
+    def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
+        predictions = os.path.join(out_dir, "test_predictions.csv")
+        atomic_write_csv(self.frames["test"].assign(pred=test["_preds"]), predictions)
+        kind = "dense" if not model.config.num_experts else "MoE"
+        loss_png = plots.loss_curve(rows, os.path.join(out_dir, "loss_curve.png"), f"seq2seq ({kind})",
+                                    quality_keys=("val_char_acc", "val_exact_match"))
+        heat_png = None
+        loads = [r["expert_load"] for r in rows if r.get("expert_load")]
+        if loads:
+            tokens, experts = routing_trace(model, self.tokenizer, self.pairs["test"].sources[0],
+                                            forward=lambda ids: model.encode(ids, torch.ones_like(ids)))
+            heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), tokens, experts,
+                                               os.path.join(out_dir, "expert_heatmap.png"),
+                                               layer_names=moe_layer_names(model))
+        return {"loss_curve": loss_png, "expert_heatmap": heat_png, "test_predictions": predictions}
 
 
-def classify(args, device) -> dict:
-    """Convert every row of --input (columns source or question, or --text_col); keep the input columns, add
-    `pred`; with target (or answer) columns, report character accuracy and exact match."""
-    df = read_table(args.input)
-    src_col = next((c for c in ("source", "question", args.text_col) if c in df.columns), None)
-    if src_col is None:
-        raise DataError(f"{args.input}: need a source (or question) column, or name one with --text_col; "
-                        f"columns: {', '.join(map(str, df.columns))}")
-    model, tokenizer, ckpt = load_trained(args.checkpoint, "seq2seq", TRAIN_HINT, device)
-    sources = [str(s).strip() for s in df[src_col]]
-    t0 = time.time()
-    preds = convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), device,
-                    ckpt["train_config"].get("dtype", "fp32"), args.beam, args.length_penalty,
-                    progress=not args.quiet, word_prior=word_prior_for(ckpt, args.word_prior),
-                    fusion=fusion_for(ckpt, args.fusion), pinyin=ckpt.get("source") == "pinyin")
-    seconds = time.time() - t0
-    out = args.output or os.path.join(args.out_dir, "predictions.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_csv(df.assign(pred=preds), out)
-    result = {"task": "seq2seq", "input": args.input, "output": out, "rows": len(df), "beam": args.beam,
-              "sentences_per_s": round(len(df) / max(seconds, 1e-9), 1)}
-    tgt_col = next((c for c in ("target", "answer") if c in df.columns), None)
-    if tgt_col:
-        result.update(score(preds, [str(t).strip() for t in df[tgt_col]]))
-    return result
+class Seq2SeqTask(Task):
+    name, train_hint, select = "seq2seq", TRAIN_HINT, "val_char_acc"
+    metrics = ("val_loss", "val_char_acc", "val_exact_match", "test_loss", "test_char_acc", "test_exact_match")
+    modes = ("infer", "classify")
+    route = "/api/pinyin"
+
+    def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
+        if opts.data and train_cfg.lexicon_pairs:
+            print(f"note: lexicon_pairs={train_cfg.lexicon_pairs} is for the built-in pinyin pairs; with --data it "
+                  "adds nothing", file=sys.stderr)
+        return load_splits(opts.data, train_cfg.seed, opts.quiet, train_cfg.lexicon_pairs)
+
+    def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
+        lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
+        cache = None if opts.data else tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size)
+        texts = list(splits["train"].source) + list(splits["train"].target)
+        return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)
+
+    def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+        return replace(model_cfg, vocab_size=tokenizer.n_vocab)
+
+    def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> Seq2SeqData:
+        return Seq2SeqData(tokenizer, splits, model_cfg, user_data=bool(opts.data))
+
+    def infer(self, opts: Options, device) -> dict:
+        """Convert one --text (pinyin for the default model; any source text for a model trained on your pairs)."""
+        if not opts.text or not opts.text.strip():
+            raise DataError("--infer needs --text, e.g. --text \"wo ai bian cheng\"")
+        model, tokenizer, ckpt = load_trained(opts.checkpoint, "seq2seq", TRAIN_HINT, device)
+        t0 = time.perf_counter()
+        out = candidates(model, tokenizer, ckpt, opts.text, device, opts.beam, opts.length_penalty,
+                         opts.num_candidates, opts.word_prior, opts.fusion)
+        n_tokens = out.pop("source_tokens")
+        if out["kept"]:
+            print(f"note: not pinyin, kept as typed: {', '.join(out['kept'])}", file=sys.stderr)
+        if out["truncated"]:
+            print(f"note: source is {n_tokens} tokens; only the first {model.config.max_len} are converted",
+                  file=sys.stderr)
+        return {**out, "beam": opts.beam, "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    def classify(self, opts: Options, device) -> dict:
+        """Convert every row of --input (columns source or question, or --text_col); keep the input columns, add
+        `pred`; with target (or answer) columns, report character accuracy and exact match."""
+        if not opts.input:
+            raise DataError("--classify needs --input FILE")
+        df = read_table(opts.input)
+        src_col = next((c for c in ("source", "question", opts.text_col) if c in df.columns), None)
+        if src_col is None:
+            raise DataError(f"{opts.input}: need a source (or question) column, or name one with --text_col; "
+                            f"columns: {', '.join(map(str, df.columns))}")
+        model, tokenizer, ckpt = load_trained(opts.checkpoint, "seq2seq", TRAIN_HINT, device)
+        sources = [str(s).strip() for s in df[src_col]]
+        t0 = time.time()
+        preds = convert(model, tokenizer, source_ids(tokenizer, sources, model.config.max_len), device,
+                        ckpt["train_config"].get("dtype", "fp32"), opts.beam, opts.length_penalty,
+                        progress=not opts.quiet, word_prior=word_prior_for(ckpt, opts.word_prior),
+                        fusion=fusion_for(ckpt, opts.fusion), pinyin=ckpt.get("source") == "pinyin")
+        seconds = time.time() - t0
+        out = opts.output or os.path.join(opts.out_dir, "predictions.csv")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_write_csv(df.assign(pred=preds), out)
+        result = {"task": "seq2seq", "input": opts.input, "output": out, "rows": len(df), "beam": opts.beam,
+                  "sentences_per_s": round(len(df) / max(seconds, 1e-9), 1)}
+        tgt_col = next((c for c in ("target", "answer") if c in df.columns), None)
+        if tgt_col:
+            result.update(score(preds, [str(t).strip() for t in df[tgt_col]]))
+        return result
+
+    def show(self, mode: str, result: dict, opts: Options) -> None:
+        if mode != "infer" or opts.json:
+            return super().show(mode, result, opts)
+        if opts.num_candidates == 1:
+            print(result["pred"])
+            return
+        for i, c in enumerate(result["candidates"], 1):
+            print(f"{i}. {c['text']}  ({c['score']:.3f})")
+
+    # ---- --analyze: the encoder reads the sources; the decoder its own greedy conversion (or the targets)
+    def analysis_texts(self, opts: Options, model, tokenizer, device) -> list:
+        if opts.input:
+            texts = read_text_lines(opts.input, opts.text_col)
+            return list(zip(texts, convert(model, tokenizer, source_ids(tokenizer, texts, model.config.max_len),
+                                           device)))
+        df = pinyin_splits(quiet=True)["test"][:ANALYZE_TEXTS]
+        return list(zip(df.source, df.target))
+
+    def analysis_batches(self, model, tokenizer, texts: list, device, batch_size: int = 64):
+        T = model.config.max_len
+        src = source_ids(tokenizer, [s for s, _ in texts], T)
+        tgt = [t[:T - 1] for t in tokenizer.encode_batch([t for _, t in texts])]
+        for i in range(0, len(src), batch_size):
+            batch = collate(tokenizer, src[i:i + batch_size], tgt[i:i + batch_size], device)
+            yield ((batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                    batch["decoder_attention_mask"]),
+                   {"encoder": batch["input_ids"], "decoder": batch["decoder_input_ids"]})
+
+    def export_inputs(self, ids):
+        raise DataError("--export onnx: --task seq2seq does not export (only cls and lm); seq2seq decoding runs "
+                        "loops with KV caches in Python")
+
+    # ---- --serve
+    def serve_load(self, path: str, device):
+        return load_trained(path, "seq2seq", TRAIN_HINT, device)
+
+    def answer(self, loaded, req: dict, device) -> dict:
+        model, tokenizer, ckpt = loaded
+        text = field(req, "text", str).strip()
+        beam = field(req, "beam", int, 4, lo=1, hi=8)  # 4: the CLI's default, chosen on validation
+        n = field(req, "num_candidates", int, 1, lo=1, hi=16)
+        out = candidates(model, tokenizer, ckpt, text, device, beam, n=n)
+        return {"source": text, "pred": out["pred"], "candidates": out["candidates"], "kept": out["kept"],
+                "beam": beam}
+
+
+TASK = Seq2SeqTask()

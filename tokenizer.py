@@ -19,6 +19,8 @@ from typing import Iterable
 import regex
 import tiktoken
 
+from fsio import atomic_write_text
+
 FORMAT_VERSION = 1
 # GPT-4 (cl100k) split pattern: letters, numbers in groups of up to 3, punctuation runs, whitespace.
 # Chinese has no spaces, so a run of Han characters is one chunk; merges then learn characters and words.
@@ -187,7 +189,6 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Write `path` (versioned JSON) and `path` with .vocab (one token a line, readable)."""
-        from data import atomic_write_text
         atomic_write_text(json.dumps(self.to_dict(), ensure_ascii=False), path)
         atomic_write_text(self.vocab_listing(), os.path.splitext(path)[0] + ".vocab")
 

@@ -9,9 +9,13 @@ The packages are optional: a missing one is a one-line error saying what to pip 
 """
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 
-from data import DataError
+from config import Options
+from distributed import is_main_process
+from errors import DataError
 
 TRAIN_TAGS = {"train_loss": "Train/Loss", "train_loss_avg": "Train/Avg_Loss", "aux_balance": "Train/Aux_Balance",
               "aux_z": "Train/Aux_Z", "lr": "Train/LR", "tokens_per_s": "Train/Tokens_per_s"}
@@ -80,14 +84,55 @@ class MlflowSink:
         self.mlflow.end_run()
 
 
-def sinks(args, task: str, model_cfg, train_cfg) -> list:
+def sinks(opts: Options, task: str, model_cfg, train_cfg) -> list:
     """The trackers asked for with --tensorboard / --mlflow (trainer.run_log asks on rank 0 only)."""
-    from dataclasses import asdict
     out = []
-    if getattr(args, "tensorboard", False):
-        out.append(TensorBoardSink(os.path.join(args.out_dir, "tensorboard")))
-    if getattr(args, "mlflow", False):
+    if opts.tensorboard:
+        out.append(TensorBoardSink(os.path.join(opts.out_dir, "tensorboard")))
+    if opts.mlflow:
         params = {"task": task, **{f"model.{k}": v for k, v in asdict(model_cfg).items()},
                   **{f"train.{k}": v for k, v in asdict(train_cfg).items()}}
-        out.append(MlflowSink(f"moe-{task}", os.path.basename(os.path.normpath(args.out_dir)), params))
+        out.append(MlflowSink(f"moe-{task}", os.path.basename(os.path.normpath(opts.out_dir)), params))
     return out
+
+
+class MetricsLog:
+    """Append-only JSONL log; every row also kept in memory for the plots and passed to the optional trackers
+    (`sinks`: TensorBoard, MLflow; see tracking.py). `append` continues a resumed run. No path: memory only."""
+
+    def __init__(self, path: str | None, append: bool = False, sinks: list | None = None):
+        self.path, self.rows, self.sinks = path, [], list(sinks or [])
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if append and os.path.exists(path):
+                self.rows = self.read(path)
+            else:
+                open(path, "w").close()
+
+    @staticmethod
+    def read(path: str) -> list[dict]:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self, artifacts: list[str | None] = ()) -> None:
+        """End the trackers' runs; `artifacts` (the PNGs) go to the ones that store files."""
+        for sink in self.sinks:
+            sink.finish([a for a in artifacts if a])
+        self.sinks = []
+
+
+def run_log(opts: Options, task: str, model_cfg, train_cfg, append: bool = False) -> MetricsLog:
+    """The metrics log of a --train run: <out_dir>/metrics.jsonl plus the trackers of --tensorboard/--mlflow,
+    on rank 0 only (other ranks log to memory)."""
+    if not is_main_process():
+        return MetricsLog(None)
+    return MetricsLog(os.path.join(opts.out_dir, "metrics.jsonl"), append,
+                      sinks(opts, task, model_cfg, train_cfg))

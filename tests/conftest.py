@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-import data
+import pinyin
 from test_cli import run_script
 from test_seq2seq import sentences
 
@@ -34,7 +34,7 @@ def pairs_file(tmp_path_factory):
     """Pinyin -> characters pairs of the sentences written for the tests (test_seq2seq.SENTENCES)."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.tsv"
     targets = sentences()
-    pd.DataFrame({"source": [data.to_pinyin(t) for t in targets], "target": targets}).to_csv(
+    pd.DataFrame({"source": [pinyin.to_pinyin(t) for t in targets], "target": targets}).to_csv(
         path, sep="\t", index=False)
     return str(path)
 

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import expert_parallel
-from models import build_model, model_config
+from config import model_config
+from models import build_model
 
 TINY = dict(d_model=32, n_heads=2, d_ff=48, num_layers=2, num_experts=4, top_k=2, vocab_size=97, max_len=16,
             dropout=0.0, noisy_gate=False)

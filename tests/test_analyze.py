@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from analyze import token_kind
@@ -19,7 +20,8 @@ def check_layer(layer: dict, tokens: int, num_experts: int = 4, top_k: int = 2):
     for v in layer["by_kind"].values():  # the fraction of the kind's tokens each expert computed: top_k in all
         assert sum(v["share"]) == pytest.approx(top_k, abs=1e-3) and max(v["share"]) <= 1
     assert 0 <= layer["entropy"] <= layer["entropy_max"] + 1e-6
-    assert layer["load_cv"] >= 0
+    share = np.asarray(layer["load_share"])  # the load's coefficient of variation, from the shares
+    assert layer["load_cv"] == pytest.approx(share.std() / share.mean(), abs=2e-3)
     # each token has top_k = 2 experts, so exactly one pair: the pair shares over all pairs sum to 1
     assert 0 < sum(p["share_of_tokens"] for p in layer["top_pairs"]) <= 1 + 1e-6
 
@@ -85,7 +87,8 @@ def test_expert_choice_classifier_trains_evenly_loaded(tmp_path):
     loads = [row["expert_load"] for row in rows]
     assert loads and all(share == pytest.approx(0.25) for row in loads for layer in row for share in layer)
     # the tokens no expert took are logged (a token may get 0..E experts; with top_k 1 the E experts have N slots)
-    assert all(row["dropped"] >= 0 for row in rows) and any(row["dropped"] > 0 for row in rows)
+    batch_tokens = 32 * 64  # the tiny preset's batch rows x context: never every token of a batch
+    assert any(row["dropped"] > 0 for row in rows) and max(row["dropped"] for row in rows) < batch_tokens
     result = analyze("--checkpoint", ckpt, "--out_dir", out)
     assert all(s == pytest.approx(0.25, abs=1e-3) for layer in result["layers"] for s in layer["load_share"])
     bad = run_main("--export", "onnx", "--checkpoint", ckpt, check=False)

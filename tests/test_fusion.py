@@ -9,6 +9,7 @@ import torch
 import charlm
 import data
 import main
+import pinyin
 import task_s2s
 
 
@@ -79,7 +80,7 @@ def test_what_is_no_pinyin_is_kept_as_typed(pinyin_ckpt, capsys):
     mixed, _ = infer(pinyin_ckpt, capsys, "wo you 3 ge iPhone")
     assert mixed["kept"] == ["3", "iPhone"]
     assert "3" in mixed["pred"] and mixed["pred"].endswith("iPhone") and "you" not in mixed["pred"]
-    assert data.pinyin_spans("xi'an he lüse") == [("xi'an he lüse", True)]
+    assert pinyin.pinyin_spans("xi'an he lüse") == [("xi'an he lüse", True)]
 
 
 def test_every_conversion_reads_as_its_pinyin():

@@ -11,7 +11,7 @@ import torch
 import data
 import task_cls
 from test_cli import run_main
-from trainer import TrainConfig
+from config import TrainConfig
 
 
 def test_extra_domains_join_training_only():

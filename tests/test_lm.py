@@ -8,7 +8,12 @@ import sys
 import pytest
 import torch
 
-from models import LanguageModel, LMConfig, filter_logits, sample_next
+from checkpoint import load_trained
+from config import LMConfig
+from data import news_splits
+from models import LanguageModel
+from sampling import filter_logits, sample_next
+from task_lm import Stream
 from test_cli import ROOT, run_main
 
 
@@ -79,7 +84,10 @@ def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0]
     assert summary["val_loss"] == min(val)
-    assert 0 < summary["test_bpc"] < summary["test_loss"] / math.log(2) * 3  # at most 3 tokens a character
+    _, tokenizer, _ = load_trained(ckpt, "lm", "", "cpu")  # bits per character: nats per token x tokens/char
+    test = Stream(tokenizer, news_splits(quiet=True)["test"])
+    bpc = summary["test_loss"] * len(test.ids) / test.chars / math.log(2)
+    assert summary["test_bpc"] == pytest.approx(bpc, rel=1e-9)
     for png in ("loss_curve.png", "expert_heatmap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
     data = torch.load(ckpt, weights_only=True)
@@ -261,7 +269,7 @@ SHAPE = ["--set", "budget_batch=[[100, 8], [420, 16, 96]]"]  # another rule, to 
 def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, context, max_steps):
     import main
     args = main.build_parser().parse_args(["--train", "--task", "lm", *argv])
-    _, model_cfg, train_cfg = main.resolve_config("lm", args.preset, args)
+    _, model_cfg, train_cfg = main.resolve_config("lm", args.preset, main.config_flags(args), args.set)
     assert (train_cfg.batch_size, model_cfg.max_len, train_cfg.max_steps) == (batch, context, max_steps)
 
 

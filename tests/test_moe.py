@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import Block, Classifier, ClassifierConfig, FeedForward, LMConfig, MoE, count_params
+from blocks import Block
+from config import ClassifierConfig, LMConfig
+from models import Classifier, count_params
+from moe import FeedForward, MoE
 
 
 def tiny(**kw):
@@ -202,7 +205,8 @@ def test_classifier_variants_and_bf16():
         assert logits.shape == (3, 2) and torch.isfinite(loss)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits16, _, _ = model(ids, mask, labels)
-        assert torch.allclose(logits16.float(), logits, atol=0.1)
+        # bf16 keeps ~3 significant digits: within 2% of the logits' own scale (about 0.4% measured)
+        assert (logits16.float() - logits).abs().max() <= 0.02 * logits.abs().max()
         # padding must not change the prediction for the padded row
         short, _, _ = model(ids[:1, :6], mask[:1, :6])
         torch.testing.assert_close(short, logits[:1], atol=1e-5, rtol=1e-4)
@@ -261,7 +265,7 @@ def test_checkpoint_with_per_expert_layout_still_loads():
 
 
 def test_expert_matrices_get_weight_decay_and_their_biases_do_not():
-    from trainer import param_groups
+    from optim import param_groups
     moe = MoE(tiny())
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(moe, 0.1))
     ex = moe.experts
@@ -271,7 +275,7 @@ def test_expert_matrices_get_weight_decay_and_their_biases_do_not():
 
 def test_muon_groups_and_its_adamw_part_equals_torch_adamw():
     from models import LanguageModel
-    from trainer import Muon, param_groups
+    from optim import Muon, param_groups
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=16, num_experts=4, top_k=2)
     model = LanguageModel(cfg)
@@ -298,7 +302,7 @@ def test_muon_groups_and_its_adamw_part_equals_torch_adamw():
 
 
 def test_orthogonalize_each_expert_matrix_on_its_own():
-    from trainer import orthogonalize
+    from optim import orthogonalize
     torch.manual_seed(0)
     g = torch.randn(2, 32, 16)
     g[1] *= 1000  # experts with very different gradient scales: each is normalised by its own norm
@@ -316,10 +320,10 @@ def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch
     """Muon orthogonalises all matrices of one shape as one stack; each parameter's update is what the
     orthogonalisation of its own Nesterov momentum alone gives (fp32, so the reference is exact)."""
     import math
-    import trainer
+    import optim
     from models import LanguageModel
-    from trainer import Muon, orthogonalize, param_groups
-    monkeypatch.setattr(trainer, "newton_schulz_dtype", lambda device: torch.float32)
+    from optim import Muon, orthogonalize, param_groups
+    monkeypatch.setattr(optim, "newton_schulz_dtype", lambda device: torch.float32)
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=2, d_ff=32, num_experts=4, top_k=2)
     model = LanguageModel(cfg)
@@ -339,7 +343,8 @@ def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch
 def test_wide_ngram_part_is_the_hashed_bag_and_ignores_padding():
     """The classifier's wide part equals the hand-written bag of hashed token 1-3-grams / sqrt(count); padding
     (and whatever ids sit under it) changes nothing; at init it adds nothing; ngram_lr gives it its own group."""
-    from trainer import TrainConfig, build_optimizer
+    from config import TrainConfig
+    from optim import build_optimizer
     torch.manual_seed(0)
     model = Classifier(tiny(num_layers=1, ngram_buckets=97))
     assert model.wide(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).abs().max() == 0
@@ -449,7 +454,9 @@ def test_bias_is_saved_resumed_and_updated_by_the_trainer():
 
 @pytest.mark.parametrize("task,moe_layers", [("cls", "all"), ("lm", "all"), ("lm", "odd"), ("seq2seq", "odd")])
 def test_upcycled_moe_computes_the_dense_model_at_step_0(task, moe_layers):
-    from models import MODEL_CONFIGS, build_model, upcycle, upcycled_config
+    from config import MODEL_CONFIGS
+    from models import build_model
+    from moe import upcycle, upcycled_config
     shape = dict(vocab_size=60, max_len=16, d_model=32, n_heads=2, num_layers=2, d_ff=24, dropout=0.0)
     torch.manual_seed(0)
     dense = build_model(task, MODEL_CONFIGS[task](**shape, num_experts=0)).eval()
@@ -470,7 +477,8 @@ def test_upcycled_moe_computes_the_dense_model_at_step_0(task, moe_layers):
 
 
 def test_upcycling_noise_parts_the_experts_and_bad_sources_are_refused():
-    from models import LanguageModel, upcycle, upcycled_config
+    from models import LanguageModel
+    from moe import upcycle, upcycled_config
     shape = dict(vocab_size=60, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=24, dropout=0.0)
     dense = LanguageModel(LMConfig(**shape, num_experts=0))
     moe = LanguageModel(upcycled_config(LMConfig(**shape), dense.config))
@@ -552,7 +560,8 @@ def test_expert_choice_batched_experts_equal_the_per_expert_loop():
 
 
 def test_expert_choice_only_where_no_future_leaks():
-    from models import LanguageModel, Seq2Seq, Seq2SeqConfig
+    from config import Seq2SeqConfig
+    from models import LanguageModel, Seq2Seq
     with pytest.raises(ValueError, match="causal"):
         LMConfig(routing="expert")
     with pytest.raises(ValueError, match="balanced by construction"):
@@ -568,7 +577,7 @@ def test_expert_choice_only_where_no_future_leaks():
 
 
 def test_heatmap_trace_takes_each_tokens_heaviest_expert_under_both_routings():
-    from task_lm import top_expert
+    from analyze import top_expert
     torch.manual_seed(0)
     flat = torch.randn(17, 32)
     token = MoE(tiny())

@@ -81,8 +81,12 @@ def test_expert_parallel_training_halts_resumes_and_matches_one_process(tmp_path
     assert ckpt["state_dict"]["blocks.0.ffn.experts.w_up"].shape[0] == ckpt["model_config"]["num_experts"] == 4
     state = torch.load(ep / "lm.last.pt", weights_only=True)["resume"]["optimizer"]["state"]
     assert {tuple(s["exp_avg"].shape) for s in state.values()} >= {(4, 32, 32)}
-    generated = run_main("--generate", "--checkpoint", str(ep / "lm.pt"), "--prompt", "我们", "--max_new_tokens", "5")
-    assert generated.stdout.strip()
+    # one process loads the gathered weights, and they score a text as the one-process run's final weights do
+    text = tmp_path / "text.txt"
+    text.write_text("新华社北京一月一日电。\n今天天气很好，我们一起去公园散步。\n" * 4, encoding="utf-8")
+    scores = [json.loads(run_main("--eval", "--task", "lm", "--checkpoint", str(d / "lm.last.pt"), "--input",
+                                  str(text)).stdout.strip().splitlines()[-1])["loss"] for d in (ep, single)]
+    assert scores[0] == pytest.approx(scores[1], abs=2e-3)
 
 
 def test_expert_parallel_needs_torchrun():
@@ -92,10 +96,10 @@ def test_expert_parallel_needs_torchrun():
 
 
 def test_expert_parallel_needs_experts_for_every_process():
-    import main
-    from data import DataError
+    from distributed import check_expert_parallel
+    from errors import DataError
     with pytest.raises(DataError, match="num_experts=3 must be a positive multiple of the 2 processes"):
-        main.check_expert_parallel(3, 2)
+        check_expert_parallel(3, 2)
     with pytest.raises(DataError, match="num_experts=0"):
-        main.check_expert_parallel(0, 2)
-    main.check_expert_parallel(4, 2)
+        check_expert_parallel(0, 2)
+    check_expert_parallel(4, 2)

@@ -1,5 +1,5 @@
-"""The seq2seq task: pinyin pairs, encoder-decoder decoding (cache, beam), the training toolbox (resume,
-accumulation, checkpointing, OOM skip, bf16), and main.py end to end on the tiny preset."""
+"""The seq2seq task: pinyin pairs, encoder-decoder decoding (cache, beam, gradient checkpointing), and main.py
+end to end on the tiny preset."""
 import json
 import os
 
@@ -9,11 +9,14 @@ import torch
 
 import data
 import main
-from models import LanguageModel, LMConfig, Seq2Seq, Seq2SeqConfig
+import pinyin
+import task_s2s
+from checkpoint import load_trained
+from config import Seq2SeqConfig
+from models import Seq2Seq
 from task_s2s import edit_distance, score
 from test_cli import run_main
-from checkpoint import last_path, load_trained
-from trainer import MetricsLog, TrainConfig, fit
+from tracking import MetricsLog
 
 # written for these tests: short everyday and news-style sentences
 SENTENCES = """我爱编程。今天天气很好。我们一起去公园散步吧！他在北京大学读书。这本书非常有意思。
@@ -36,8 +39,8 @@ def sentences():
 # Data and metrics
 
 def test_pinyin_and_sentence_splitting():
-    assert data.to_pinyin("我爱编程") == "wo ai bian cheng"
-    assert data.to_pinyin("重庆的行长说：好！") == "chong qing de hang zhang shuo ： hao ！"
+    assert pinyin.to_pinyin("我爱编程") == "wo ai bian cheng"
+    assert pinyin.to_pinyin("重庆的行长说：好！") == "chong qing de hang zhang shuo ： hao ！"
     assert data.split_sentences("他说：“走吧。”好的！短。这句话没有句号") == ["他说：“走吧。”", "这句话没有句号"]
 
 
@@ -54,8 +57,8 @@ def test_pinyin_and_sentence_splitting():
     ("zhongguorenmin", ["zhong guo ren min 。"]),
 ])
 def test_typed_pinyin_becomes_the_training_source_form(typed, sources):
-    assert data.pinyin_sources(typed) == sources
-    assert data.split_syllables("qwrtz") == []
+    assert pinyin.pinyin_sources(typed) == sources
+    assert pinyin.split_syllables("qwrtz") == []
 
 
 def test_builtin_pinyin_pairs_follow_the_paragraph_split():
@@ -66,21 +69,21 @@ def test_builtin_pinyin_pairs_follow_the_paragraph_split():
     assert len(repeated) < 0.02 * len(splits["test"])
     row = splits["test"].iloc[0]
     assert 4 <= len(row.target) <= 64 and row.source.split()[0].isascii()
-    assert data.to_pinyin(row.target) == row.source
+    assert pinyin.to_pinyin(row.target) == row.source
 
 
 def test_lexicon_pairs_are_jieba_words_read_by_pypinyin():
-    words, counts = data.jieba_words()
+    words, counts = pinyin.jieba_words()
     assert len(words) > 300_000 and "编程" in words and all(2 <= len(w) <= 4 for w in words[:1000])
-    lexicon = data.lexicon_pairs(6_000)  # 6,000 rows hold more draws than the ~31k words counted >= 100 times
+    lexicon = pinyin.lexicon_pairs(6_000)  # 6,000 rows hold more draws than the ~31k words counted >= 100 times
     drawn = [w for t in lexicon.target for w in t[:-1].split("，")]
     assert set(lexicon.target.str[-1]) == {"。"} and set(lexicon.source.str[-2:]) == {" 。"}
     assert {len(t[:-1].split("，")) for t in lexicon.target} == set(range(4, 9))
     for source, target in zip(lexicon.source[:50], lexicon.target[:50]):  # pronunciations from pypinyin, per word
-        assert source == " ， ".join(data.to_pinyin(w) for w in target[:-1].split("，")) + " 。"
+        assert source == " ， ".join(pinyin.to_pinyin(w) for w in target[:-1].split("，")) + " 。"
     frequent = {w for w, c in zip(words, counts) if c >= 100}
     assert frequent <= set(drawn)  # every word counted >= 100 times at least once
-    by_count = data.lexicon_pairs(300, min_count=10 ** 9)  # no "once" words: all draws by count ** 0.75
+    by_count = pinyin.lexicon_pairs(300, min_count=10 ** 9)  # no "once" words: all draws by count ** 0.75
     count = dict(zip(words, counts))
     drawn = [count[w] for t in by_count.target for w in t[:-1].split("，")]
     assert sorted(drawn)[len(drawn) // 2] > 10 * sorted(counts)[len(counts) // 2]  # median drawn >> median word
@@ -99,7 +102,7 @@ def test_review_sentences_are_an_unseen_pinyin_test_set():
     reviews = data.review_pinyin_test(quiet=True)
     assert len(reviews) == 1000 and reviews.target.is_unique
     assert all(t[-1] in data.SENTENCE_END and data.HAN_SENTENCE.fullmatch(t) for t in reviews.target)
-    assert all(data.to_pinyin(t) == s for s, t in zip(reviews.source[:50], reviews.target[:50]))
+    assert all(pinyin.to_pinyin(t) == s for s, t in zip(reviews.source[:50], reviews.target[:50]))
     texts = "\n".join(data.reviews_splits(quiet=True)["test"].text)
     assert all(t in texts for t in reviews.target[:50])  # from the review corpus's test split
     assert not set(reviews.target) & set(data.pinyin_splits(quiet=True)["train"].target)
@@ -109,17 +112,17 @@ def test_everyday_phrases_are_spelled_as_pypinyin_reads_them():
     phrases = data.pair_frame(os.path.join(os.path.dirname(__file__), "everyday_pinyin.tsv"))
     assert len(phrases) >= 30 and "我爱编程" in set(phrases.target)
     for source, target in zip(phrases.source, phrases.target):  # hand-written, checked against pypinyin
-        assert data.to_pinyin(target) == source and data.pinyin_sources(source) == [source + " 。"]
+        assert pinyin.to_pinyin(target) == source and pinyin.pinyin_sources(source) == [source + " 。"]
 
 
 def test_word_prior_prefers_words_and_reranks_the_beam():
     from task_s2s import rerank, word_prior_for
-    assert data.word_logprob("我爱编程") > data.word_logprob("我爱便城") and data.word_logprob("") == 0.0
-    assert data.word_logprob("早上好") > data.word_logprob("早上号")
+    assert pinyin.word_logprob("我爱编程") > pinyin.word_logprob("我爱便城") and pinyin.word_logprob("") == 0.0
+    assert pinyin.word_logprob("早上好") > pinyin.word_logprob("早上号")
     hyps = [(-0.6, "早上好"), (-0.5, "早上号")]  # the model slightly prefers the non-word
     assert [t for _, t in rerank(hyps, 0.0)] == ["早上号", "早上好"]
     best = rerank(hyps, 0.3)
-    assert best[0][1] == "早上好" and best[0][0] == pytest.approx(-0.6 + 0.3 * data.word_logprob("早上好") / 3)
+    assert best[0][1] == "早上好" and best[0][0] == pytest.approx(-0.6 + 0.3 * pinyin.word_logprob("早上好") / 3)
     assert word_prior_for({"source": "pinyin"}, None) > 0 and word_prior_for({}, None) == 0.0
     assert word_prior_for({"source": "pinyin"}, 0.0) == 0.0
 
@@ -239,138 +242,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 # -----------------------------------------------------------------------------
-# The training toolbox (trainer.fit)
-
-def lm_batches(n, B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"idx": torch.randint(0, 64, (B, 16), generator=g), "targets": torch.randint(0, 64, (B, 16), generator=g)}
-            for _ in range(n)]
-
-
-def tiny_fit_model():
-    torch.manual_seed(0)
-    return LanguageModel(LMConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
-                                     num_experts=4, top_k=2, dropout=0.0, noisy_gate=False))
-
-
-def fit_lm(batches, quiet=True, log=None, **cfg):
-    model = tiny_fit_model()
-    cfg = TrainConfig(**{"max_steps": 1, "warmup_ratio": 0.0, "lr": 1e-2, **cfg})
-    result = fit(model, cfg, iter(batches), 1, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
-                 on_best=lambda m: None, device=torch.device("cpu"), log=log or MetricsLog(None), quiet=quiet)
-    return model, result
-
-
-def test_logged_losses_are_the_mean_over_the_micro_batches():
-    small = lm_batches(2, 4)
-    log = MetricsLog(None)
-    fit_lm(small, accum_steps=2, log_every=1, log=log)
-    model = tiny_fit_model()  # the same weights the step started from
-    with torch.no_grad():
-        outputs = [model(**b) for b in small]  # (logits, loss, info) each
-    losses, infos = [float(o[1]) for o in outputs], [o[2] for o in outputs]
-    row = log.rows[0]
-    assert abs(losses[0] - losses[1]) > 1e-3  # two different micro-batches, so "the last one" would differ
-    assert row["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
-    assert row["ce"] == pytest.approx(sum(float(i["ce"]) for i in infos) / 2, rel=1e-5)
-    assert row["aux_balance"] == pytest.approx(sum(float(i["balance"]) for i in infos) / 2, rel=1e-5)
-    counts = sum(i["counts"][0] for i in infos).float()
-    assert row["expert_load"][0] == pytest.approx((counts / counts.sum()).tolist())
-
-
-def test_gradient_accumulation_equals_the_big_batch():
-    small = lm_batches(2, 4)
-    big = [{k: torch.cat([small[0][k], small[1][k]]) for k in small[0]}]
-    a, _ = fit_lm(small, accum_steps=2)
-    b, _ = fit_lm(big, accum_steps=1)
-    c, _ = fit_lm(small[:1], accum_steps=1)  # one half only: what a broken accumulation would learn
-    # AdamW's first step moves each weight by lr * sign(grad): only gradients within float noise of zero may
-    # come out with the other sign, so nearly every weight must agree, and far fewer with the half batch
-    def agree(m1, m2):
-        same = sum(int(torch.isclose(p1, p2, atol=1e-6).sum()) for p1, p2 in zip(m1.parameters(), m2.parameters()))
-        return same / sum(p.numel() for p in m1.parameters())
-    assert agree(a, b) > 0.99 and agree(a, c) < 0.9
-
-
-def test_out_of_memory_batch_is_skipped_and_counted():
-    batches = lm_batches(4, 2)
-    calls = {"n": 0}
-
-    class Flaky(LanguageModel):
-        def forward(self, *a, **kw):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return super().forward(*a, **kw)
-
-    torch.manual_seed(0)
-    model = Flaky(LMConfig(vocab_size=64, max_len=16, d_model=32, n_heads=2, num_layers=1, d_ff=16,
-                              num_experts=4, top_k=2, dropout=0.0))
-    result = fit(model, TrainConfig(max_steps=3), iter(batches), 1, evaluate=lambda: {"val_loss": 0.0},
-                 select="-val_loss", on_best=lambda m: None, device=torch.device("cpu"), log=MetricsLog(None),
-                 quiet=True)
-    assert result["steps"] == 3 and result["skipped_batches"] == 1 and calls["n"] == 4
-
-
-def test_warmup_then_decay_schedule(tmp_path):
-    log = MetricsLog(str(tmp_path / "m.jsonl"))
-    torch.manual_seed(0)
-    model = LanguageModel(LMConfig(vocab_size=64, max_len=16, d_model=16, n_heads=2, num_layers=1, d_ff=16,
-                                      num_experts=0, dropout=0.0))
-    fit(model, TrainConfig(max_steps=20, warmup_ratio=0.25, lr=1e-2, min_lr_ratio=0.1, log_every=1),
-        iter(lm_batches(20, 2)), 20, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss",
-        on_best=lambda m: None, device=torch.device("cpu"), log=log, quiet=True)
-    rows = [r["lr"] for r in log.rows if "lr" in r]
-    peak = rows.index(max(rows))
-    assert 3 <= peak <= 6 and max(rows) == pytest.approx(1e-2, rel=0.05)
-    assert all(a <= b for a, b in zip(rows[:peak], rows[1:peak + 1]))
-    assert all(a >= b for a, b in zip(rows[peak:], rows[peak + 1:])) and rows[-1] < 0.2e-2
-
-
-def test_resume_continues_exactly(tmp_path, pairs_file):
-    common = ["--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--max_steps", "12",
-              "--set", "vocab_size=300", "--set", "dropout=0.1", "--set", "eval_every=4", "--set", "log_every=2",
-              "--quiet"]
-
-    def run(name, *extra):
-        d = tmp_path / name
-        assert main.main(common + ["--checkpoint", str(d / "m.pt"), "--out_dir", str(d), *extra]) == 0
-        return d
-
-    straight = run("straight")
-    run("halted", "--set", "halt_after=6")
-    assert torch.load(last_path(str(tmp_path / "halted" / "m.pt")), weights_only=True)["resume"]["step"] == 6
-    resumed = run("halted", "--resume")
-    rows = {name: [r for r in MetricsLog.read(str(d / "metrics.jsonl")) if "train_loss" in r]
-            for name, d in (("a", straight), ("b", resumed))}
-    assert [r["step"] for r in rows["b"]] == [2, 4, 6, 8, 10, 12]
-    for ra, rb in zip(rows["a"], rows["b"]):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-5)
-    a = torch.load(last_path(str(straight / "m.pt")), weights_only=True)["state_dict"]
-    b = torch.load(last_path(str(resumed / "m.pt")), weights_only=True)["state_dict"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
-
-
-def test_bf16_autocast_trains_on_cpu(tmp_path, pairs_file, capsys):
-    assert main.main(["--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--max_steps", "6",
-                      "--dtype", "bf16", "--set", "vocab_size=300", "--set", "accum_steps=2", "--set",
-                      "grad_checkpoint=true", "--checkpoint", str(tmp_path / "m.pt"), "--out_dir", str(tmp_path),
-                      "--quiet"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 6 and summary["val_loss"] < 10
-
-
-def test_fp16_on_cpu_and_resume_without_state_fail_with_one_line(tmp_path, pairs_file):
-    for extra, message in ((["--dtype", "fp16"], "fp16 needs a CUDA device"),
-                           (["--resume"], "no checkpoint; train one first")):
-        proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--checkpoint",
-                        str(tmp_path / "m.pt"), "--device", "cpu", *extra, check=False)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
-
-
-# -----------------------------------------------------------------------------
 # main.py end to end
 
 def test_training_lowers_the_loss_and_writes_everything(trained_s2s):
@@ -448,13 +319,16 @@ def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_p
         assert (same["source"], same["pred"]) == (spaced["source"], spaced["pred"] + mark)
     many = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "3"))
     scores = [c["score"] for c in many["candidates"]]
-    assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+    model, tokenizer, saved = load_trained(pinyin_ckpt, "seq2seq", "", torch.device("cpu"))
+    found = task_s2s.ranked(model, tokenizer, saved, "wo ai bian cheng", torch.device("cpu"), 4, 1.0, 3,
+                            task_s2s.WORD_PRIOR, task_s2s.FUSION)[0]  # the distinct conversions of the beam
+    assert len(scores) == min(3, len(found)) and scores == sorted(scores, reverse=True)  # as many as asked for
     assert len({c["text"] for c in many["candidates"]}) == len(scores) and many["pred"] == many["candidates"][0]["text"]
     wordy = json.loads(infer("wo ai bian cheng", "--json", "--num_candidates", "4", "--word_prior", "100"))
-    per_char = [data.word_logprob(c["text"]) / max(len(c["text"]), 1) for c in wordy["candidates"]]
+    per_char = [pinyin.word_logprob(c["text"]) / max(len(c["text"]), 1) for c in wordy["candidates"]]
     assert per_char[0] == max(per_char)  # a heavy word prior ranks the most word-like conversion first
     listed = infer("wo ai bian cheng", "--num_candidates", "2").strip().splitlines()
-    assert listed[0].startswith("1. ") and len(listed) <= 2
+    assert [line[:3] for line in listed] == [f"{i}. " for i in range(1, min(2, len(found)) + 1)]
 
 
 def test_infer_without_checkpoint_says_how_to_train(tmp_path):

@@ -348,7 +348,7 @@ def test_lm_logs_val_loss_and_missing_package_hint(tmp_path, monkeypatch):
     assert "Val/Bpc" in events.Tags()["scalars"]
 
     import tracking
-    from data import DataError
+    from errors import DataError
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
     with pytest.raises(DataError, match="pip install mlflow"):
         tracking.MlflowSink("x", "y", {})

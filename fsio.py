@@ -1,0 +1,56 @@
+"""File helpers every writer uses: atomic writes (a crash never leaves half a file under the real name) and the
+checks that an output path is writable before any long work starts."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import pandas as pd
+
+from errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yields a temporary path beside `path` to write; it becomes `path` (one rename) only if the block
+    succeeds, so a crash or an error never leaves half a file, and the previous file stays until then. The data
+    reaches the disk (fsync) before the rename, so a power cut cannot leave the new name on an empty file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def atomic_write_csv(df: pd.DataFrame, path: str, **to_csv) -> None:
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False, **to_csv)
+
+
+def writable_dir(path: str, flag: str, shown: str | None = None) -> None:
+    """Create `path` if needed and prove a file can be written in it, or fail in one line naming the flag."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{flag} {shown or path}: {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {shown or path}: cannot write there ({e.strerror or e})") from None
+
+
+def writable_file(path: str, flag: str) -> None:
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path}: is a directory, not a file")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag, shown=path)
