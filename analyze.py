@@ -176,7 +176,8 @@ def analyze(task, opts: Options, device) -> dict:
     pngs = plots.routing_report(layers, model.config.num_experts, opts.out_dir,
                                 {name: s.pairs / max(s.tokens, 1) for name, s in stats.items()})
     return {"task": "analyze", "checkpoint": path, "model_task": task.name, "texts": len(texts),
-            "inputs": opts.input or f"built-in test split (first {len(texts)})", **pngs, "layers": layers}
+            "inputs": opts.input or f"built-in test split (first {len(texts)})", **pngs, "layers": layers,
+            "provenance": ckpt.get("provenance")}
 
 
 @torch.no_grad()

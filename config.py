@@ -374,7 +374,9 @@ class Options:
     json: bool = False
     backend: str = "torch"        # torch | onnx (--infer/--classify of a classifier)
     # training runs
-    resume: bool = False
+    resume: bool = False          # go on with the run in out_dir (main.py found it)
+    publish: str | None = None    # a finished run's best model is copied here (checkpoints/<task>.pt)
+    command: str = ""             # the command line, for the checkpoint's provenance
     tensorboard: bool = False
     mlflow: bool = False
     # generation (--generate)
@@ -396,3 +398,4 @@ class Options:
     host: str = "127.0.0.1"
     port: int = 8000
     checkpoint_dir: str = "checkpoints"
+    limit_concurrency: int = 64   # requests in flight; more get 503 + Retry-After

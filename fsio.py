@@ -1,8 +1,9 @@
-"""File helpers every writer uses: atomic writes (a crash never leaves half a file under the real name) and the
-checks that an output path is writable before any long work starts."""
+"""File helpers every writer uses: atomic writes (a crash never leaves half a file under the real name), the
+checks that an output path is writable before any long work starts, and a lock the kernel releases."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -54,3 +55,36 @@ def writable_file(path: str, flag: str) -> None:
     if os.path.isdir(path):
         raise DataError(f"{flag} {path}: is a directory, not a file")
     writable_dir(os.path.dirname(os.path.abspath(path)), flag, shown=path)
+
+
+@contextlib.contextmanager
+def exclusive(path: str, what: str):
+    """Hold `path` (a lock file) for the block, or fail in one line naming `what` and the holder's pid. The lock
+    is the kernel's (fcntl.flock): a killed run releases it with its process, so no stale lock is ever left
+    to clear, and pid reuse cannot refuse a run. The file is removed on release; a waiter that opened it just
+    before checks that the name still points at the file it locked."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(f"{what}: another run (pid {holder}) is writing it; wait for it or pick another "
+                            "(--name, --out_dir or --checkpoint)") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False  # removed by the holder we waited for: lock the new one
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock

@@ -11,7 +11,7 @@
     python main.py --compare --task cls|lm|seq2seq    MoE vs dense at the same active params and budget
     python main.py --export onnx [--task lm]          ONNX file (dynamic axes); then --infer --backend onnx
     python main.py --analyze --checkpoint X.pt        routing analysis: experts by token kind and class (PNGs)
-    python main.py --serve                            web page + JSON API on http://127.0.0.1:8000
+    python main.py --serve                            web page + JSON API on http://127.0.0.1:8000 (uvicorn)
     torchrun --nproc_per_node=2 main.py --train ...   DistributedDataParallel training (gloo on CPU, nccl on CUDA)
 
 Configs flow: dataclass defaults -> configs.json preset (--preset) -> flags (--epochs ... and --set key=value).
@@ -27,20 +27,33 @@ import signal
 import sys
 from dataclasses import asdict, fields, replace
 
+import torch
 import torch.distributed as dist
 
 import analyze
 import onnx_export
 import pipeline
+import runs
 import server
 from config import FLAG_KEYS, Options, resolve_config
 from distributed import check_expert_parallel, dist_info, init_distributed
 from errors import DataError
-from fsio import writable_dir, writable_file
+from fsio import exclusive, writable_dir, writable_file
 from registry import TASKS, tasks_with
 from runtime import pick_device, resolve_compile, resolve_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class VersionAction(argparse.Action):
+    """--version: the project's version (git describe) and torch's, asked only when the flag is given."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"moe-toolkit {runs.version()}, torch {torch.__version__}")
+        parser.exit(0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,9 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cls: sentiment classification (default); lm: language model (default for --generate); "
                         "seq2seq: encoder-decoder, pinyin -> characters by default")
     g.add_argument("--preset", default=None, help="named preset in configs.json (default: the task's 'default')")
-    g.add_argument("--checkpoint", default=None, help="model file written by --train, read by the other modes "
-                                                       "(default checkpoints/<task>.pt)")
-    g.add_argument("--out_dir", default=None, help="where logs, plots and predictions go (default runs/<task>/)")
+    g.add_argument("--checkpoint", default=None,
+                   help="model file read by --infer, --generate, ... (default checkpoints/<task>.pt, the latest "
+                        "finished run's best model); with --train, where the best model goes instead of "
+                        "<run folder>/model.pt (an existing file there is moved aside, never overwritten)")
+    g.add_argument("--out_dir", default=None,
+                   help="--train: the run folder (default runs/<task>/<--name or a timestamp>/; one that holds a "
+                        "run is refused unless --resume); other modes: where plots and predictions go "
+                        "(default runs/<task>/)")
+    g.add_argument("--name", default=None, help="--train: the run's folder name under runs/<task>/")
     g.add_argument("--data", default=None,
                    help="your own data. cls: a csv/tsv/jsonl/parquet file (split 80/10/10) or a directory with train, "
                         "val (or dev) and test files; lm: a UTF-8 text file, one paragraph a line, or a table's "
@@ -110,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --num_experts 0): its shape, tokenizer and weights, each expert a copy of its FFN, "
                         "routers fresh (cls: no second masked-LM pretraining)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or chatter on stderr")
-    g.add_argument("--resume", action="store_true",
-                   help="--train: continue the interrupted run from <checkpoint>.last.pt with its optimizer, "
-                        "schedule, scaler, step, RNG and data position (cls: in the phase it stopped in)")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="--train: continue an interrupted run from its model.last.pt with its optimizer, schedule, "
+                        "scaler, step, RNG and data position (cls: in the phase it stopped in): the latest "
+                        "unfinished run of the task, or RUN (a name under runs/<task>/ or a folder)")
+    g.add_argument("--version", action=VersionAction, help="print the project and torch versions and exit")
     g.add_argument("--tensorboard", action="store_true",
                    help="--train: also write TensorBoard event files to <out_dir>/tensorboard "
                         "(pip install tensorboard)")
@@ -124,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=8000)
     w.add_argument("--checkpoint_dir", default="checkpoints", help="where cls.pt, lm.pt and seq2seq.pt are")
+    w.add_argument("--limit_concurrency", type=int, default=64,
+                   help="requests in flight at once; more are answered 503 with Retry-After (default 64)")
 
     h = p.add_argument_group("config overrides (win over the preset)")
     h.add_argument("--epochs", type=int)
@@ -173,59 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "added at every beam step (0: off; default: the weight chosen on validation for the "
                           "built-in pinyin model, 0 for a model trained on your own pairs)")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any field of the task's model config (models.py) or of TrainConfig (trainer.py), e.g. "
+                   help="any field of the task's model config or of TrainConfig (config.py), e.g. "
                         "--set d_model=256 --set noisy_gate=false")
     return p
-
-
-# -----------------------------------------------------------------------------
-# Config resolution: defaults -> preset -> flags
 
 
 # -----------------------------------------------------------------------------
 # Output paths: checked before any work, so a long run never dies at its last write
 
 
-@contextlib.contextmanager
-def checkpoint_lock(path: str):
-    """<checkpoint>.lock holds the pid of the run writing `path`: a second live run is refused (it would
-    silently overwrite the first one's model); a lock left by a killed run is taken over."""
-    lock = path + ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                with open(lock, encoding="utf-8") as f:
-                    pid = int(f.read().strip())
-                if pid <= 0:
-                    raise ValueError
-                os.kill(pid, 0)  # signal 0: is that process alive?
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)  # stale (its run is gone) or unreadable
-                continue
-            except PermissionError:
-                pass  # alive, another user's
-            raise DataError(f"--checkpoint {path}: another run (pid {pid}) is writing it; wait for it or pick "
-                            f"another --checkpoint (remove {lock} if that run is gone)") from None
-    else:
-        raise DataError(f"--checkpoint {path}: cannot take {lock}")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        os.unlink(lock)
-
-
 def check_outputs(args, opts: Options) -> None:
     """The files and folders this mode will write."""
-    if args.train or args.compare:
-        writable_file(opts.checkpoint, "--checkpoint")
-    if args.train or args.compare or args.classify or args.generate or args.analyze:
+    if (args.train or args.compare) and not os.path.exists(opts.out_dir):
+        # a new run folder: made when the run starts, so that a refused command leaves no empty one behind
+        writable_dir(os.path.dirname(os.path.abspath(opts.out_dir)), "--out_dir", shown=opts.out_dir)
+    elif args.train or args.compare or args.classify or args.generate or args.analyze:
         writable_dir(opts.out_dir, "--out_dir")
+    if (args.train or args.compare) and os.path.dirname(os.path.abspath(opts.checkpoint)) != os.path.abspath(
+            opts.out_dir):  # a --checkpoint outside the run folder
+        writable_file(opts.checkpoint, "--checkpoint")
     if opts.output and (args.classify or args.export):
         writable_file(opts.output, "--output")
 
@@ -236,12 +225,34 @@ def check_outputs(args, opts: Options) -> None:
 MODES = ("infer", "classify", "generate", "eval")  # the modes that use a trained model (Task.modes)
 
 
-def options(args, task: str) -> Options:
-    """The argparse namespace as typed Options, with the defaults that depend on the task filled in."""
+def options(args, task: str, argv: list[str]) -> Options:
+    """The argparse namespace as typed Options, with the defaults that depend on the task and mode filled in."""
     values = {f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None}
-    return Options(**{**values, "task": task, "top_k": args.top_k or 0,
-                      "checkpoint": args.checkpoint or os.path.join("checkpoints", f"{task}.pt"),
-                      "out_dir": args.out_dir or os.path.join("runs", task)})
+    paths = run_paths(args, task) if args.train or args.compare else {
+        "checkpoint": args.checkpoint or os.path.join(runs.CHECKPOINTS, f"{task}.pt"),
+        "out_dir": args.out_dir or os.path.join(runs.RUNS, task)}
+    return Options(**{**values, **paths, "task": task, "top_k": args.top_k or 0, "resume": bool(args.resume),
+                      "command": " ".join(["main.py", *argv])})
+
+
+def run_paths(args, task: str) -> dict:
+    """Where a training run writes: its own run folder (new, or the one --resume continues), its best model
+    there (or --checkpoint), and checkpoints/<task>.pt to publish to when it finishes (not with --checkpoint)."""
+    if args.resume and args.out_dir is None and args.checkpoint is None:
+        out_dir = runs.resume_dir(task, args.resume)
+    elif isinstance(args.resume, str):
+        raise DataError(f"--resume {args.resume}: a run name goes without --out_dir/--checkpoint (use --resume "
+                        "alone to continue the run in those)")
+    else:
+        out_dir = args.out_dir or runs.new_run_dir(task, args.name)
+    if args.resume and runs.finished(out_dir):
+        raise DataError(f"--resume: the run in {out_dir} finished (its summary.json is there); nothing to go on with")
+    if args.out_dir and not args.resume and runs.holds_run(out_dir):
+        raise DataError(f"--out_dir {out_dir}: holds a run already (its model and log would be replaced); pick "
+                        "another folder, or --resume to go on with it")
+    publish = os.path.join(runs.CHECKPOINTS, f"{task}.pt") if args.checkpoint is None and args.train else None
+    return {"out_dir": out_dir, "checkpoint": args.checkpoint or os.path.join(out_dir, runs.MODEL),
+            "publish": publish}
 
 
 def config_flags(args) -> dict:
@@ -271,10 +282,10 @@ def check_flags(args) -> None:
         raise DataError("--backend onnx works with --infer/--classify --task cls (export first: --export onnx)")
 
 
-def run(args) -> int:
+def run(args, argv: list[str]) -> int:
     device = pick_device(args.device)
     if args.serve:
-        return server.serve(options(args, "cls"), device)
+        return server.serve(options(args, "cls", argv), device)
     if args.analyze and args.task is None and args.checkpoint:
         args.task = analyze.checkpoint_task(args.checkpoint)
     args.task = args.task or ("lm" if args.generate or args.eval else "cls")
@@ -288,7 +299,7 @@ def run(args) -> int:
         raise DataError(f"--{mode} is for --task {' or '.join(tasks_with(mode))}; --task {task.name} has "
                         f"{', '.join('--' + m for m in task.modes)}")
     check_flags(args)
-    opts = options(args, task.name)
+    opts = options(args, task.name, argv)
     check_outputs(args, opts)
     if args.train or args.compare:
         train(task, args, opts, device)
@@ -320,9 +331,14 @@ def train(task, args, opts: Options, device) -> None:
               file=sys.stderr)
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the resume state is saved and the best checkpoint kept
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    lock = checkpoint_lock(opts.checkpoint) if args.train and rank == 0 else contextlib.nullcontext()
     try:
-        with lock:
+        with contextlib.ExitStack() as locks:
+            if rank == 0:  # one writer per run folder and per checkpoint; the kernel releases a killed run's lock
+                locks.enter_context(exclusive(os.path.join(opts.out_dir, ".lock"), f"run folder {opts.out_dir}"))
+                if args.train:
+                    locks.enter_context(exclusive(opts.checkpoint + ".lock", f"--checkpoint {opts.checkpoint}"))
+                    if not opts.resume:  # an earlier model at this path is kept, not overwritten
+                        runs.keep_aside(opts.checkpoint)
             summary = (pipeline.compare if args.compare else pipeline.train)(task, model_cfg, train_cfg, opts, device)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -331,9 +347,10 @@ def train(task, args, opts: Options, device) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except DataError as e:
         # errors the user can cause: one line, no traceback, exit 2
         print(f"error: {e}", file=sys.stderr)

@@ -1,19 +1,22 @@
 """One pipeline for every task (task.Task): `--train` (fresh, `--resume`, `--init_from`) and `--compare`."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch.nn as nn
 
 import plots
+import runs
 from checkpoint import (checkpoint_payload, last_path, load_checkpoint, load_init, load_resume,
                         save_checkpoint)
 from config import ModelConfig, Options, TrainConfig
 from distributed import is_main_process
+from fsio import atomic_write_text
 from models import build_model, count_params
 from runtime import seed_everything
 from task import Task, TaskData
@@ -38,11 +41,14 @@ class Run:
     resume: dict | None     # the resume state of <checkpoint>.last.pt (--resume)
     checkpoint: str
     last: str               # <checkpoint>.last.pt
+    provenance: dict        # version, torch, command line, data fingerprint (runs.provenance)
+    run_dir: str
 
     def payload(self, metrics: dict, net: nn.Module | None = None, **facts) -> dict:
         """The checkpoint of `net` (default: the model) as it is now; `facts`: the phase's resume facts."""
         return checkpoint_payload(self.task.name, net or self.model, self.model_cfg, self.train_cfg, self.tokenizer,
-                                  metrics, **self.data.extra(), **facts)
+                                  metrics, **self.data.extra(), provenance=self.provenance, run_dir=self.run_dir,
+                                  **facts)
 
 
 def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Options, device) -> dict:
@@ -73,9 +79,20 @@ def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
                 "train_loss": last_loss, **{k: result.best.get(k) for k in task.metrics if k.startswith("val_")}}
     metrics, outputs = score_on_test(run, result.best, log, opts, device)
     speeds = [r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
-    return {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
-            "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": result.best.get("step"),
-            **{k: metrics.get(k) for k in task.metrics}}
+    summary = {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
+               "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": result.best.get("step"),
+               **{k: metrics.get(k) for k in task.metrics}}
+    return finish(summary, opts)
+
+
+def finish(summary: dict, opts: Options) -> dict:
+    """A finished run: its summary.json (which marks it finished), and its best model published to
+    checkpoints/<task>.pt (the model there before stays in its own run folder, or is moved aside)."""
+    if opts.publish:
+        replaced = runs.publish(opts.checkpoint, opts.publish)
+        summary = {**summary, "published": opts.publish, **({"replaced_kept_as": replaced} if replaced else {})}
+    atomic_write_text(json.dumps(summary, ensure_ascii=False, indent=1), os.path.join(opts.out_dir, runs.SUMMARY))
+    return summary
 
 
 def start(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Options, device) -> Run:
@@ -101,8 +118,12 @@ def start(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
     if init:
         model.load_state_dict(init_state)
     os.makedirs(opts.out_dir, exist_ok=True)
+    if is_main_process():
+        atomic_write_text(json.dumps({"task": task.name, "model": asdict(model_cfg), "train": asdict(train_cfg)},
+                                     ensure_ascii=False, indent=1), os.path.join(opts.out_dir, runs.CONFIG))
+    provenance = {**runs.provenance(splits, opts.data), "command": opts.command or "python main.py"}
     return Run(task, model_cfg, train_cfg, tokenizer, data, model, resume, opts.checkpoint,
-               last_path(opts.checkpoint))
+               last_path(opts.checkpoint), provenance, opts.out_dir)
 
 
 def earlier_phases(run: Run, opts: Options, device) -> tuple[dict, dict | None, str | None]:

@@ -1,37 +1,45 @@
-"""--serve: one web page and a JSON API for the three trained models, on the standard library's HTTP server.
+"""--serve: one web page and a JSON API for every registered task, on uvicorn + Starlette.
 
     python main.py --serve [--host 127.0.0.1] [--port 8000] [--checkpoint_dir checkpoints]
 
     GET  /                 the page (index.html)
     GET  /api/models       which models are loaded: {"cls": {"ready": true, ...}, "lm": {...}, "seq2seq": {...}}
-    POST /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}, "unsure": false}
-    POST /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
-                            "top_k": 0, "seed": 1337, "stop_at_eos": false} -> {"text": "...", "new_tokens": n}
-    POST /api/pinyin       {"text": "woaibiancheng", "beam": 4, "num_candidates": 1}
-                           -> {"pred": "...", "candidates": [{"text": "...", "score": -0.1}, ...],
-                               "kept": [what is no pinyin and stays as typed]}
+    GET  /openapi.json     the API's description (OpenAPI 3.1), built from the task registry
+    POST <task.route>      one endpoint per task (Task.route, Task.request_fields, Task.answer):
+         /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}, "unsure": false}
+         /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
+                            "top_k": 0, "seed": 1337, "stop_at_eos": false, "stream": false}
+                           -> {"text": "...", "new_tokens": n}; with "stream": true, server-sent events: one
+                              {"text": piece, "new_tokens": n} per piece, then {"done": true, ...}
+         /api/pinyin       {"text": "woaibiancheng", "beam": 4, "num_candidates": 1}
+                           -> {"pred": "...", "candidates": [{"text": "...", "score": -0.1}, ...], "kept": [...]}
 
-Errors are JSON {"error": "..."}: 400 bad JSON or field (NaN and Infinity included), 404 unknown path, 413 body
-over 64 KiB (the body is read and dropped first, up to 16 MiB, so every client sees the answer), 501 any other
-method, 503 model not trained. Each model is loaded once at start; a connection waits without a thread until its
-request arrives, then one of MAX_WORKERS threads serves it (see Server); a connection silent for IDLE_TIMEOUT
-seconds is closed, and a lock per model lets requests to different models run at the same time while calls into one
-model take turns (its sampling RNG and KV caches are per call, but torch's intra-op threads are better spent
-on one call at a time).
+Every error is JSON {"error": "..."} in one line: 400 a bad body or field (not JSON, NaN/Infinity, nested too
+deep, a field of the wrong type or range, an unknown field), 404 unknown path, 405 wrong method, 413 a body over
+64 KiB (refused from its Content-Length, before it is read), 415 a POST that is not application/json (so a web
+page elsewhere cannot post a plain form to this one), 421 a Host header that is not this machine's while bound
+to loopback (DNS rebinding), 503 a model not trained or the server at its concurrency limit (with Retry-After),
+504 past the per-request deadline. Model calls run in worker threads, one call per model at a time, with torch's
+threads split between the models so that three calls at once do not oversubscribe the cores.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import queue
-import selectors
+import signal
 import socket
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from api import ApiError
 from config import Options
@@ -39,10 +47,11 @@ from errors import DataError
 from registry import TASKS
 
 MAX_BODY = 64 * 1024
-MAX_DRAIN = 16 * 1024 * 1024  # an oversized body up to this size is read and dropped before the 413
-IDLE_TIMEOUT = 30.0           # seconds a connection may stay silent (between or inside requests)
-MAX_WORKERS = 64              # connections served at once
-BACKLOG = 128                 # connections waiting to be accepted
+MAX_DEPTH = 8                 # JSON nesting a request may have (the fields are scalars)
+DEADLINE = 120.0              # seconds a model call may take before the client gets a 504
+LIMIT_CONCURRENCY = 64        # requests in flight (--limit_concurrency); more get 503 with Retry-After
+RETRY_AFTER = 1               # seconds, in that 503's Retry-After
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 
 
@@ -69,189 +78,197 @@ class Models:
                 out[name] = {"ready": True, "checkpoint": self.paths[name], **task.serve_status(self.loaded[name])}
         return out
 
-    def answer(self, path: str, req: dict) -> dict:
+    def task_for(self, path: str, req: dict):
+        """The task of an endpoint, its request checked against the fields it declares."""
         name = self.routes[path]
+        task = TASKS[name]
+        unknown = sorted(set(req) - set(task.request_fields))
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} (fields of {path}: "
+                                                   f"{', '.join(task.request_fields)})")
         if name in self.errors:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+        return name, task
+
+    def answer(self, path: str, req: dict) -> dict:
+        name, task = self.task_for(path, req)
         with self.locks[name]:
-            return TASKS[name].answer(self.loaded[name], req, self.device)
+            return task.answer(self.loaded[name], req, self.device)
+
+    def stream(self, path: str, req: dict):
+        """The answer as a sequence of events (Task.stream). Not under the model's lock: a client may stop
+        reading half-way, and the call keeps no state outside itself (its own KV cache and generator)."""
+        name, task = self.task_for(path, req)
+        yield from task.stream(self.loaded[name], req, self.device)
 
 
-def make_handler(models: Models, quiet: bool):
-
-    def no_constants(name: str):  # NaN, Infinity, -Infinity are not JSON, and pass every range check
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {name} is not a number")
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "moe-toolkit"
-        timeout = IDLE_TIMEOUT  # socket timeout: an idle or stalled client gives its thread back
-
-        def send_error(self, code, message=None, explain=None):
-            """The standard library's errors (501 unknown method, 400 bad request line, ...) as JSON too."""
-            self.close_connection = True
-            try:
-                self.send_json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
-            except OSError:
-                pass  # the client is gone
-
-        def send_json(self, status: HTTPStatus, obj: dict) -> None:
-            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            path = self.path.split("?")[0]
-            if path in ("/", "/index.html"):
-                with open(PAGE, "rb") as f:
-                    body = f.read()
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            elif path == "/api/models":
-                self.send_json(HTTPStatus.OK, models.status())
-            else:
-                self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {path}"})
-
-        def do_POST(self):
-            path = self.path.split("?")[0]
-            try:
-                if path not in models.routes:
-                    raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                if length < 0:
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length header")
-                if length > MAX_BODY:
-                    self.close_connection = True  # an unread rest must not be parsed as the next request
-                    self.drain(length)
-                    raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is "
-                                                                        f"{MAX_BODY}")
-                try:
-                    req = json.loads(self.rfile.read(length).decode("utf-8"), parse_constant=no_constants)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
-                if not isinstance(req, dict):
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-                self.send_json(HTTPStatus.OK, models.answer(path, req))
-            except ApiError as e:
-                self.send_json(e.status, {"error": str(e)})
-            except TimeoutError:  # the body stopped arriving before Content-Length bytes
-                self.close_connection = True
-                self.send_json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"no data for {IDLE_TIMEOUT:g} s"})
-            except Exception as e:  # a bug must not take the server down: report it as a 500
-                self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
-
-        def drain(self, length: int) -> None:
-            """Read and drop an oversized body (up to MAX_DRAIN), so that a client still writing it reads the
-            413 instead of a broken pipe."""
-            left = min(length, MAX_DRAIN)
-            try:
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-            except OSError:
-                pass  # timed out or gone: the answer is sent anyway and the connection closed
-
-        def log_message(self, fmt, *args):
-            if not quiet:
-                sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
-
-    return Handler
+def depth(value, limit: int) -> int:
+    """How deep a parsed JSON value nests (stops counting past `limit`)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(v, dict):
+            stack += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, d + 1) for x in v]
+    return deepest
 
 
-class Server(ThreadingHTTPServer):
-    """The standard library's HTTP server with a waiting room: an accepted connection costs no thread until its
-    request starts to arrive. A watcher thread holds the silent connections in one selector (closing those idle
-    for IDLE_TIMEOUT); a readable one goes to a pool of MAX_WORKERS threads, which serves its one request
-    (HTTP/1.0: the connection then closes). So idle or slow-to-start clients cannot use up the workers, and the
-    thread count stays at MAX_WORKERS + 2 however many connections are open."""
-    daemon_threads = True
-    request_queue_size = BACKLOG
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="api")
-        self.waiting = selectors.DefaultSelector()
-        self.arrivals: queue.SimpleQueue = queue.SimpleQueue()  # accepted connections for the watcher to park
-        self.bell, bell_rx = socket.socketpair()  # wakes the watcher when a connection arrives
-        self.waiting.register(bell_rx, selectors.EVENT_READ)
-        self.closing = threading.Event()
-        self.watcher = threading.Thread(target=self.watch, name="api-waiting-room", daemon=True)
-        self.watcher.start()
-
-    def process_request(self, request, client_address):
-        self.arrivals.put((request, client_address))
-        self.bell.send(b"\0")
-
-    def watch(self):
-        """Park new connections; hand each to the pool when its first bytes arrive; close the long-silent."""
-        while not self.closing.is_set():
-            for key, _ in self.waiting.select(timeout=min(1.0, IDLE_TIMEOUT / 4)):
-                if key.data is None:  # the bell: take in the new arrivals
-                    key.fileobj.recv(4096)
-                    while not self.arrivals.empty():
-                        request, address = self.arrivals.get()
-                        try:
-                            self.waiting.register(request, selectors.EVENT_READ, (address, time.monotonic()))
-                        except (OSError, ValueError):  # gone already: the watcher itself must not die
-                            self.shutdown_request(request)
-                else:
-                    self.waiting.unregister(key.fileobj)
-                    self.pool.submit(self.process_request_thread, key.fileobj, key.data[0])
-            now = time.monotonic()
-            for key in list(self.waiting.get_map().values()):
-                if key.data is not None and now - key.data[1] > IDLE_TIMEOUT:
-                    self.waiting.unregister(key.fileobj)
-                    self.shutdown_request(key.fileobj)
-
-    def server_close(self):
-        self.closing.set()
-        self.bell.send(b"\0")
-        self.watcher.join()
-        for key in list(self.waiting.get_map().values()):
-            if key.data is None:
-                key.fileobj.close()
-            else:
-                self.shutdown_request(key.fileobj)
-        self.waiting.close()
-        self.bell.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        super().server_close()
+def no_constants(name: str):  # NaN, Infinity, -Infinity are not JSON, and pass every range check
+    raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {name} is not a number")
 
 
-def make_server(host: str, port: int, paths: dict[str, str], device, quiet: bool = False) -> Server:
-    """The server, bound and ready (port 0 picks a free one: server.server_address[1])."""
-    models = Models(paths, device)
+async def read_json(request: Request) -> dict:
+    """The request's JSON object, or ApiError: Content-Type, size (from Content-Length, before reading; or as the
+    body arrives), syntax, constants, depth."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be application/json, not {kind!r}")
     try:
-        server = Server((host, port), make_handler(models, quiet))
-    except OSError as e:
-        raise DataError(f"--serve: cannot listen on {host}:{port} ({e.strerror})") from None
-    server.models = models
-    return server
+        length = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length header") from None
+    if length > MAX_BODY:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {MAX_BODY}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes; the limit is "
+                                                                f"{MAX_BODY}")
+    try:
+        req = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body nests deeper than {MAX_DEPTH} levels") from None
+    if not isinstance(req, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+    if depth(req, MAX_DEPTH) > MAX_DEPTH:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body nests deeper than {MAX_DEPTH} levels")
+    return req
+
+
+def error(status: HTTPStatus, message: str, **headers) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def make_app(models: Models, loopback: bool, limit: int = LIMIT_CONCURRENCY) -> Starlette:
+    """The ASGI app: routes from the registry, and in front of them the Host check and the concurrency limit."""
+    in_flight = 0
+
+    async def page(request: Request) -> Response:
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(models.status())
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_spec())
+
+    async def answer(request: Request) -> Response:
+        try:
+            req = await read_json(request)
+            if req.get("stream") is True and hasattr(TASKS[models.routes[request.url.path]], "stream"):
+                events = models.stream(request.url.path, req)
+                first = await run_in_threadpool(next, events, None)  # field errors surface before the 200
+                return StreamingResponse(sse(first, events), media_type="text/event-stream")
+            result = await asyncio.wait_for(run_in_threadpool(models.answer, request.url.path, req), DEADLINE)
+            return JSONResponse(result)
+        except ApiError as e:
+            return error(e.status, str(e))
+        except asyncio.TimeoutError:
+            return error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {DEADLINE:g} s")
+
+    async def sse(first, events):
+        if first is not None:
+            yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
+        try:
+            async for event in iterate_in_threadpool(events):
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps({'error': str(e)}, ensure_ascii=False)}\n\n"
+
+    async def not_found(request: Request, exc) -> Response:
+        if getattr(exc, "status_code", 404) == 405:
+            return error(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}")
+        return error(HTTPStatus.NOT_FOUND, f"no such path: {request.url.path}")
+
+    async def server_error(request: Request, exc) -> Response:  # a bug must not take the server down
+        return error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    routes = [Route("/", page), Route("/index.html", page), Route("/api/models", status),
+              Route("/openapi.json", openapi)] + [Route(path, answer, methods=["POST"]) for path in models.routes]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: server_error})
+
+    async def guard(scope, receive, send):
+        """Host check (loopback only) and the concurrency limit, in front of every request."""
+        nonlocal in_flight
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        if loopback and name not in LOOPBACK:
+            return await error(HTTPStatus.MISDIRECTED_REQUEST, f"Host {host!r} is not this machine; the server "
+                                                               "answers 127.0.0.1 and localhost")(scope, receive, send)
+        if in_flight >= limit:
+            return await error(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {in_flight} requests in flight; retry",
+                               **{"Retry-After": str(RETRY_AFTER)})(scope, receive, send)
+        in_flight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            in_flight -= 1
+
+    return guard
+
+
+def openapi_spec() -> dict:
+    """OpenAPI 3.1 from the registry: each task's endpoint with the fields it takes (no others)."""
+    paths = {"/api/models": {"get": {"summary": "which models are loaded", "responses": {"200": {
+        "description": "per task: ready, checkpoint or the error"}}}}}
+    for task in TASKS.values():
+        schema = {"type": "object", "additionalProperties": False,
+                  "properties": {k: {"type": t} for k, t in task.request_fields.items()}}
+        paths[task.route] = {"post": {"summary": f"the {task.name} model", "requestBody": {
+            "required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"200": {"description": "the answer"}, "400": {"description": "a bad field"},
+                          "503": {"description": "not trained, or busy"}}}}
+    return {"openapi": "3.1.0", "info": {"title": "MoE toolkit", "version": "1"}, "paths": paths}
 
 
 def serve(opts: Options, device) -> int:
     if not 0 <= opts.port <= 65535:
         raise DataError(f"--port {opts.port}: must be 0-65535 (0 picks a free port)")
+    if opts.limit_concurrency < 1:
+        raise DataError(f"--limit_concurrency {opts.limit_concurrency}: must be >= 1")
     paths = {task: os.path.join(opts.checkpoint_dir, f"{task}.pt") for task in TASKS}
-    server = make_server(opts.host, opts.port, paths, device, opts.quiet)
-    for task, status in server.models.status().items():
-        print(f"{task}: {'ready' if status['ready'] else status['error']}", file=sys.stderr)
-    host, port = server.server_address[:2]
-    print(f"serving on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    models = Models(paths, device)
+    loopback = opts.host in LOOPBACK
+    if not loopback:
+        print(f"warning: --host {opts.host} answers other machines too; the API has no authentication",
+              file=sys.stderr)
+    # one model call per model at a time: the cores shared between the models, not oversubscribed
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(TASKS)))
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        sock = socket.create_server((opts.host, opts.port), family=socket.AF_INET6 if ":" in opts.host
+                                    else socket.AF_INET)
+    except OSError as e:
+        raise DataError(f"--serve: cannot listen on {opts.host}:{opts.port} ({e.strerror})") from None
+    for task, status in models.status().items():
+        print(f"{task}: {'ready' if status['ready'] else status['error']}", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"serving on http://{host}:{port}/ (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(make_app(models, loopback, opts.limit_concurrency), log_level="warning" if opts.quiet else "info",
+                            timeout_keep_alive=5, timeout_graceful_shutdown=10, access_log=not opts.quiet)
+    # SIGTERM and Ctrl-C: uvicorn finishes the requests in flight, then stops, and raises the signal again once
+    # it is done; a SIGTERM handler of ours makes that a clean exit (0) instead of death by signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
-        server.server_close()
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -77,6 +77,7 @@ class Task:
     metrics: tuple = ()           # the val_/test_ metrics of the JSON summary and the --compare table
     modes: tuple = ()             # the CLI modes that use a trained model of this task
     route: str = ""               # the server's POST endpoint
+    request_fields: dict = {}     # its JSON fields and their JSON types (the server refuses any other field)
 
     # ---- training
     def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
@@ -138,5 +139,7 @@ class Task:
         return {}
 
     def answer(self, loaded, req: dict, device) -> dict:
-        """One POST body -> its JSON answer (api.field checks each value; ApiError for a bad one)."""
+        """One POST body -> its JSON answer (api.field checks each value; ApiError for a bad one). A task whose
+        answer grows piece by piece also has stream(loaded, req, device), yielding events (the server sends them
+        as server-sent events when the body has "stream": true)."""
         raise NotImplementedError

@@ -358,6 +358,7 @@ class ClsTask(Task):
     metrics = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece")
     modes = ("infer", "classify")
     route = "/api/classify"
+    request_fields = {"text": "string"}
 
     def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
         return load_splits(opts.data, opts.text_col, opts.label_col, train_cfg.seed, opts.quiet,

@@ -171,6 +171,8 @@ class LMTask(Task):
     metrics = ("val_loss", "val_bpc", "test_loss", "test_bpc")
     modes = ("generate", "eval")
     route = "/api/generate"
+    request_fields = {"prompt": "string", "max_new_tokens": "integer", "temperature": "number", "top_p": "number",
+                      "top_k": "integer", "seed": "integer", "stop_at_eos": "boolean", "stream": "boolean"}
 
     def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
         return load_splits(opts.data, opts.text_col, opts.quiet)
@@ -228,7 +230,8 @@ class LMTask(Task):
         res = evaluate(model, stream, model.config.max_len, 16, device, ckpt["train_config"].get("dtype", "fp32"),
                        max_batches=10 ** 9)
         return {"task": "lm", "input": opts.input, "tokens": len(stream.ids), "chars": stream.chars,
-                "loss": res["val_loss"], "bpc": res["val_bpc"]}
+                "loss": res["val_loss"], "bpc": res["val_bpc"], "checkpoint": opts.checkpoint,
+                "provenance": ckpt.get("provenance")}
 
     def show(self, mode: str, result: dict, opts: Options) -> None:
         if mode == "generate":  # the text went to stdout as it was sampled; the summary goes to stderr
@@ -261,6 +264,14 @@ class LMTask(Task):
         return load_trained(path, "lm", TRAIN_HINT, device)
 
     def answer(self, loaded, req: dict, device) -> dict:
+        text, tokens = "", 0
+        for event in self.stream(loaded, req, device):
+            text += event.get("text", "")
+            tokens = event.get("new_tokens", tokens)
+        return {"prompt": req.get("prompt", ""), "text": text, "new_tokens": tokens}
+
+    def stream(self, loaded, req: dict, device):
+        """{"text": piece, "new_tokens": n} as the continuation grows, then {"done": true, "new_tokens": n}."""
         model, tokenizer, _ = loaded
         prompt = field(req, "prompt", str, "", allow_empty=True)
         n = field(req, "max_new_tokens", int, 100, lo=1, hi=1024)
@@ -269,12 +280,13 @@ class LMTask(Task):
         top_k = field(req, "top_k", int, 0, lo=0, hi=tokenizer.n_vocab)
         seed = field(req, "seed", int, 1337, lo=0, hi=2 ** 63 - 1)
         stop_at_eos = field(req, "stop_at_eos", bool, False)
+        field(req, "stream", bool, False)
         gen = torch.Generator(device=device).manual_seed(seed)
         ids = prompt_ids(tokenizer, prompt, model.config.max_len)
-        text, tokens = "", 0
+        tokens = 0
         for piece, tokens in continuation(model, tokenizer, ids, n, temperature, top_k, top_p, gen, stop_at_eos):
-            text += piece
-        return {"prompt": prompt, "text": text, "new_tokens": tokens}
+            yield {"text": piece, "new_tokens": tokens}
+        yield {"done": True, "new_tokens": tokens}
 
 
 TASK = LMTask()

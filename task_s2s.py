@@ -327,6 +327,7 @@ class Seq2SeqTask(Task):
     metrics = ("val_loss", "val_char_acc", "val_exact_match", "test_loss", "test_char_acc", "test_exact_match")
     modes = ("infer", "classify")
     route = "/api/pinyin"
+    request_fields = {"text": "string", "beam": "integer", "num_candidates": "integer"}
 
     def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
         if opts.data and train_cfg.lexicon_pairs:

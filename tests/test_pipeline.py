@@ -34,7 +34,7 @@ def test_a_mode_of_another_task_is_refused_in_one_line(capsys):
 
 
 class EchoTask(Task):
-    name, route = "echo", "/api/echo"
+    name, route, request_fields = "echo", "/api/echo", {"text": "string"}
 
     def serve_load(self, path, device):
         return "loaded"
@@ -47,6 +47,7 @@ def test_a_new_task_is_served_without_changing_the_server(monkeypatch, tmp_path)
     monkeypatch.setitem(server.TASKS, "echo", EchoTask())
     models = server.Models({t: str(tmp_path / f"{t}.pt") for t in server.TASKS}, torch.device("cpu"))
     assert models.answer("/api/echo", {"text": "你好"}) == {"echo": "你好", "model": "loaded"}
+    assert "/api/echo" in server.openapi_spec()["paths"]
     status = models.status()
     assert status["echo"] == {"ready": True, "checkpoint": str(tmp_path / "echo.pt")}
     assert not status["cls"]["ready"] and "python main.py --train --task cls" in status["cls"]["error"]

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,30 +131,44 @@ def test_onnx_errors_are_one_line(models, tmp_path):
 # -----------------------------------------------------------------------------
 # The web page and its API
 
+def start_server(checkpoint_dir, *flags) -> tuple[subprocess.Popen, int]:
+    """`main.py --serve` (uvicorn) in its own process on a free port; (the process, its port)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--serve", "--port", "0",
+                             "--checkpoint_dir", str(checkpoint_dir), "--quiet", *flags], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("serving on"):
+            return proc, int(line.split(":")[-1].split("/")[0])
+    raise AssertionError(f"--serve did not start (exit {proc.wait()})")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()  # SIGTERM: uvicorn finishes what is in flight and stops
+    assert proc.wait(timeout=30) == 0
+
+
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
-    """The real server on a free port, in a thread; the seq2seq model is missing from the second one."""
-    import server as srv
-    paths = {t: str(models / f"{t}.pt") for t in srv.TASKS}
-    s = srv.make_server("127.0.0.1", 0, paths, torch.device("cpu"), quiet=True)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-    partial = srv.make_server("127.0.0.1", 0, {**paths, "seq2seq": str(models / "absent.pt")},
-                              torch.device("cpu"), quiet=True)
-    threading.Thread(target=partial.serve_forever, daemon=True).start()
-    yield s.server_address[1], partial.server_address[1]
-    s.shutdown()
-    partial.shutdown()
+    """The real server (uvicorn, its own process) on a free port; the seq2seq model is missing from the second."""
+    partial_dir = tmp_path_factory.mktemp("partial")
+    for task in ("cls", "lm"):
+        os.symlink(models / f"{task}.pt", partial_dir / f"{task}.pt")
+    full, port = start_server(models)
+    partial, partial_port = start_server(partial_dir)
+    yield port, partial_port
+    stop(full)
+    stop(partial)
 
 
 def request(port, method, path, body=None, raw: bytes | None = None, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=payload, headers=headers or {"Content-Type": "application/json"})
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
     resp = conn.getresponse()
     text = resp.read().decode("utf-8")
     conn.close()
-    return resp.status, (json.loads(text) if resp.getheader("Content-Type", "").startswith("application/json")
-                         else text)
+    kind = resp.getheader("Content-Type", "")
+    return resp.status, (json.loads(text) if kind.startswith("application/json") else text)
 
 
 def test_api_serves_the_three_models(server, models):
@@ -176,6 +189,20 @@ def test_api_serves_the_three_models(server, models):
     status, conv = request(port, "POST", "/api/pinyin", {"text": "wo ai bian cheng", "beam": 2, "num_candidates": 2})
     assert status == 200 and conv["source"] == "wo ai bian cheng" and isinstance(conv["pred"], str)
     assert 1 <= len(conv["candidates"]) <= 2 and conv["candidates"][0]["text"] == conv["pred"]
+    status, spec = request(port, "GET", "/openapi.json")
+    fields = spec["paths"]["/api/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert status == 200 and fields["additionalProperties"] is False and fields["properties"]["seed"] == {
+        "type": "integer"} and set(spec["paths"]) == {"/api/models", "/api/classify", "/api/generate", "/api/pinyin"}
+
+
+def test_generation_streams_the_same_text_as_server_sent_events(server):
+    port, _ = server
+    body = {"prompt": "新华社北京", "max_new_tokens": 20, "seed": 3}
+    whole = request(port, "POST", "/api/generate", body)[1]
+    status, stream = request(port, "POST", "/api/generate", {**body, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1] == {"done": True, "new_tokens": whole["new_tokens"]}
+    assert "".join(e["text"] for e in events[:-1]) == whole["text"] and len(events) > 2
 
 
 def test_api_errors(server):
@@ -187,16 +214,33 @@ def test_api_errors(server):
     assert request(port, "POST", "/api/classify", {"text": "   "})[0] == 400
     assert request(port, "POST", "/api/generate", {"max_new_tokens": 0})[0] == 400
     assert request(port, "POST", "/api/generate", {"temperature": "hot"})[0] == 400
+    status, res = request(port, "POST", "/api/generate", {"prompt": "a", "max_tokens": 5})  # a misspelt field
+    assert status == 400 and "unknown field 'max_tokens'" in res["error"]
     status, res = request(port, "POST", "/api/classify", raw=b"x" * (64 * 1024 + 1))
     assert status == 413 and "limit" in res["error"]
-    status, res = request(port, "POST", "/api/classify", raw=b"x" * (4 * 1024 * 1024))  # read, not a broken pipe
-    assert status == 413 and "limit" in res["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # 4 MiB announced: refused before it is sent
+    conn.putrequest("POST", "/api/classify")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(4 * 1024 * 1024))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "limit" in json.loads(resp.read())["error"]
+    conn.close()
+    deep = b'{"text": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # 40 KB, nested 20,000 deep
+    status, res = request(port, "POST", "/api/classify", raw=deep)
+    assert status == 400 and "nests deeper" in res["error"]
     for raw in (b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "top_p": Infinity}'):
         status, res = request(port, "POST", "/api/generate", raw=raw)
         assert status == 400 and "not a number" in res["error"]
+    for kind in ("text/plain", "application/x-www-form-urlencoded", ""):  # what a page elsewhere could post
+        status, res = request(port, "POST", "/api/classify", {"text": "x"}, headers={"Content-Type": kind})
+        assert status == 415 and "application/json" in res["error"]
+    status, res = request(port, "POST", "/api/classify", {"text": "x"}, headers={"Host": "evil.example:80"})
+    assert status == 421 and "not this machine" in res["error"]  # DNS rebinding
+    assert request(port, "GET", "/api/models", headers={"Host": f"localhost:{port}"})[0] == 200
     for method in ("PUT", "DELETE", "PATCH"):
         status, res = request(port, method, "/api/classify", {"text": "x"})
-        assert status == 501 and "error" in res  # JSON, not the standard library's HTML page
+        assert status == 405 and "error" in res  # JSON, not an HTML page
     assert request(port, "GET", "/nope")[0] == 404
     assert request(port, "POST", "/api/nope", {"text": "x"})[0] == 404
     status, res = request(partial, "POST", "/api/pinyin", {"text": "wo ai bian cheng"})
@@ -206,26 +250,21 @@ def test_api_errors(server):
     assert request(partial, "POST", "/api/classify", {"text": "很好"})[0] == 200  # the others still work
 
 
-def test_idle_connections_are_closed_and_workers_bounded(monkeypatch, tmp_path):
-    import server as srv
-    monkeypatch.setattr(srv, "IDLE_TIMEOUT", 1.0)
-    monkeypatch.setattr(srv, "MAX_WORKERS", 2)
-    s = srv.make_server("127.0.0.1", 0, {t: str(tmp_path / f"{t}.pt") for t in srv.TASKS}, torch.device("cpu"),
-                        quiet=True)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-    port = s.server_address[1]
-    threads_before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # connect, then say nothing
-    time.sleep(0.5)
-    assert threading.active_count() <= threads_before + 2  # the others wait in the listen queue
+def test_idle_and_slow_clients_do_not_stall_the_server(server):
+    """Many silent connections and clients that send a byte at a time: a normal request is still answered at
+    once (the event loop waits on sockets, not threads)."""
+    port, _ = server
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]
+    slow = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /api/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing more for now
+        slow.append(sock)
     t0 = time.time()
-    status, ready = request(port, "GET", "/api/models")  # served once the idle ones time out
-    assert status == 200 and not ready["cls"]["ready"] and time.time() - t0 < 10
-    for sock in idle:
-        sock.settimeout(10)
-        assert sock.recv(1) == b""  # closed by the server
+    status, res = request(port, "POST", "/api/classify", {"text": "很好"})
+    assert status == 200 and time.time() - t0 < 5
+    for sock in idle + slow:
         sock.close()
-    s.shutdown()
 
 
 def test_api_concurrent_requests(server):
@@ -239,20 +278,41 @@ def test_api_concurrent_requests(server):
     assert got == expected * 3
 
 
-def test_serve_command_binds_localhost(models):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--serve", "--port", "0",
-                             "--checkpoint_dir", str(models), "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+def test_over_the_concurrency_limit_is_503_with_retry_after(models):
+    proc, port = start_server(models, "--limit_concurrency", "1")
     try:
+        body = {"prompt": "新华社", "max_new_tokens": 1024, "stop_at_eos": False}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            slow = pool.submit(request, port, "POST", "/api/generate", body)
+            time.sleep(0.5)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/api/classify", body=json.dumps({"text": "很好"}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            busy = (resp.status, resp.getheader("Retry-After"), json.loads(resp.read())["error"])
+            assert slow.result()[0] == 200
+        assert busy[0] == 503 and busy[1] == "1" and "busy" in busy[2]
+        assert request(port, "POST", "/api/classify", {"text": "很好"})[0] == 200  # free again
+    finally:
+        stop(proc)
+
+
+def test_serve_command_binds_localhost_and_warns_on_other_addresses(models):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--serve", "--host", "0.0.0.0",
+                             "--port", "0", "--checkpoint_dir", str(models), "--quiet"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
         for line in proc.stderr:
+            lines.append(line)
             if line.startswith("serving on"):
                 break
-        assert line.startswith("serving on http://127.0.0.1:")
-        port = int(line.split(":")[-1].split("/")[0])
-        status, ready = request(port, "GET", "/api/models")
-        assert status == 200 and ready["lm"]["ready"]
+        assert any(l.startswith("warning: --host 0.0.0.0 answers other machines") for l in lines)
+        port = int(lines[-1].split(":")[-1].split("/")[0])
+        status, ready = request(port, "GET", "/api/models", headers={"Host": "my-server.lan"})
+        assert status == 200 and ready["lm"]["ready"]  # not loopback: any Host
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 def test_page_in_headless_chromium(server):
