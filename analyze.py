@@ -203,3 +203,32 @@ def top_expert(r: Routing) -> torch.Tensor:
     """(N,) the expert giving each token its largest combine weight; -1 where no expert took it (expert choice)."""
     weights = r.per_token(r.weight)  # (N, E)
     return torch.where(weights.sum(1) > 0, weights.argmax(1), -1)
+
+
+@torch.no_grad()
+def token_routing(task, model, tokenizer, text: str, device, top: int = 3) -> dict:
+    """One text's routing, token by token, in every MoE layer: for the page's routing view. -> {"tokens": [...],
+    "layers": [{"layer": name, "experts": [[[expert, probability], ...] per token: its `top` likeliest experts,
+    "chosen": [[experts that took it] per token]}]} (the classifier's pooled layers route one vector: no rows)."""
+    if not model.config.num_experts:
+        return {"tokens": [], "layers": []}
+    model.eval()
+    recorder = Recorder(model)
+    try:
+        (inputs, ids_by_stack), = task.analysis_batches(model, tokenizer, task.routing_input(text), device)
+        model(*inputs)
+        calls = recorder.take()
+    finally:
+        recorder.close()
+    ids = ids_by_stack.get("", ids_by_stack.get("encoder"))[0].tolist()
+    layers = []
+    for name, probs, chosen, rows, shape in calls:
+        if len(shape) != 2 or (ids_by_stack.get("decoder") is not None and name.startswith("decoder")):
+            continue  # a pooled layer, or the decoder (the page shows what the user typed)
+        weights, experts = probs.topk(min(top, probs.size(1)), dim=1)
+        by_pos = {int(r): i for i, r in enumerate(rows)}
+        layers.append({"layer": name, "experts": [
+            [[int(e), round(float(w), 3)] for e, w in zip(experts[by_pos[p]], weights[by_pos[p]])] if p in by_pos
+            else [] for p in range(len(ids))],
+            "chosen": [chosen[by_pos[p]].nonzero().flatten().tolist() if p in by_pos else [] for p in range(len(ids))]})
+    return {"tokens": [tokenizer.decode([i]) for i in ids], "layers": layers}

@@ -247,19 +247,24 @@ def bench_infer(checkpoint: str, backend: str = "torch", n: int = 200) -> dict:
             f"{backend}_batch_texts_per_s": len(texts) / batch_s, "infer_checkpoint": checkpoint}
 
 
-def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, idle: int = 500) -> dict:
-    """Load test of `main.py --serve` in its own process: `idle` connections opened and held silent, then
-    `requests` classify requests from `concurrency` clients at once (one connection each, as HTTP/1.0 does).
-    Reports errors, latency p50/p99 and the server's peak thread count (from /proc)."""
+def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, idle: int = 500,
+                 slow: int = 100) -> dict:
+    """Load and abuse test of `main.py --serve` in its own process: `idle` connections opened and held silent
+    and `slow` clients sending a request one byte a second, then `requests` classify requests from `concurrency`
+    clients at once. Reports errors, latency p50/p99, the server's peak threads and resident memory (from /proc),
+    and what each abusive request got (a cross-origin text/plain POST, a foreign Host, an oversize, deep or NaN
+    body)."""
     import http.client
     import socket
     import subprocess
+    import threading
     from concurrent.futures import ThreadPoolExecutor
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, os.path.join(here, "main.py"), "--serve", "--port", "0",
                              "--checkpoint_dir", os.path.dirname(checkpoint) or ".", "--device", "cpu",
                              "--quiet"],  # no request log: nobody reads the pipe after the start line
                             stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
     try:
         port = None
         for line in proc.stderr:  # "serving on http://127.0.0.1:PORT/ (Ctrl-C stops)"
@@ -269,12 +274,40 @@ def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, i
         if port is None:
             raise SystemExit(f"--serve did not start (exit {proc.wait()})")
 
-        def threads() -> int:
+        def status(key: str) -> int:
             with open(f"/proc/{proc.pid}/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+                return next(int(line.split()[1]) for line in f if line.startswith(key))
 
+        def threads() -> int:
+            return status("Threads:")
+
+        def abuse(raw: bytes, headers: dict) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/api/classify", raw, {"Content-Type": "application/json", **headers})
+            code = conn.getresponse().status
+            conn.close()
+            return code
+
+        refused = {"text_plain_415": abuse(b'{"text": "x"}', {"Content-Type": "text/plain"}),
+                   "foreign_host_421": abuse(b'{"text": "x"}', {"Host": "evil.example"}),
+                   "oversize_413": abuse(b"x" * (64 * 1024 + 1), {}),
+                   "deep_400": abuse(b'{"text": ' + b"[" * 20000 + b"]" * 20000 + b"}", {}),
+                   "nan_400": abuse(b'{"text": NaN}', {})}
         texts = list(reviews_splits(quiet=True)["test"].text)
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+
+        def trickle(sock):  # a request line, then one byte a second for as long as the benchmark runs
+            sock.sendall(b"POST /api/classify HTTP/1.1\r\n")
+            while not stop.wait(1.0):
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    return
+
+        senders = [socket.create_connection(("127.0.0.1", port)) for _ in range(slow)]
+        for sock in senders:
+            threading.Thread(target=trickle, args=(sock,), daemon=True).start()
+        held += senders
         peak = threads()
 
         def one(i: int):
@@ -297,16 +330,20 @@ def bench_server(checkpoint: str, requests: int = 2000, concurrency: int = 16, i
                 time.sleep(0.2)
         wall = time.perf_counter() - t0
         results = [f.result() for f in futures]
-        for s in held:
-            s.close()
+        peak_rss = status("VmHWM:") / 1024  # MB
+        stop.set()
+        for sock in held:
+            sock.close()
     finally:
+        stop.set()
         proc.terminate()
         proc.wait(timeout=30)
     lat = sorted(t for _, t in results)
     return {"server_requests": requests, "server_concurrency": concurrency, "server_idle_connections": idle,
-            "server_errors": sum(not ok for ok, _ in results), "server_p50_ms": lat[len(lat) // 2] * 1e3,
-            "server_p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3, "server_requests_per_s": requests / wall,
-            "server_peak_threads": peak}
+            "server_slow_senders": slow, "server_errors": sum(not ok for ok, _ in results),
+            "server_p50_ms": lat[len(lat) // 2] * 1e3, "server_p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3,
+            "server_requests_per_s": requests / wall, "server_peak_threads": peak, "server_peak_rss_mb": peak_rss,
+            **{f"server_abuse_{k}": v for k, v in refused.items()}}
 
 
 def pinyin2hanzi(source: str, engine: str, params) -> str:

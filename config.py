@@ -376,7 +376,8 @@ class Options:
     # training runs
     resume: bool = False          # go on with the run in out_dir (main.py found it)
     publish: str | None = None    # a finished run's best model is copied here (checkpoints/<task>.pt)
-    command: str = ""             # the command line, for the checkpoint's provenance
+    command: str = ""             # the command line and the project version (runs.version), for the
+    version: str = ""             # checkpoint's provenance
     tensorboard: bool = False
     mlflow: bool = False
     # generation (--generate)

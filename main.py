@@ -228,11 +228,29 @@ MODES = ("infer", "classify", "generate", "eval")  # the modes that use a traine
 def options(args, task: str, argv: list[str]) -> Options:
     """The argparse namespace as typed Options, with the defaults that depend on the task and mode filled in."""
     values = {f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None}
-    paths = run_paths(args, task) if args.train or args.compare else {
+    paths = on_rank0(lambda: run_paths(args, task)) if args.train or args.compare else {
         "checkpoint": args.checkpoint or os.path.join(runs.CHECKPOINTS, f"{task}.pt"),
         "out_dir": args.out_dir or os.path.join(runs.RUNS, task)}
     return Options(**{**values, **paths, "task": task, "top_k": args.top_k or 0, "resume": bool(args.resume),
                       "command": " ".join(["main.py", *argv])})
+
+
+def on_rank0(decide):
+    """decide() on rank 0, its answer (or its one-line error) shared with every torchrun process, so that all of
+    them write to the run folder rank 0 chose (a timestamp, the checks of what exists) or stop alike."""
+    rank, world = dist_info()
+    if world == 1:
+        return decide()
+    answer = [None]
+    if rank == 0:
+        try:
+            answer = [decide()]
+        except DataError as e:
+            answer = [DataError(str(e))]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], DataError):
+        raise answer[0]
+    return answer[0]
 
 
 def run_paths(args, task: str) -> dict:
@@ -290,6 +308,8 @@ def run(args, argv: list[str]) -> int:
         args.task = analyze.checkpoint_task(args.checkpoint)
     args.task = args.task or ("lm" if args.generate or args.eval else "cls")
     task = TASKS[args.task]
+    # asked before any process group exists: no process is spawned beside torchrun's gloo threads
+    version = runs.version() if args.train or args.compare else ""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not args.train:
             raise DataError("torchrun runs --train only (one process per device)")
@@ -299,7 +319,7 @@ def run(args, argv: list[str]) -> int:
         raise DataError(f"--{mode} is for --task {' or '.join(tasks_with(mode))}; --task {task.name} has "
                         f"{', '.join('--' + m for m in task.modes)}")
     check_flags(args)
-    opts = options(args, task.name, argv)
+    opts = replace(options(args, task.name, argv), version=version)
     check_outputs(args, opts)
     if args.train or args.compare:
         train(task, args, opts, device)

@@ -121,7 +121,7 @@ def start(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
     if is_main_process():
         atomic_write_text(json.dumps({"task": task.name, "model": asdict(model_cfg), "train": asdict(train_cfg)},
                                      ensure_ascii=False, indent=1), os.path.join(opts.out_dir, runs.CONFIG))
-    provenance = {**runs.provenance(splits, opts.data), "command": opts.command or "python main.py"}
+    provenance = runs.provenance(splits, opts.data, opts.command or "main.py", opts.version)
     return Run(task, model_cfg, train_cfg, tokenizer, data, model, resume, opts.checkpoint,
                last_path(opts.checkpoint), provenance, opts.out_dir)
 

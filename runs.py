@@ -9,7 +9,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -124,7 +123,7 @@ def fingerprint(splits: dict, source: str | None) -> dict:
     return out
 
 
-def provenance(splits: dict, source: str | None) -> dict:
+def provenance(splits: dict, source: str | None, command: str, project_version: str) -> dict:
     """Recorded in every checkpoint: project version, torch version, the command line, the data."""
-    return {"version": version(), "torch": str(torch.__version__),
-            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "data": fingerprint(splits, source)}
+    return {"version": project_version or "unknown", "torch": str(torch.__version__), "command": command,
+            "data": fingerprint(splits, source)}

@@ -5,6 +5,8 @@
     GET  /                 the page (index.html)
     GET  /api/models       which models are loaded: {"cls": {"ready": true, ...}, "lm": {...}, "seq2seq": {...}}
     GET  /openapi.json     the API's description (OpenAPI 3.1), built from the task registry
+    POST /api/routing      {"task": "cls", "text": "..."} -> {"tokens": [...], "layers": [{"layer": name,
+                           "experts": [[[expert, probability] x 3] per token], "chosen": [[experts] per token]}]}
     POST <task.route>      one endpoint per task (Task.route, Task.request_fields, Task.answer):
          /api/classify     {"text": "..."}                         -> {"label": "...", "probs": {...}, "unsure": false}
          /api/generate     {"prompt": "...", "max_new_tokens": 100, "temperature": 0.8, "top_p": 0.95,
@@ -41,7 +43,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api import ApiError
+from analyze import token_routing
+from api import ApiError, field
 from config import Options
 from errors import DataError
 from registry import TASKS
@@ -94,6 +97,20 @@ class Models:
         name, task = self.task_for(path, req)
         with self.locks[name]:
             return task.answer(self.loaded[name], req, self.device)
+
+    def routing(self, req: dict) -> dict:
+        """POST /api/routing {"task": name, "text": ...}: the experts each token of the text goes to, per layer."""
+        unknown = sorted(set(req) - {"task", "text"})
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} (fields of /api/routing: task, text)")
+        name, text = field(req, "task", str), field(req, "text", str)
+        if name not in TASKS:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"field 'task'={name!r}: one of {', '.join(TASKS)}")
+        if name in self.errors:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+        model, tokenizer = TASKS[name].serve_model(self.loaded[name])
+        with self.locks[name]:
+            return token_routing(TASKS[name], model, tokenizer, text[:2000], self.device)
 
     def stream(self, path: str, req: dict):
         """The answer as a sequence of events (Task.stream). Not under the model's lock: a client may stop
@@ -169,6 +186,15 @@ def make_app(models: Models, loopback: bool, limit: int = LIMIT_CONCURRENCY) -> 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_spec())
 
+    async def routing(request: Request) -> Response:
+        try:
+            req = await read_json(request)
+            return JSONResponse(await asyncio.wait_for(run_in_threadpool(models.routing, req), DEADLINE))
+        except ApiError as e:
+            return error(e.status, str(e))
+        except asyncio.TimeoutError:
+            return error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {DEADLINE:g} s")
+
     async def answer(request: Request) -> Response:
         try:
             req = await read_json(request)
@@ -201,7 +227,8 @@ def make_app(models: Models, loopback: bool, limit: int = LIMIT_CONCURRENCY) -> 
         return error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
 
     routes = [Route("/", page), Route("/index.html", page), Route("/api/models", status),
-              Route("/openapi.json", openapi)] + [Route(path, answer, methods=["POST"]) for path in models.routes]
+              Route("/openapi.json", openapi), Route("/api/routing", routing, methods=["POST"])] + [
+        Route(path, answer, methods=["POST"]) for path in models.routes]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: server_error})
 
     async def guard(scope, receive, send):

@@ -138,6 +138,15 @@ class Task:
     def serve_status(self, loaded) -> dict:
         return {}
 
+    def serve_model(self, loaded):
+        """(model, tokenizer) of what serve_load returned, for the routing view."""
+        model, tokenizer, _ = loaded
+        return model, tokenizer
+
+    def routing_input(self, text: str) -> list:
+        """One text as analysis_batches takes it (seq2seq: a source without a target)."""
+        return [text]
+
     def answer(self, loaded, req: dict, device) -> dict:
         """One POST body -> its JSON answer (api.field checks each value; ApiError for a bad one). A task whose
         answer grows piece by piece also has stream(loaded, req, device), yielding events (the server sends them

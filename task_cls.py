@@ -463,6 +463,9 @@ class ClsTask(Task):
     def serve_status(self, loaded) -> dict:
         return {"labels": loaded.names}
 
+    def serve_model(self, loaded):
+        return loaded.model, loaded.tokenizer
+
     def answer(self, loaded, req: dict, device) -> dict:
         text = field(req, "text", str)
         answer = loaded.answer(loaded.predict([text])[0])

@@ -419,6 +419,9 @@ class Seq2SeqTask(Task):
                     batch["decoder_attention_mask"]),
                    {"encoder": batch["input_ids"], "decoder": batch["decoder_input_ids"]})
 
+    def routing_input(self, text: str) -> list:
+        return [(text, "")]  # the encoder's routing of the source; no target
+
     def export_inputs(self, ids):
         raise DataError("--export onnx: --task seq2seq does not export (only cls and lm); seq2seq decoding runs "
                         "loops with KV caches in Python")

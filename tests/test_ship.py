@@ -189,6 +189,13 @@ def test_api_serves_the_three_models(server, models):
     status, conv = request(port, "POST", "/api/pinyin", {"text": "wo ai bian cheng", "beam": 2, "num_candidates": 2})
     assert status == 200 and conv["source"] == "wo ai bian cheng" and isinstance(conv["pred"], str)
     assert 1 <= len(conv["candidates"]) <= 2 and conv["candidates"][0]["text"] == conv["pred"]
+    for task in ("cls", "lm", "seq2seq"):  # the routing view of each model: every layer routes every input token
+        status, routed = request(port, "POST", "/api/routing", {"task": task, "text": "wo ai bian cheng 很好"})
+        assert status == 200 and routed["layers"] and all(
+            len(layer["experts"]) == len(routed["tokens"]) for layer in routed["layers"])
+        top = [t for layer in routed["layers"] for t in layer["experts"] if t]
+        assert all(len(t) == 3 and t[0][1] >= t[1][1] >= t[2][1] for t in top)  # likeliest first
+    assert request(port, "POST", "/api/routing", {"task": "nope", "text": "x"})[0] == 400
     status, spec = request(port, "GET", "/openapi.json")
     fields = spec["paths"]["/api/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert status == 200 and fields["additionalProperties"] is False and fields["properties"]["seed"] == {
@@ -325,6 +332,7 @@ def test_page_in_headless_chromium(server):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     port, partial = server
     opts = webdriver.ChromeOptions()
@@ -344,10 +352,31 @@ def test_page_in_headless_chromium(server):
         status, api = request(port, "POST", "/api/classify", {"text": "房间很干净，服务也很热情"})
         assert label == api["label"]
         assert len(driver.find_elements(By.CSS_SELECTOR, "#cls-result .bar")) == len(api["probs"])
-        driver.find_element(By.ID, "s2s-go").click()
+        # the routing view: a row of tokens per MoE layer, each with its three likeliest experts on hover
+        tokens = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cls-routing .tok"))
+        routed = request(port, "POST", "/api/routing", {"task": "cls", "text": "房间很干净，服务也很热情"})[1]
+        assert len(tokens) == sum(1 for layer in routed["layers"] for top in layer["experts"] if top)
+        assert tokens[0].get_attribute("title").startswith("expert ")
+        # Enter submits; the candidates are listed and clickable
+        s2s = driver.find_element(By.ID, "s2s-text")
+        s2s.send_keys(Keys.ENTER)
         pred = wait.until(lambda d: d.find_element(By.ID, "s2s-result").text not in ("", "…") and
                           d.find_element(By.ID, "s2s-result").text)
-        assert pred == request(port, "POST", "/api/pinyin", {"text": "woaibiancheng"})[1]["pred"]
+        api = request(port, "POST", "/api/pinyin", {"text": "woaibiancheng", "num_candidates": 4})[1]
+        assert pred == api["pred"]
+        cands = driver.find_elements(By.CSS_SELECTOR, "#s2s-candidates .cand")
+        assert len(cands) == len(api["candidates"])
+        cands[-1].click()
+        assert driver.find_element(By.ID, "s2s-result").text == api["candidates"][-1]["text"]
+        # generation streams into the page: the same text as the API's answer for the same settings
+        driver.find_element(By.ID, "lm-go").click()
+        wait.until(lambda d: d.find_element(By.ID, "lm-go").is_enabled() and
+                   d.find_element(By.ID, "lm-result").text not in ("", "…"))
+        body = {"prompt": "新华社北京", "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 100, "top_k": 0,
+                "seed": 1337, "stop_at_eos": False}
+        gen = request(port, "POST", "/api/generate", body)[1]
+        shown = driver.find_element(By.ID, "lm-result").text
+        assert shown.replace("\n", "") == (gen["prompt"] + gen["text"]).replace("\n", "")
         driver.get(f"http://127.0.0.1:{partial}/")
         msg = wait.until(lambda d: d.find_element(By.ID, "seq2seq-status").text)
         assert "python main.py --train --task seq2seq" in msg
