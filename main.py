@@ -364,6 +364,8 @@ def train(task, args, opts: Options, device) -> None:
         signal.signal(signal.SIGTERM, previous)
     if rank == 0:
         print(json.dumps(summary, ensure_ascii=False))
+    if world > 1:  # every process leaves together: none tears the process group down while rank 0 still scores
+        dist.barrier()
 
 
 def main(argv=None) -> int:
