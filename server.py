@@ -81,16 +81,17 @@ class Models:
                 out[name] = {"ready": True, "checkpoint": self.paths[name], **task.serve_status(self.loaded[name])}
         return out
 
+    def ready(self, name: str) -> None:
+        """503 with the command that trains it, for a model that is not loaded."""
+        if name in self.errors:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+
     def task_for(self, path: str, req: dict):
         """The task of an endpoint, its request checked against the fields it declares."""
         name = self.routes[path]
         task = TASKS[name]
-        unknown = sorted(set(req) - set(task.request_fields))
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} (fields of {path}: "
-                                                   f"{', '.join(task.request_fields)})")
-        if name in self.errors:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+        known_fields(req, task.request_fields, path)
+        self.ready(name)
         return name, task
 
     def answer(self, path: str, req: dict) -> dict:
@@ -100,14 +101,11 @@ class Models:
 
     def routing(self, req: dict) -> dict:
         """POST /api/routing {"task": name, "text": ...}: the experts each token of the text goes to, per layer."""
-        unknown = sorted(set(req) - {"task", "text"})
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} (fields of /api/routing: task, text)")
+        known_fields(req, ("task", "text"), "/api/routing")
         name, text = field(req, "task", str), field(req, "text", str)
         if name not in TASKS:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"field 'task'={name!r}: one of {', '.join(TASKS)}")
-        if name in self.errors:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, self.errors[name])
+        self.ready(name)
         model, tokenizer = TASKS[name].serve_model(self.loaded[name])
         with self.locks[name]:
             return token_routing(TASKS[name], model, tokenizer, text[:2000], self.device)
@@ -117,6 +115,13 @@ class Models:
         reading half-way, and the call keeps no state outside itself (its own KV cache and generator)."""
         name, task = self.task_for(path, req)
         yield from task.stream(self.loaded[name], req, self.device)
+
+
+def known_fields(req: dict, fields, path: str) -> None:
+    """400 for a field the endpoint does not take (a misspelt one would otherwise be silently ignored)."""
+    unknown = sorted(set(req) - set(fields))
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r} (fields of {path}: {', '.join(fields)})")
 
 
 def depth(value, limit: int) -> int:
@@ -186,28 +191,32 @@ def make_app(models: Models, loopback: bool, limit: int = LIMIT_CONCURRENCY) -> 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_spec())
 
-    async def routing(request: Request) -> Response:
+    async def answered(request: Request, respond) -> Response:
+        """respond(the request's JSON object) -> its Response; a bad request and the deadline as JSON errors."""
         try:
-            req = await read_json(request)
-            return JSONResponse(await asyncio.wait_for(run_in_threadpool(models.routing, req), DEADLINE))
+            return await respond(await read_json(request))
         except ApiError as e:
             return error(e.status, str(e))
         except asyncio.TimeoutError:
             return error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {DEADLINE:g} s")
 
+    async def in_worker(call, *args) -> Response:  # a model call, in a worker thread, within the deadline
+        return JSONResponse(await asyncio.wait_for(run_in_threadpool(call, *args), DEADLINE))
+
+    async def routing(request: Request) -> Response:
+        return await answered(request, lambda req: in_worker(models.routing, req))
+
     async def answer(request: Request) -> Response:
-        try:
-            req = await read_json(request)
-            if req.get("stream") is True and hasattr(TASKS[models.routes[request.url.path]], "stream"):
-                events = models.stream(request.url.path, req)
+        path = request.url.path
+
+        async def respond(req: dict) -> Response:
+            if req.get("stream") is True and hasattr(TASKS[models.routes[path]], "stream"):
+                events = models.stream(path, req)
                 first = await run_in_threadpool(next, events, None)  # field errors surface before the 200
                 return StreamingResponse(sse(first, events), media_type="text/event-stream")
-            result = await asyncio.wait_for(run_in_threadpool(models.answer, request.url.path, req), DEADLINE)
-            return JSONResponse(result)
-        except ApiError as e:
-            return error(e.status, str(e))
-        except asyncio.TimeoutError:
-            return error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {DEADLINE:g} s")
+            return await in_worker(models.answer, path, req)
+
+        return await answered(request, respond)
 
     async def sse(first, events):
         if first is not None:
@@ -289,8 +298,9 @@ def serve(opts: Options, device) -> int:
         print(f"{task}: {'ready' if status['ready'] else status['error']}", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     print(f"serving on http://{host}:{port}/ (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(make_app(models, loopback, opts.limit_concurrency), log_level="warning" if opts.quiet else "info",
-                            timeout_keep_alive=5, timeout_graceful_shutdown=10, access_log=not opts.quiet)
+    config = uvicorn.Config(make_app(models, loopback, opts.limit_concurrency),
+                            log_level="warning" if opts.quiet else "info", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=10, access_log=not opts.quiet)
     # SIGTERM and Ctrl-C: uvicorn finishes the requests in flight, then stops, and raises the signal again once
     # it is done; a SIGTERM handler of ours makes that a clean exit (0) instead of death by signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
