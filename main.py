@@ -351,6 +351,7 @@ def train(task, args, opts: Options, device) -> None:
               file=sys.stderr)
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the resume state is saved and the best checkpoint kept
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    new_folder = rank == 0 and not os.path.exists(opts.out_dir)
     try:
         with contextlib.ExitStack() as locks:
             if rank == 0:  # one writer per run folder and per checkpoint; the kernel releases a killed run's lock
@@ -362,6 +363,8 @@ def train(task, args, opts: Options, device) -> None:
             summary = (pipeline.compare if args.compare else pipeline.train)(task, model_cfg, train_cfg, opts, device)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if new_folder and os.path.isdir(opts.out_dir) and not os.listdir(opts.out_dir):
+            os.rmdir(opts.out_dir)  # a run that stopped before writing anything leaves no empty folder
     if rank == 0:
         print(json.dumps(summary, ensure_ascii=False))
     if world > 1:  # every process leaves together: none tears the process group down while rank 0 still scores

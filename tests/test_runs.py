@@ -116,3 +116,11 @@ def test_every_checkpoint_records_its_provenance(tmp_path, monkeypatch, capsys):
         main.main(["--version"])
     expect = f"moe-toolkit {runs.version()}, torch {torch.__version__}"
     assert done.value.code == 0 and capsys.readouterr().out.strip() == expect
+
+
+def test_a_run_that_stops_before_writing_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    err = error_of(capsys, "--data", "empty.txt")  # refused by the data loader, after the run folder was locked
+    assert "empty.txt" in err
+    assert os.listdir("runs/lm") == []
