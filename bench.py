@@ -10,6 +10,7 @@
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
     python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
+    python bench.py --only gpu --device cuda   # a lent GPU: bf16 eager vs compiled, MoE vs dense, fp16, an OOM
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +43,8 @@ from runtime import autocast, resolve_dtype
 from task_cls import Predictor
 from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
 from tokenizer import BPETokenizer, load_or_train
-from trainer import count_tokens
+from tracking import MetricsLog
+from trainer import count_tokens, fit
 
 
 def sync(device: torch.device) -> None:
@@ -120,6 +123,30 @@ def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu
     return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
 
 
+def time_steps(model, net, batches, tcfg, device: torch.device, dtype: str, steps: int) -> tuple[float, float]:
+    """(ms a step, tokens/s) over `steps` training steps after 3 warm-up ones (which compile a compiled `net`):
+    forward, backward, clipping and the preset's optimizer, as training does."""
+    opt = build_optimizer(model, tcfg, device)  # the preset's optimizer, as training builds it
+    model.train()
+    n_tokens, t0 = 0, 0.0
+    for i in range(steps + 3):
+        if i == 3:
+            sync(device)
+            n_tokens, t0 = 0, time.perf_counter()
+        batch = next(batches)
+        with autocast(device, dtype):
+            _, loss, _ = net(**batch)
+        opt.zero_grad()
+        loss.backward()
+        if tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        n_tokens = n_tokens + count_tokens(batch)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return seconds / steps * 1e3, int(n_tokens) / seconds
+
+
 def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: torch.device = torch.device("cpu"),
                 compile_modes: tuple = ()) -> dict:
     """Training step time on real batches of each task:preset (task cls also times its masked-LM pretraining
@@ -129,29 +156,6 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
     the MoE model and its dense twin under torch.compile too (their warm-up steps compile). A step is what
     training does: forward, backward, clipping and the preset's optimizer. Each is timed in `rounds`
     interleaved rounds of `steps` steps; the fastest counts."""
-    from dataclasses import replace
-
-    def step_ms_and_tokens_per_s(model, net, batches, dtype):
-        opt = build_optimizer(model, tcfg, device)  # the preset's optimizer, as training builds it
-        model.train()
-        n_tokens, t0 = 0, 0.0
-        for i in range(steps + 3):
-            if i == 3:
-                sync(device)
-                n_tokens, t0 = 0, time.perf_counter()
-            batch = next(batches)
-            with autocast(device, dtype):
-                _, loss, _ = net(**batch)
-            opt.zero_grad()
-            loss.backward()
-            if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
-            n_tokens = n_tokens + count_tokens(batch)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        return seconds / steps * 1e3, int(n_tokens) / seconds
-
     out = {}
     for item in presets:
         task, preset = item.split(":")
@@ -178,7 +182,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
                         nets[f"{name}_compiled_{mode}"] = (model, torch.compile(model, mode=mode))
             for _ in range(rounds):  # interleaved rounds, best kept: the first model timed is not penalised
                 for name, (model, net) in nets.items():
-                    ms, tps = step_ms_and_tokens_per_s(model, net, batches(), dtype)
+                    ms, tps = time_steps(model, net, batches(), tcfg, device, dtype, steps)
                     if ms < out.get(f"step_ms_{phase}_{preset}_{name}", math.inf):
                         out[f"step_ms_{phase}_{preset}_{name}"] = ms
                         out[f"tokens_per_s_{phase}_{preset}_{name}"] = tps
@@ -522,17 +526,74 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
     return out
 
 
+def too_big(batch: dict, device: torch.device) -> dict:
+    """The batch repeated along its rows until its activations cannot fit the device's memory: stride-0 views,
+    so building it costs nothing and the first layer's output is what fails."""
+    rows = batch["input_ids"].size(0)
+    per_row = batch["input_ids"][0].numel() * 512 * 2  # bytes of one row's (T, 512) bf16 activations
+    times = 4 * torch.cuda.get_device_properties(device).total_memory // (rows * per_row) + 1
+    return {k: v[:1].expand(rows * times, *v.shape[1:]) for k, v in batch.items()}
+
+
+def bench_gpu(device: torch.device, preset: str = "default", steps: int = 200, tasks=("cls", "lm", "seq2seq"),
+              compile_on: bool = True, sets=()) -> dict:
+    """The check for the day a GPU is lent (`--only gpu`, about 5 minutes on one H100): for each task's preset
+    in bf16, the MoE and its dense twin, eager and under torch.compile: step time, tokens/s and peak memory;
+    then the Trainer's own loop for `steps` steps in fp16 with its GradScaler, fed one batch too big for the GPU,
+    which it must skip and go on (CUDA only: a CPU has no fp16 training here and no memory to run out of)."""
+    cuda = device.type == "cuda"
+    out = {}
+    for task in tasks:
+        _, mcfg, tcfg = cli.resolve_config(task, preset, sets=sets)
+        tok, batches = real_batches(task, mcfg, tcfg, device)
+        cfg = replace(mcfg, vocab_size=tok.n_vocab)
+        for name, vcfg in (("moe", cfg), ("dense", replace(cfg, num_experts=0))):
+            for compiled in (False, True) if compile_on else (False,):
+                torch.manual_seed(0)
+                model = build_model(task, vcfg).to(device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms, tps = time_steps(model, torch.compile(model) if compiled else model, batches(), tcfg, device,
+                                     "bf16", steps)
+                key = f"gpu_{task}_{name}_{'compiled' if compiled else 'eager'}"
+                out[f"{key}_step_ms"], out[f"{key}_tokens_per_s"] = ms, tps
+                if cuda:
+                    out[f"{key}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        for mode in ("eager", "compiled") if compile_on else ("eager",):
+            out[f"gpu_{task}_moe_over_dense_{mode}"] = (out[f"gpu_{task}_moe_{mode}_step_ms"] /
+                                                        out[f"gpu_{task}_dense_{mode}_step_ms"])
+        if cuda:
+            torch.manual_seed(0)
+            model = build_model(task, cfg).to(device)
+            stream = batches()
+            fed = iter([next(stream), too_big(next(stream), device), *(next(stream) for _ in range(steps))])
+            log = MetricsLog(None)
+            result = fit(model, replace(tcfg, dtype="fp16", max_steps=steps, compile="off", log_every=10), fed,
+                         steps, evaluate=lambda: {"val_loss": 0.0}, select="-val_loss", device=device, log=log,
+                         quiet=True)
+            losses = [r["train_loss"] for r in log.rows if "train_loss" in r] or [math.nan]
+            out[f"gpu_{task}_fp16_steps"], out[f"gpu_{task}_fp16_skipped_oom"] = result.steps, result.skipped
+            out[f"gpu_{task}_fp16_loss_first_last"] = f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
-                                       "pinyin", "sentiment"),
+                                       "pinyin", "sentiment", "gpu"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the training benchmark")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")
     ap.add_argument("--budgets", default="60,300", help="seconds of training for the budget benchmark")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe and train benchmarks")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe, train and gpu benchmarks")
+    ap.add_argument("--gpu_preset", default="default", help="gpu benchmark: the preset of each task")
+    ap.add_argument("--gpu_steps", type=int, default=200, help="gpu benchmark: steps per measurement")
+    ap.add_argument("--gpu_tasks", default="cls,lm,seq2seq", help="gpu benchmark: the tasks")
+    ap.add_argument("--gpu_compile", default="on", choices=("on", "off"), help="gpu benchmark: also time torch.compile")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="gpu benchmark: a config field of every task's preset (as main.py --set)")
     ap.add_argument("--compile_modes", default="",
                     help="train benchmark: also time the MoE and dense models under torch.compile with these "
                          "comma-separated modes (e.g. default,max-autotune-no-cudagraphs)")
@@ -561,6 +622,9 @@ def main(argv=None) -> int:
         if not os.path.exists(args.checkpoint):
             raise SystemExit(f"no {args.checkpoint}; train with python main.py --train --task cls")
         results.update(bench_server(args.checkpoint))
+    if args.only == "gpu":  # not in the default set: it is the check for a lent GPU
+        results.update(bench_gpu(device, args.gpu_preset, args.gpu_steps, tuple(args.gpu_tasks.split(",")),
+                                 args.gpu_compile == "on", args.set))
     if args.only == "budget":  # not in the default set: it trains eight models
         results.update(bench_budget(tuple(float(b) for b in args.budgets.split(","))))
     if args.only == "sentiment":  # not in the default set: it needs a trained classifier

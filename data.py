@@ -5,6 +5,7 @@ main.py prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 import random
@@ -160,6 +161,15 @@ def shipped_texts() -> list[str]:
 def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
     """Where the tokenizer trained on a built-in corpus ("reviews" or "news") is cached."""
     return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
+
+
+def trained_tokenizer_cache(kind: str, vocab_size: int, texts: list[str]) -> str:
+    """Where the tokenizer trained on a user's corpus (--data) is cached: named by a hash of the training texts,
+    so a second run on the same file reuses it and an edited file trains its own."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return os.path.join(DATASET_DIR, "tokenizers", f"{kind}_{vocab_size}_{digest.hexdigest()[:16]}.json")
 
 
 def check_labels(labels: pd.Series, path: str, label_col: str) -> None:

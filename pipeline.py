@@ -18,7 +18,7 @@ from config import ModelConfig, Options, TrainConfig
 from distributed import is_main_process
 from fsio import atomic_write_text
 from models import build_model, count_params
-from runtime import seed_everything
+from runtime import peak_rss_mb, seed_everything
 from task import Task, TaskData
 from tracking import MetricsLog, run_log
 from trainer import Checkpointer, Trainer
@@ -80,6 +80,7 @@ def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
     metrics, outputs = score_on_test(run, result.best, log, opts, device)
     speeds = [r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
     summary = {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
+               "peak_rss_mb": round(peak_rss_mb()),  # the process's, data preparation and evaluation included
                "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": result.best.get("step"),
                **{k: metrics.get(k) for k in task.metrics}}
     return finish(summary, opts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Iterable
 
 import regex
@@ -86,12 +86,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False,
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
 
-    pair_counts: Counter = Counter()
-    where: dict[tuple[int, int], set[int]] = {}  # pair -> chunks that contain it (may hold stale entries)
+    # plain dicts, not Counters: a Counter's missing key goes through a Python-level __missing__, and these are
+    # touched millions of times
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> chunks that contain it (may hold stale ones)
     for w, (ids, f) in enumerate(zip(words, freqs)):
         for pair in zip(ids, ids[1:]):
             pair_counts[pair] += f
-            where.setdefault(pair, set()).add(w)
+            where[pair].add(w)
     # max-heap by count, ties broken by the smaller pair; stale entries are skipped when popped
     heap = [(-c, pair) for pair, c in pair_counts.items()]
     heapq.heapify(heap)
@@ -117,18 +119,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False,
         merges.append(pair)
         token_bytes.append(merged)
         known.add(merged)
-        deltas: Counter = Counter()
+        deltas: dict[tuple[int, int], int] = defaultdict(int)
         for w in where.pop(pair, ()):
-            local: Counter = Counter()
-            words[w] = merge_chunk(words[w], pair, new_id, local, freqs[w])
-            for p, d in local.items():
-                if d > 0:  # a pair this chunk gained
-                    where.setdefault(p, set()).add(w)
-            deltas.update(local)
+            ids = words[w] = merge_chunk(words[w], pair, new_id, deltas, freqs[w])
+            i, last = -1, len(ids) - 1
+            for _ in range(ids.count(new_id)):  # the pairs a chunk gains are the new token's, with its neighbours
+                i = ids.index(new_id, i + 1)
+                if i:
+                    where[ids[i - 1], new_id].add(w)
+                if i < last:
+                    where[new_id, ids[i + 1]].add(w)
         for p, d in deltas.items():
             if p == pair or d == 0:
                 continue
-            c = pair_counts[p] + d
+            c = pair_counts.get(p, 0) + d
             if c > 0:
                 pair_counts[p] = c
                 heapq.heappush(heap, (-c, p))

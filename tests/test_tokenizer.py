@@ -1,3 +1,5 @@
+import os
+
 import regex
 import pytest
 from collections import Counter
@@ -120,3 +122,24 @@ def test_pad_batch_truncates_and_masks(bpe):
     assert ids[0] == [bpe.bos_id, 5, 6, bpe.eos_id]
     assert ids[1] == [bpe.bos_id, 5, bpe.eos_id, bpe.pad_id]
     assert mask == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+
+def test_a_second_data_run_reuses_the_tokenizer_trained_on_the_same_file(corpus, tmp_path, monkeypatch):
+    import data
+    import main
+    import tokenizer
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "DATASET_DIR", str(tmp_path / "dataset"))
+    trained, train = [], tokenizer.train_tokenizer
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda *a, **k: trained.append(a[0]) or train(*a, **k))
+    (tmp_path / "news.txt").write_text("\n".join(corpus[:200]), encoding="utf-8")
+    run = ["--train", "--task", "lm", "--preset", "tiny", "--data", "news.txt", "--max_steps", "1", "--quiet"]
+    assert main.main(run) == 0 and main.main(run) == 0
+    assert len(trained) == 1  # the second run read the cached one
+    assert len(os.listdir(tmp_path / "dataset" / "tokenizers")) == 2  # the tokenizer and its .vocab
+    (tmp_path / "news.txt").write_text("\n".join(corpus[:199]), encoding="utf-8")
+    assert main.main(run) == 0 and len(trained) == 2  # an edited file trains its own
+    assert len(os.listdir(tmp_path / "dataset" / "tokenizers")) == 4  # two tokenizers, each with its .vocab
+    assert data.trained_tokenizer_cache("bpe", 300, corpus[:50]) != data.trained_tokenizer_cache("bpe", 512,
+                                                                                                   corpus[:50])

@@ -1,0 +1,34 @@
+"""The GPU check (`bench.py --only gpu`) and the gpu presets, run on CPU at a reduced size: the code paths a lent
+GPU will take, so that the day one is lent the check runs as it is."""
+import json
+
+import pytest
+
+import bench
+import main
+
+REDUCED = ["--set", "d_model=32", "--set", "n_heads=2", "--set", "num_layers=1", "--set", "d_ff=32",
+           "--set", "num_experts=4", "--set", "vocab_size=400", "--set", "compile=off"]
+
+
+def test_the_gpu_check_runs_on_cpu_at_tiny_size(capsys):
+    assert bench.main(["--only", "gpu", "--device", "cpu", "--gpu_preset", "tiny", "--gpu_steps", "2",
+                       "--gpu_compile", "off"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for task in ("cls", "lm", "seq2seq"):
+        moe, dense = result[f"gpu_{task}_moe_eager_step_ms"], result[f"gpu_{task}_dense_eager_step_ms"]
+        assert moe > 0 and dense > 0 and result[f"gpu_{task}_moe_eager_tokens_per_s"] > 0
+        assert result[f"gpu_{task}_moe_over_dense_eager"] == pytest.approx(moe / dense, rel=1e-2)
+        assert f"gpu_{task}_fp16_steps" not in result  # fp16 training and the induced OOM are CUDA-only
+
+
+@pytest.mark.parametrize("task", ["cls", "lm", "seq2seq"])
+def test_the_gpu_presets_load_and_train_on_cpu_at_reduced_size(task, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    phases = ["--set", "pretrain_steps=2"] if task == "cls" else []
+    assert main.main(["--train", "--task", task, "--preset", "gpu", "--max_steps", "2", "--batch_size", "4",
+                      "--set", "eval_every=2", "--quiet", *REDUCED, *phases]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = json.loads((tmp_path / summary["out_dir"] / "config.json").read_text())
+    assert summary["steps"] == 2 and config["train"]["dtype"] == "bf16" and config["model"]["num_experts"] == 4
+    assert summary["peak_rss_mb"] > 100  # the process's peak resident memory is reported
