@@ -123,6 +123,25 @@ def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu
     return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
 
 
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak resident memory (VmHWM) from what it holds now, so that the next
+    reading is the peak of what runs in between."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (VmHWM) since the last reset_peak_rss(), in MB; 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def time_steps(model, net, batches, tcfg, device: torch.device, dtype: str, steps: int) -> tuple[float, float]:
     """(ms a step, tokens/s) over `steps` training steps after 3 warm-up ones (which compile a compiled `net`):
     forward, backward, clipping and the preset's optimizer, as training does."""
@@ -162,6 +181,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
         _, mcfg, tcfg = cli.resolve_config(task, preset)
         dtype = resolve_dtype(tcfg.dtype, device)
         for phase in (("mlm", "cls") if task == "cls" else (task,)):
+            reset_peak_rss()
             tok, batches = real_batches(phase, mcfg, tcfg, device)
             cfg = replace(mcfg, vocab_size=tok.n_vocab)
             variants = {"moe": cfg, "moe_grouped": replace(cfg, moe_impl="grouped"),
@@ -186,6 +206,7 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
                     if ms < out.get(f"step_ms_{phase}_{preset}_{name}", math.inf):
                         out[f"step_ms_{phase}_{preset}_{name}"] = ms
                         out[f"tokens_per_s_{phase}_{preset}_{name}"] = tps
+            out[f"peak_rss_mb_{phase}_{preset}"] = peak_rss_mb()  # its data and every model timed on it
             for name in nets:
                 if name.startswith("moe"):
                     dense = name.replace("moe", "dense") if "_compiled_" in name else "dense"
@@ -207,6 +228,9 @@ def bench_tokenizer(vocab_size: int = 8192) -> dict:
         ids = tok.encode(joined)
         out[f"encode_MB_per_s_{name}"] = len(joined.encode()) / 1e6 / (time.perf_counter() - t0)
         out[f"chars_per_token_{name}"] = len(joined) / len(ids)
+        t0 = time.perf_counter()
+        tok.encode_batch(texts)  # how the tasks encode a corpus: tiktoken's threads over the texts
+        out[f"encode_batch_MB_per_s_{name}"] = len(joined.encode()) / 1e6 / (time.perf_counter() - t0)
     return out
 
 

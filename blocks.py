@@ -32,7 +32,9 @@ class Attention(nn.Module):
     """Multi-head attention on scaled_dot_product_attention: self or cross, causal or not, optional KV cache.
 
     `key_mask` (B, Tk) is True on real key positions. `cache` is a dict this layer fills with "k" and "v"
-    (B, H, T_past, D); with a cache, a call attends to the past keys plus its own.
+    (B, H, T_past, D); with a cache, a call attends to the past keys plus its own. Self-attention keys and values
+    go into buffers allocated once for the whole window (max_len), and "k"/"v" are views of their filled part:
+    a decoding step writes one position instead of copying the whole past (torch.cat) again.
     """
 
     def __init__(self, config: ModelConfig):
@@ -45,6 +47,7 @@ class Attention(nn.Module):
         self.o_proj.residual_out = True  # scaled init, see init_weights
         self.dropout = config.dropout
         self.rope = config.rope
+        self.max_len = config.max_len
 
     def forward(self, x, key_mask=None, causal=False, context=None, cache=None, pos=None):
         """`pos` (T,): absolute positions of the queries, needed with rope (keys of a context sit at 0..S-1)."""
@@ -62,10 +65,9 @@ class Attention(nn.Module):
             v = v.view(B, src.size(1), H, C // H).transpose(1, 2)
             if self.rope:
                 k = apply_rope(k, pos if context is None else torch.arange(src.size(1), device=x.device))
-            if cache is not None:
-                if context is None and "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
+            if cache is not None and context is None:
+                k, v = self.append(cache, k, v)
+            elif cache is not None:
                 cache["k"], cache["v"] = k, v
         Tk = k.size(2)
         mask = None
@@ -80,6 +82,28 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
+
+
+    def append(self, cache: dict, k, v):
+        """Write this call's keys and values (B, H, T, D) after the cached ones -> all of them, as views of the
+        cache's (B, H, max_len, D) buffers."""
+        n, T = cache.get("len", 0), k.size(2)
+        if "k_buf" not in cache:
+            shape = (k.size(0), k.size(1), max(self.max_len, T), k.size(3))
+            cache["k_buf"], cache["v_buf"] = k.new_empty(shape), v.new_empty(shape)
+        cache["k_buf"][:, :, n:n + T] = k
+        cache["v_buf"][:, :, n:n + T] = v
+        cache["len"] = n + T
+        cache["k"], cache["v"] = cache["k_buf"][:, :, :n + T], cache["v_buf"][:, :, :n + T]
+        return cache["k"], cache["v"]
+
+
+def reorder_cache(cache: dict, rows) -> None:
+    """Beam search: the self-attention cache's sequences (rows of its buffers) to follow the surviving beams."""
+    n = cache["len"]
+    for buf, view in (("k_buf", "k"), ("v_buf", "v")):
+        cache[buf][:, :, :n] = cache[buf][rows, :, :n]
+        cache[view] = cache[buf][:, :, :n]
 
 
 def apply_rope(x, pos):
@@ -118,7 +142,7 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoE):
             # with a KV cache, `mask` covers the past keys too; routing uses only this call's positions
             route_mask = mask[:, -x.size(1):] if mask is not None else None
-            y, stats = self.ffn(h, route_mask)
+            y, stats = self.ffn(h, route_mask, decoding=cache is not None)
         else:
             y, stats = self.ffn(h), None
         return x + self.drop(y), stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from blocks import Block, RMSNorm, init_weights, run_blocks, task_loss
+from blocks import Block, RMSNorm, init_weights, reorder_cache, run_blocks, task_loss
 from config import MODEL_CONFIGS, ModelConfig
 from moe import MoE
 from sampling import sample_next, strip_eos
@@ -345,7 +345,7 @@ class Seq2Seq(nn.Module):
             rows = (torch.arange(B, device=tokens.device)[:, None] * W + new_from).view(-1)  # (B*W,)
             tokens = torch.cat([tokens[rows], new_tok.view(-1, 1)], dim=1)
             for cache in caches:  # reorder the self-attention cache; cross K/V are the same for a source's beams
-                cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][rows], cache["self"]["v"][rows]
+                reorder_cache(cache["self"], rows)
             scores = new_scores
         out = []
         for b in range(B):

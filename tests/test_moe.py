@@ -589,3 +589,28 @@ def test_heatmap_trace_takes_each_tokens_heaviest_expert_under_both_routings():
     want = torch.where(taken.sum(1) > 0, (r.probs * taken).argmax(1), -1)  # -1: no expert took the token
     assert top_expert(r).tolist() == want.tolist()
     assert (want == -1).any()
+
+
+@pytest.mark.parametrize("gather", [False, True])  # views of the chosen experts (CPU) or gathered copies (GPU)
+@pytest.mark.parametrize("top_k,shared,balance", [(1, 0, "loss"), (2, 0, "loss"), (2, 1, "loss"), (2, 0, "bias")])
+def test_decoding_a_few_tokens_equals_dispatch(gather, top_k, shared, balance):
+    torch.manual_seed(0)
+    moe = MoE(tiny(num_experts=8, top_k=top_k, shared_experts=shared, balance=balance)).eval()
+    if moe.expert_bias is not None:
+        moe.expert_bias.copy_(torch.randn(8))  # a bias that changes which experts are picked
+    x = torch.randn(8 // top_k, 1, 32)  # N * K == E: the most decoding takes the short path for
+    with torch.no_grad():
+        y, stats = moe(x, decoding=True)
+        assert stats is None  # no aux losses while decoding
+        moe.few_tokens = lambda *a: pytest.fail("few_tokens taken in training")
+        reference, _ = moe(x)
+        torch.testing.assert_close(y, reference, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(y, dense_reference(moe, x) if balance == "loss" else reference)
+    del moe.few_tokens
+    with torch.no_grad():  # the routed part alone (forward adds the shared expert)
+        routed = reference - (moe.shared(x) if shared else 0)
+        torch.testing.assert_close(moe.few_tokens(x.view(-1, 32), gather=gather).view_as(x), routed,
+                                   atol=1e-6, rtol=1e-5)
+    bigger = torch.randn(8 // top_k + 1, 1, 32)  # N * K > E: dispatch, with its MoEOutput
+    moe.few_tokens = lambda *a: pytest.fail("few_tokens taken for N * K > E")
+    assert moe(bigger, decoding=True)[1] is not None
