@@ -7,6 +7,7 @@
     python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
     python bench.py --only server        # --serve under load: 2,000 classify requests at 16 concurrent + 500 idle
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
+    python bench.py --only memory        # peak resident memory of --train, each default preset (~5 min)
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
     python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
@@ -20,6 +21,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -123,25 +125,6 @@ def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu
     return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
 
 
-def reset_peak_rss() -> None:
-    """Linux: restart the process's peak resident memory (VmHWM) from what it holds now, so that the next
-    reading is the peak of what runs in between."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory (VmHWM) since the last reset_peak_rss(), in MB; 0 where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
-
-
 def time_steps(model, net, batches, tcfg, device: torch.device, dtype: str, steps: int) -> tuple[float, float]:
     """(ms a step, tokens/s) over `steps` training steps after 3 warm-up ones (which compile a compiled `net`):
     forward, backward, clipping and the preset's optimizer, as training does."""
@@ -181,7 +164,6 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
         _, mcfg, tcfg = cli.resolve_config(task, preset)
         dtype = resolve_dtype(tcfg.dtype, device)
         for phase in (("mlm", "cls") if task == "cls" else (task,)):
-            reset_peak_rss()
             tok, batches = real_batches(phase, mcfg, tcfg, device)
             cfg = replace(mcfg, vocab_size=tok.n_vocab)
             variants = {"moe": cfg, "moe_grouped": replace(cfg, moe_impl="grouped"),
@@ -206,7 +188,6 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
                     if ms < out.get(f"step_ms_{phase}_{preset}_{name}", math.inf):
                         out[f"step_ms_{phase}_{preset}_{name}"] = ms
                         out[f"tokens_per_s_{phase}_{preset}_{name}"] = tps
-            out[f"peak_rss_mb_{phase}_{preset}"] = peak_rss_mb()  # its data and every model timed on it
             for name in nets:
                 if name.startswith("moe"):
                     dense = name.replace("moe", "dense") if "_compiled_" in name else "dense"
@@ -550,6 +531,20 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
     return out
 
 
+def bench_memory(steps: int = 100) -> dict:
+    """Peak resident memory of `main.py --train` for each task's default preset, each in a fresh process: data,
+    tokenizer, model, optimizer, `steps` steps of each phase, evaluation and test scoring (the summary's
+    peak_rss_mb). Long runs hold no more: nothing grows with the steps (docs/results.md, memory)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in ("cls", "lm", "seq2seq"):
+            phases = ("--set", f"pretrain_steps={steps}") if task == "cls" else ()
+            summary = run_main("--train", "--task", task, "--max_steps", str(steps), "--quiet", *phases,
+                               "--out_dir", os.path.join(tmp, task), "--checkpoint", os.path.join(tmp, f"{task}.pt"))
+            out[f"peak_rss_mb_{task}_default"] = summary["peak_rss_mb"]
+    return out
+
+
 def too_big(batch: dict, device: torch.device) -> dict:
     """The batch repeated along its rows until its activations cannot fit the device's memory: stride-0 views,
     so building it costs nothing and the first layer's output is what fails."""
@@ -604,7 +599,7 @@ def bench_gpu(device: torch.device, preset: str = "default", steps: int = 200, t
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
-                                       "pinyin", "sentiment", "gpu"),
+                                       "pinyin", "sentiment", "gpu", "memory"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the training benchmark")
@@ -646,6 +641,8 @@ def main(argv=None) -> int:
         if not os.path.exists(args.checkpoint):
             raise SystemExit(f"no {args.checkpoint}; train with python main.py --train --task cls")
         results.update(bench_server(args.checkpoint))
+    if args.only in (None, "memory"):
+        results.update(bench_memory())
     if args.only == "gpu":  # not in the default set: it is the check for a lent GPU
         results.update(bench_gpu(device, args.gpu_preset, args.gpu_steps, tuple(args.gpu_tasks.split(",")),
                                  args.gpu_compile == "on", args.set))
