@@ -20,9 +20,9 @@ from analyze import ANALYZE_TEXTS, Recorder
 from api import field
 from checkpoint import load_trained
 from config import ModelConfig, Options, TrainConfig
-from data import (EXTRA_SENTIMENT, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
+from data import (EXTRA_SENTIMENT, Packed, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
                   mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
-                  tokenizer_cache, trained_tokenizer_cache, user_splits, windows, with_extra_sentiment)
+                  tokenizer_cache, trained_tokenizer_cache, user_splits, with_extra_sentiment)
 from distributed import is_main_process
 from errors import DataError
 from fsio import atomic_write_csv
@@ -63,7 +63,7 @@ def encode_split(tokenizer, df, names: list[str], where: str):
     unknown = sorted(set(df.label) - set(index))
     if unknown:
         raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
-    return encode_texts(tokenizer, list(df.text)), [index[l] for l in df.label]
+    return Packed(encode_texts(tokenizer, list(df.text))), [index[l] for l in df.label]
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def pretrain_phase(model, tokenizer, texts: list[str], val_texts: list[str], mod
     epochs, or the seconds end); the encoder it trains is the classifier's."""
     if train_cfg.pretrain_news:
         texts = texts + people_daily_paragraphs()
-    seqs = windows(encode_texts(tokenizer, texts), model_cfg.max_len - 2)
+    seqs = Packed.windows_of(tokenizer, texts, model_cfg.max_len - 2)
     val_seqs = encode_texts(tokenizer, val_texts)
     cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
                   max_steps=train_cfg.pretrain_steps, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0,

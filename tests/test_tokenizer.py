@@ -143,3 +143,12 @@ def test_a_second_data_run_reuses_the_tokenizer_trained_on_the_same_file(corpus,
     assert len(os.listdir(tmp_path / "dataset" / "tokenizers")) == 4  # two tokenizers, each with its .vocab
     assert data.trained_tokenizer_cache("bpe", 300, corpus[:50]) != data.trained_tokenizer_cache("bpe", 512,
                                                                                                    corpus[:50])
+
+
+def test_packed_windows_hold_the_same_sequences_as_lists(bpe, corpus):
+    from data import Packed, encode_texts, windows
+    as_lists = windows(encode_texts(bpe, corpus), 20)
+    packed = Packed.windows_of(bpe, corpus, 20, chunk=7)  # chunks that split the texts unevenly
+    assert len(packed) == len(as_lists) > len(corpus)
+    assert [packed[i] for i in range(len(packed))] == as_lists == list(packed)
+    assert packed.ids.dtype.itemsize == 4 and len(Packed([])) == 0
