@@ -83,7 +83,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
 
-
     def append(self, cache: dict, k, v):
         """Write this call's keys and values (B, H, T, D) after the cached ones -> all of them, as views of the
         cache's (B, H, max_len, D) buffers."""

@@ -327,16 +327,18 @@ class MoE(nn.Module):
 
     def few_tokens(self, flat, gather: bool | None = None):
         """flat (N, C), N * K <= E (a decoding step: one new token per sequence) -> (N, C). Each token's K
-        experts straight from their stacked weights, as one batched matmul pair: no sort, no grouping, no
-        scatter, a third of dispatch's operations. Same function as dispatch (tests/test_moe.py). On CPU the
-        weights are views (reading the expert ids costs nothing there); elsewhere (or `gather`) they are gathered,
-        so that the device never waits for the host."""
+        experts computed straight from their stacked weights: no sort, no grouping, no scatter, a third of
+        dispatch's operations. Same function as dispatch (tests/test_moe.py). On CPU the weights are read as
+        views, one addmm pair per assignment (reading the expert ids there costs nothing); elsewhere (or with
+        `gather`) they are gathered into one batched matmul pair, so that the device never waits for the host."""
         N, C = flat.shape
         _, probs = self.route(flat)
         weights, experts = self.select(probs)  # (N, K)
         e, w = experts.reshape(-1), self.experts  # (N*K,)
         x = flat.repeat_interleave(self.top_k, dim=0)  # (N*K, C)
-        if not (flat.device.type != "cpu" if gather is None else gather):
+        if gather is None:
+            gather = flat.device.type != "cpu"
+        if not gather:
             y = torch.cat([torch.addmm(w.b_down[i], F.gelu(torch.addmm(w.b_up[i], x[j:j + 1], w.w_up[i])),
                                        w.w_down[i]) for j, i in enumerate(e.tolist())])  # (N*K, C)
         else:
