@@ -8,6 +8,7 @@
     python bench.py --only server        # --serve under load: 2,000 classify requests at 16 concurrent + 500 idle
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
     python bench.py --only memory        # peak resident memory of --train, each default preset (~5 min)
+    python bench.py --only profile       # where a training step's time goes, per preset (torch.profiler)
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
     python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
@@ -531,6 +532,66 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
     return out
 
 
+def bench_profile(presets: list[str], steps: int = 20, out_dir: str = "runs/bench_profile") -> dict:
+    """Where a training step's time goes (`--only profile`), each task:preset[:batch] on real batches, after 3
+    warm-up steps, under torch.profiler: the share of the step in getting the batch, forward, backward, clipping
+    and the optimizer step (Muon's Newton-Schulz inside it), and of the MoE layers' and attention's forward.
+    The profiler's table of the 25 costliest ops goes to out_dir/<task>_<preset>.txt."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(module, label):  # the forward of every such module inside record_function(label)
+        spans = {}
+        module.register_forward_pre_hook(lambda m, a: spans.__setitem__(id(m), record_function(label).__enter__()))
+        module.register_forward_hook(lambda m, a, o: spans.pop(id(m)).__exit__(None, None, None))
+
+    os.makedirs(out_dir, exist_ok=True)
+    out = {}
+    for item in presets:
+        task, preset, *batch = item.split(":")
+        _, mcfg, tcfg = cli.resolve_config(task, preset, flags={"batch_size": int(batch[0])} if batch else None)
+        tok, batches = real_batches(task, mcfg, tcfg)
+        model = build_model(task, replace(mcfg, vocab_size=tok.n_vocab))
+        for m in model.modules():
+            if isinstance(m, MoE):
+                labelled(m, "moe_forward")
+            elif type(m).__name__ == "Attention":
+                labelled(m, "attention_forward")
+        opt, stream, dtype = build_optimizer(model, tcfg, torch.device("cpu")), batches(), resolve_dtype(tcfg.dtype,
+                                                                                                          torch.device("cpu"))
+        model.train()
+
+        def step():
+            with record_function("data"):
+                batch = next(stream)
+            with record_function("forward"), autocast(torch.device("cpu"), dtype):
+                _, loss, _ = model(**batch)
+            opt.zero_grad()
+            with record_function("backward"):
+                loss.backward()
+            with record_function("clip"):
+                if tcfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            with record_function("optimizer"):
+                opt.step()
+
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        wall = time.perf_counter() - t0
+        events = {e.key: e.cpu_time_total for e in prof.key_averages()}
+        name = f"{task}_{preset}" + (f"_b{batch[0]}" if batch else "")
+        total = sum(events.get(k, 0) for k in ("data", "forward", "backward", "clip", "optimizer"))
+        for k in ("data", "forward", "backward", "clip", "optimizer", "moe_forward", "attention_forward"):
+            out[f"profile_{name}_{k}_share"] = events.get(k, 0) / max(total, 1)
+        out[f"profile_{name}_step_ms"] = wall / steps * 1e3  # with the profiler's own overhead
+        atomic_write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
+                          os.path.join(out_dir, f"{name}.txt"))
+    return out
+
+
 def bench_memory(steps: int = 100) -> dict:
     """Peak resident memory of `main.py --train` for each task's default preset, each in a fresh process: data,
     tokenizer, model, optimizer, `steps` steps of each phase, evaluation and test scoring (the summary's
@@ -599,10 +660,10 @@ def bench_gpu(device: torch.device, preset: str = "default", steps: int = 200, t
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
-                                       "pinyin", "sentiment", "gpu", "memory"),
+                                       "pinyin", "sentiment", "gpu", "memory", "profile"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
-                    help="task:preset pairs for the training benchmark")
+                    help="task:preset pairs for the train and profile benchmarks (profile: task:preset:batch too)")
     ap.add_argument("--checkpoint", default="checkpoints/cls.pt", help="classifier for the inference benchmark")
     ap.add_argument("--seq2seq_checkpoint", default="checkpoints/seq2seq.pt", help="model for the pinyin benchmark")
     ap.add_argument("--budgets", default="60,300", help="seconds of training for the budget benchmark")
@@ -643,6 +704,8 @@ def main(argv=None) -> int:
         results.update(bench_server(args.checkpoint))
     if args.only in (None, "memory"):
         results.update(bench_memory())
+    if args.only == "profile":  # not in the default set: its tables are files
+        results.update(bench_profile(args.presets.split(",")))
     if args.only == "gpu":  # not in the default set: it is the check for a lent GPU
         results.update(bench_gpu(device, args.gpu_preset, args.gpu_steps, tuple(args.gpu_tasks.split(",")),
                                  args.gpu_compile == "on", args.set))

@@ -32,3 +32,14 @@ def test_the_gpu_presets_load_and_train_on_cpu_at_reduced_size(task, tmp_path, m
     config = json.loads((tmp_path / summary["out_dir"] / "config.json").read_text())
     assert summary["steps"] == 2 and config["train"]["dtype"] == "bf16" and config["model"]["num_experts"] == 4
     assert summary["peak_rss_mb"] > 100  # the process's peak resident memory is reported
+
+
+def test_the_profile_splits_a_training_step_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--only", "profile", "--presets", "lm:tiny:4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shares = [result[f"profile_lm_tiny_b4_{k}_share"] for k in ("data", "forward", "backward", "clip", "optimizer")]
+    assert sum(shares) == pytest.approx(1.0, abs=0.005)  # the JSON rounds to 3 digits
+    assert min(shares[1], shares[2], shares[4]) > 0.01  # forward, backward, optimizer
+    assert 0 < result["profile_lm_tiny_b4_moe_forward_share"] < result["profile_lm_tiny_b4_forward_share"]
+    assert "aten::" in (tmp_path / "runs" / "bench_profile" / "lm_tiny_b4.txt").read_text()
