@@ -195,6 +195,8 @@ class TrainConfig:
     accum_steps: int = 1          # micro-batches per optimizer step (gradient accumulation)
     grad_checkpoint: bool = False # recompute each block's activations in backward (less memory, ~30% slower)
     optimizer: str = "adamw"      # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
+    muon_steps: int = 5           # Newton-Schulz iterations of each Muon update (3 trained both the LM MoE and its
+                                  # dense twin ~0.03 nats better at --time_budget 75: docs/experiments.md, Step 10)
     compile: str = "auto"         # torch.compile the training step: auto (on for CUDA, off on CPU: measured, see
                                   # resolve_compile) | on | off; resolved when training starts
     halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
@@ -234,7 +236,7 @@ class TrainConfig:
             raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1), like [0.9, 0.95]")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r} must be auto, on or off")
-        for name in ("batch_size", "accum_steps", "log_every"):
+        for name in ("batch_size", "accum_steps", "log_every", "muon_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("epochs", "max_steps", "eval_every", "halt_after", "pretrain_epochs", "pretrain_steps",

@@ -79,9 +79,9 @@ class Muon(torch.optim.Optimizer):
     torch.optim.Muon takes 2-D parameters only, hence this class."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.999), momentum: float = 0.95,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, ns_steps: int = 5):
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "momentum": momentum, "eps": eps,
-                                  "weight_decay": 0.0, "muon": False})
+                                  "weight_decay": 0.0, "muon": False, "ns_steps": ns_steps})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,7 +91,7 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
             if group["muon"]:
-                self._muon_step(params, lr, group["momentum"])
+                self._muon_step(params, lr, group["momentum"], group.get("ns_steps", 5))  # (older saved states: 5)
                 continue
             for p in params:
                 state = self.state[p]
@@ -104,7 +104,7 @@ class Muon(torch.optim.Optimizer):
                 denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
 
-    def _muon_step(self, params: list[torch.Tensor], lr: float, momentum: float) -> None:
+    def _muon_step(self, params: list[torch.Tensor], lr: float, momentum: float, ns_steps: int) -> None:
         by_shape: dict[tuple, list] = {}  # (A, B) -> [(param, its Nesterov update (..., A, B))]
         for p in params:
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -112,7 +112,7 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, p.grad.lerp(buf, momentum)))
         for (rows, cols), items in by_shape.items():
             stack = torch.cat([u.reshape(-1, rows, cols) for _, u in items])  # (matrices, A, B)
-            ortho = orthogonalize(stack, dtype=newton_schulz_dtype(stack.device))
+            ortho = orthogonalize(stack, ns_steps, dtype=newton_schulz_dtype(stack.device))
             scale = -lr * 0.2 * math.sqrt(max(rows, cols))
             for (p, _), o in zip(items, ortho.split([p.numel() // (rows * cols) for p, _ in items])):
                 p.add_(o.view_as(p).to(p.dtype), alpha=scale)
@@ -125,7 +125,7 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) 
         groups = [{**g, "params": [p for p in g["params"] if p is not ngram.weight]} for g in groups]
         groups.append({"params": [ngram.weight], "weight_decay": 0.0, "lr": cfg.ngram_lr})
     if cfg.optimizer == "muon":
-        return Muon(groups, lr=cfg.lr, betas=cfg.betas)
+        return Muon(groups, lr=cfg.lr, betas=cfg.betas, ns_steps=cfg.muon_steps)
     # fused: one kernel for all parameters instead of ~10 ops per tensor; on CPU several times faster than the
     # per-tensor loop for the seq2seq MoE's 3.0 M parameters, about a tenth of its training step (docs/results.md)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}

@@ -266,6 +266,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--set", "betas=[0.9]"], "betas=[0.9] must be two numbers in [0, 1)"),
     (["--train", "--set", "accum_steps=0"], "accum_steps=0 must be >= 1"),
     (["--train", "--set", "log_every=0"], "log_every=0 must be >= 1"),
+    (["--train", "--set", "muon_steps=0"], "muon_steps=0 must be >= 1"),
     (["--train", "--set", "eval_every=-1"], "eval_every=-1 must be >= 0"),
     (["--train", "--set", "halt_after=-1"], "halt_after=-1 must be >= 0"),
     (["--train", "--set", "pretrain_steps=-1"], "pretrain_steps=-1 must be >= 0"),

@@ -316,9 +316,11 @@ def test_orthogonalize_each_expert_matrix_on_its_own():
     assert s16.min() > 0.5 and s16.max() < 1.5
 
 
-def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch):
+@pytest.mark.parametrize("ns_steps", [5, 2])  # the default, and --set muon_steps=2
+def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch, ns_steps):
     """Muon orthogonalises all matrices of one shape as one stack; each parameter's update is what the
-    orthogonalisation of its own Nesterov momentum alone gives (fp32, so the reference is exact)."""
+    orthogonalisation of its own Nesterov momentum alone gives, with its Newton-Schulz steps (fp32, so the
+    reference is exact)."""
     import math
     import optim
     from models import LanguageModel
@@ -333,10 +335,11 @@ def test_muon_step_batches_same_shape_matrices_and_equals_one_by_one(monkeypatch
     assert len({tuple(p.shape[-2:]) for p in hidden}) < len(hidden)  # some shapes are shared: they batch
     before = {p: p.detach().clone() for p in hidden}
     lr, wd, momentum = 1e-2, 0.1, 0.95
-    Muon(groups, lr=lr).step()
+    Muon(groups, lr=lr, ns_steps=ns_steps).step()
     for p in hidden:
         nesterov = p.grad.lerp(p.grad * (1 - momentum), momentum)  # first step: buffer = (1 - m) grad
-        expected = before[p] * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(p.shape[-2:])) * orthogonalize(nesterov)
+        expected = before[p] * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(p.shape[-2:])) * orthogonalize(nesterov,
+                                                                                                       ns_steps)
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
