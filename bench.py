@@ -556,14 +556,14 @@ def bench_profile(presets: list[str], steps: int = 20, out_dir: str = "runs/benc
                 labelled(m, "moe_forward")
             elif type(m).__name__ == "Attention":
                 labelled(m, "attention_forward")
-        opt, stream, dtype = build_optimizer(model, tcfg, torch.device("cpu")), batches(), resolve_dtype(tcfg.dtype,
-                                                                                                          torch.device("cpu"))
+        cpu = torch.device("cpu")
+        opt, stream, dtype = build_optimizer(model, tcfg, cpu), batches(), resolve_dtype(tcfg.dtype, cpu)
         model.train()
 
         def step():
             with record_function("data"):
                 batch = next(stream)
-            with record_function("forward"), autocast(torch.device("cpu"), dtype):
+            with record_function("forward"), autocast(cpu, dtype):
                 _, loss, _ = model(**batch)
             opt.zero_grad()
             with record_function("backward"):

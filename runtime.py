@@ -12,9 +12,10 @@ import torch
 from errors import DataError
 
 # oneDNN, behind some of torch's CPU matmuls, keeps a compiled primitive for each shape it meets, up to 1,024
-# by default, megabytes each: the default seq2seq run grew to 5.4 GB resident that way, four fifths of it that
-# cache. 8 entries bound it at no measured cost in speed (docs/results.md, Memory). oneDNN reads the variable at
-# its first primitive, so setting it on import is early enough; a value the user exported wins.
+# by default, megabytes each: the default seq2seq run grew to 5.4 GB resident that way, three quarters of it
+# that cache. 8 entries bound it, with speed unchanged within the runs' noise (docs/results.md, memory). oneDNN
+# reads the variable at its first primitive, so setting it on import is early enough; a value the user exported
+# wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
 
 
