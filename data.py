@@ -160,14 +160,12 @@ def shipped_texts() -> list[str]:
     return [t for t in reviews if t] + list(extra_sentiment().text)
 
 
-def tokenizer_cache(corpus: str, kind: str, vocab_size: int) -> str:
-    """Where the tokenizer trained on a built-in corpus ("reviews" or "news") is cached."""
-    return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
-
-
-def trained_tokenizer_cache(kind: str, vocab_size: int, texts: list[str]) -> str:
-    """Where the tokenizer trained on a user's corpus (--data) is cached: named by a hash of the training texts,
-    so a second run on the same file reuses it and an edited file trains its own."""
+def tokenizer_cache(corpus: str | None, kind: str, vocab_size: int, texts: list[str] = ()) -> str:
+    """Where a trained tokenizer is cached: a built-in corpus's ("reviews", "news", ...) under its folder; a
+    user's (--data, corpus None) named by a hash of its training texts, so that a second run on the same file
+    reuses it and an edited file trains its own."""
+    if corpus:
+        return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")

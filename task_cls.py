@@ -22,7 +22,7 @@ from checkpoint import load_trained
 from config import ModelConfig, Options, TrainConfig
 from data import (EXTRA_SENTIMENT, Packed, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
                   mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
-                  tokenizer_cache, trained_tokenizer_cache, user_splits, with_extra_sentiment)
+                  tokenizer_cache, user_splits, with_extra_sentiment)
 from distributed import is_main_process
 from errors import DataError
 from fsio import atomic_write_csv
@@ -367,8 +367,7 @@ class ClsTask(Task):
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
         corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
         texts = list(splits["train"].text)
-        cache = (trained_tokenizer_cache(train_cfg.tokenizer, model_cfg.vocab_size, texts) if opts.data else
-                 tokenizer_cache(corpus, train_cfg.tokenizer, model_cfg.vocab_size))
+        cache = tokenizer_cache(None if opts.data else corpus, train_cfg.tokenizer, model_cfg.vocab_size, texts)
         return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)
 
     def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:

@@ -17,7 +17,7 @@ from analyze import ANALYZE_TEXTS, routing_trace
 from api import field
 from checkpoint import load_trained
 from config import ModelConfig, Options, TrainConfig
-from data import news_splits, read_text_lines, tokenizer_cache, trained_tokenizer_cache
+from data import news_splits, read_text_lines, tokenizer_cache
 from errors import DataError
 from fsio import atomic_write_text
 from runtime import autocast
@@ -178,8 +178,8 @@ class LMTask(Task):
         return load_splits(opts.data, opts.text_col, opts.quiet)
 
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-        cache = (trained_tokenizer_cache(train_cfg.tokenizer, model_cfg.vocab_size, splits["train"]) if opts.data
-                 else tokenizer_cache("news", train_cfg.tokenizer, model_cfg.vocab_size))
+        cache = tokenizer_cache(None if opts.data else "news", train_cfg.tokenizer, model_cfg.vocab_size,
+                                splits["train"])
         return load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
                              progress=not opts.quiet)
 

@@ -19,7 +19,7 @@ from api import field
 from checkpoint import load_trained
 from config import ModelConfig, Options, TrainConfig
 from data import (length_bucketed_batches, pinyin_splits, read_table, read_text_lines, tokenizer_cache,
-                  trained_tokenizer_cache, user_pair_splits)
+                  user_pair_splits)
 from errors import DataError
 from fsio import atomic_write_csv
 from moe import MoE
@@ -338,8 +338,8 @@ class Seq2SeqTask(Task):
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
         lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
         texts = list(splits["train"].source) + list(splits["train"].target)
-        cache = (trained_tokenizer_cache(train_cfg.tokenizer, model_cfg.vocab_size, texts) if opts.data else
-                 tokenizer_cache("pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size))
+        cache = tokenizer_cache(None if opts.data else "pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size,
+                                texts)
         return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)
 
     def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:

@@ -141,8 +141,7 @@ def test_a_second_data_run_reuses_the_tokenizer_trained_on_the_same_file(corpus,
     (tmp_path / "news.txt").write_text("\n".join(corpus[:199]), encoding="utf-8")
     assert main.main(run) == 0 and len(trained) == 2  # an edited file trains its own
     assert len(os.listdir(tmp_path / "dataset" / "tokenizers")) == 4  # two tokenizers, each with its .vocab
-    assert data.trained_tokenizer_cache("bpe", 300, corpus[:50]) != data.trained_tokenizer_cache("bpe", 512,
-                                                                                                   corpus[:50])
+    assert data.tokenizer_cache(None, "bpe", 300, corpus[:50]) != data.tokenizer_cache(None, "bpe", 512, corpus[:50])
 
 
 def test_packed_windows_hold_the_same_sequences_as_lists(bpe, corpus):
