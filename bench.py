@@ -27,12 +27,14 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import main as cli
 import onnx_export
 import task_cls
 import task_lm
 import task_s2s
+from blocks import Attention
 from checkpoint import load_checkpoint, load_trained
 from config import ModelConfig, Options
 from data import (DATASET_DIR, encode_texts, news_splits, pair_frame, people_daily_paragraphs, pinyin_splits,
@@ -126,9 +128,26 @@ def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu
     return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
 
 
+def one_step(model, net, opt, batches, tcfg, device: torch.device, dtype: str) -> dict:
+    """One training step as training takes it: the next batch, forward, backward, clipping and the optimizer, each
+    labelled for torch.profiler (`--only profile`). Returns the batch."""
+    with record_function("data"):
+        batch = next(batches)
+    with record_function("forward"), autocast(device, dtype):
+        _, loss, _ = net(**batch)
+    opt.zero_grad()
+    with record_function("backward"):
+        loss.backward()
+    with record_function("clip"):
+        if tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    with record_function("optimizer"):
+        opt.step()
+    return batch
+
+
 def time_steps(model, net, batches, tcfg, device: torch.device, dtype: str, steps: int) -> tuple[float, float]:
-    """(ms a step, tokens/s) over `steps` training steps after 3 warm-up ones (which compile a compiled `net`):
-    forward, backward, clipping and the preset's optimizer, as training does."""
+    """(ms a step, tokens/s) over `steps` training steps after 3 warm-up ones (which compile a compiled `net`)."""
     opt = build_optimizer(model, tcfg, device)  # the preset's optimizer, as training builds it
     model.train()
     n_tokens, t0 = 0, 0.0
@@ -136,15 +155,7 @@ def time_steps(model, net, batches, tcfg, device: torch.device, dtype: str, step
         if i == 3:
             sync(device)
             n_tokens, t0 = 0, time.perf_counter()
-        batch = next(batches)
-        with autocast(device, dtype):
-            _, loss, _ = net(**batch)
-        opt.zero_grad()
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        n_tokens = n_tokens + count_tokens(batch)
+        n_tokens = n_tokens + count_tokens(one_step(model, net, opt, batches, tcfg, device, dtype))
     sync(device)
     seconds = time.perf_counter() - t0
     return seconds / steps * 1e3, int(n_tokens) / seconds
@@ -537,8 +548,6 @@ def bench_profile(presets: list[str], steps: int = 20, out_dir: str = "runs/benc
     warm-up steps, under torch.profiler: the share of the step in getting the batch, forward, backward, clipping
     and the optimizer step (Muon's Newton-Schulz inside it), and of the MoE layers' and attention's forward.
     The profiler's table of the 25 costliest ops goes to out_dir/<task>_<preset>.txt."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     def labelled(module, label):  # the forward of every such module inside record_function(label)
         spans = {}
         module.register_forward_pre_hook(lambda m, a: spans.__setitem__(id(m), record_function(label).__enter__()))
@@ -554,32 +563,17 @@ def bench_profile(presets: list[str], steps: int = 20, out_dir: str = "runs/benc
         for m in model.modules():
             if isinstance(m, MoE):
                 labelled(m, "moe_forward")
-            elif type(m).__name__ == "Attention":
+            elif isinstance(m, Attention):
                 labelled(m, "attention_forward")
         cpu = torch.device("cpu")
         opt, stream, dtype = build_optimizer(model, tcfg, cpu), batches(), resolve_dtype(tcfg.dtype, cpu)
         model.train()
-
-        def step():
-            with record_function("data"):
-                batch = next(stream)
-            with record_function("forward"), autocast(cpu, dtype):
-                _, loss, _ = model(**batch)
-            opt.zero_grad()
-            with record_function("backward"):
-                loss.backward()
-            with record_function("clip"):
-                if tcfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            with record_function("optimizer"):
-                opt.step()
-
         for _ in range(3):
-            step()
+            one_step(model, model, opt, stream, tcfg, cpu, dtype)
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                step()
+                one_step(model, model, opt, stream, tcfg, cpu, dtype)
         wall = time.perf_counter() - t0
         events = {e.key: e.cpu_time_total for e in prof.key_averages()}
         name = f"{task}_{preset}" + (f"_b{batch[0]}" if batch else "")
