@@ -12,6 +12,7 @@ classifier) to --out_dir and returns the numbers for one JSON line.
 """
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from collections import defaultdict
@@ -108,34 +109,34 @@ class RoutingStats:
 
 
 class Recorder:
-    """Forward pre-hooks on every MoE layer: the router's probabilities and choices for the tokens it routes,
-    with their positions, so each can be matched to its token id."""
+    """Every MoE layer's routing as the layer computed it (through its `tap`): the router's probabilities and
+    choices for the tokens it routes, with their positions, so each can be matched to its token id."""
 
     def __init__(self, model):
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-        self.calls = []  # (layer name, probs (N, E), chosen (N, E) 1 where an expert took the token, positions
-        # (N,) of the routed tokens in the flattened input, the input's shape less the width: (B, T) or (B,))
-        self.hooks = [m.register_forward_pre_hook(self.hook(name), with_kwargs=True) for name, m in self.layers]
+        self.calls = []  # (layer name, Routing, positions (N,) of the routed tokens in the flattened input, the
+        # input's shape less the width: (B, T) or (B,))
+        for name, m in self.layers:
+            m.tap = functools.partial(self.record, name)
 
-    def hook(self, name: str):
-        def record(module, args, kwargs):
-            x = args[0]
-            mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            flat = x.reshape(-1, x.size(-1))
-            rows = (mask.reshape(-1).nonzero().squeeze(1) if mask is not None
-                    else torch.arange(flat.size(0), device=x.device))
-            r = module.assign(flat.index_select(0, rows))  # the layer's own choice (token or expert choice)
-            chosen = r.per_token(torch.ones_like(r.weight))
-            self.calls.append((name, r.probs.float().cpu(), chosen.cpu(), rows.cpu(), tuple(x.shape[:-1])))
-        return record
+    def record(self, name: str, r: Routing, rows, shape) -> None:
+        rows = rows if rows is not None else torch.arange(r.probs.size(0), device=r.probs.device)
+        self.calls.append((name, r, rows, tuple(shape)))
 
-    def take(self) -> list:
+    def routings(self) -> list:
+        """The calls since the last one: [(layer name, Routing, positions, shape)]."""
         calls, self.calls = self.calls, []
         return calls
 
+    def take(self) -> list:
+        """The calls since the last one: [(layer name, probs (N, E), chosen (N, E) 1 where an expert took the
+        token, positions (N,), shape)], on the CPU."""
+        return [(name, r.probs.float().cpu(), r.per_token(torch.ones_like(r.weight)).cpu(), rows.cpu(), shape)
+                for name, r, rows, shape in self.routings()]
+
     def close(self):
-        for h in self.hooks:
-            h.remove()
+        for _, m in self.layers:
+            m.tap = None
 
 
 @torch.no_grad()
@@ -186,16 +187,13 @@ def routing_trace(model, tokenizer, text: str, forward=None):
 
     `forward(ids)` runs the part of the model to trace (default: the whole model on the ids)."""
     ids = tokenizer.encode(text)[: model.config.max_len]
-    captured = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append((mod, inp[0])))
-             for m in model.modules() if isinstance(m, MoE)]
+    recorder = Recorder(model)
     model.eval()
     try:
         (forward or model)(torch.tensor([ids], device=model.tok_emb.weight.device))
+        experts = [top_expert(r).cpu().numpy() for _, r, _, _ in recorder.routings()]
     finally:
-        for h in hooks:
-            h.remove()
-    experts = [top_expert(mod.assign(x.reshape(-1, x.size(-1)))).cpu().numpy() for mod, x in captured]
+        recorder.close()
     return [tokenizer.decode([i]) for i in ids], np.stack(experts)
 
 

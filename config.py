@@ -197,6 +197,10 @@ class TrainConfig:
     optimizer: str = "adamw"      # adamw | muon (Muon for the blocks' hidden matrices, AdamW for the rest)
     muon_steps: int = 5           # Newton-Schulz iterations of each Muon update (3 trained both the LM MoE and its
                                   # dense twin ~0.03 nats better at --time_budget 75: docs/experiments.md, Step 10)
+    muon_experts: bool = True     # Muon for the expert stacks too (false: AdamW for them, at the same lr)
+    adamw_experts_below: float = 0.0  # under --time_budget below this many seconds, muon_experts=false: at the LM's
+                                  # short-budget batch their Newton-Schulz costs more steps than it gains, at its
+                                  # full preset it pays (docs/experiments.md, Step 10); 0: never
     compile: str = "auto"         # torch.compile the training step: auto (on for CUDA, off on CPU: measured, see
                                   # resolve_compile) | on | off; resolved when training starts
     halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
@@ -245,8 +249,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a number > 0")
-        for name in ("time_budget", "pretrain_seconds", "pretrain_lr", "ngram_lr", "weight_decay", "grad_clip",
-                     "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise"):
+        for name in ("time_budget", "adamw_experts_below", "pretrain_seconds", "pretrain_lr", "ngram_lr",
+                     "weight_decay", "grad_clip", "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
         for name in ("warmup_ratio", "min_lr_ratio"):
@@ -287,8 +291,10 @@ def coerce(key: str, value: str, default):
 
 def budget_shape(model_cfg, train_cfg, time_budget: float, explicit: set[str]):
     """Under --time_budget: the recipe's batch size (and context length, where its budget_batch entry gives one)
-    for the budget; short runs need many small steps (docs/experiments.md). The `explicit` keys (given by a flag
-    or --set) win."""
+    for the budget, and its optimizer for the experts (adamw_experts_below); short runs need many small, cheap
+    steps (docs/experiments.md). The `explicit` keys (given by a flag or --set) win."""
+    if time_budget < train_cfg.adamw_experts_below and "muon_experts" not in explicit:
+        train_cfg = replace(train_cfg, muon_experts=False)
     fits = [entry for entry in train_cfg.budget_batch if time_budget < entry[0]]
     if not fits:
         return model_cfg, train_cfg

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=8000)
     w.add_argument("--checkpoint_dir", default="checkpoints", help="where cls.pt, lm.pt and seq2seq.pt are")
-    w.add_argument("--limit_concurrency", type=int, default=64,
-                   help="requests in flight at once; more are answered 503 with Retry-After (default 64)")
+    w.add_argument("--limit_concurrency", type=int, default=Options.limit_concurrency,
+                   help="requests in flight at once; more are answered 503 with Retry-After (default %(default)s)")
 
     h = p.add_argument_group("config overrides (win over the preset)")
     h.add_argument("--epochs", type=int)

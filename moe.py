@@ -214,6 +214,9 @@ class MoE(nn.Module):
         # (E,) assignments since the last update_bias; a plain attribute, not a buffer, so that DDP does not
         # overwrite each rank's own count with rank 0's
         self.pending_load = None
+        # analyze.Recorder: called with each forward's Routing, the positions it routed (None: all) and the
+        # input's shape less the width, so the routing shown is the one computed, not a second pass of the router
+        self.tap = None
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -309,6 +312,8 @@ class MoE(nn.Module):
             out, stats = self.few_tokens(flat), None
         else:
             r = self.assign(flat)
+            if self.tap is not None:
+                self.tap(r, rows, x.shape[:-1])
             out, stats = self.dispatch(flat, r), None if _exporting else self.aux_losses(r)
         if self.shared is not None:
             out = out + self.shared(flat).to(out.dtype)

@@ -13,20 +13,24 @@ from config import TrainConfig
 from moe import Experts, MoE
 
 
-def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_experts: bool = True) -> list[dict]:
     """Decay only the matrices of Linear layers and experts: norms, biases and embeddings are left alone.
     With `muon`, the hidden matrices of the Transformer blocks (attention projections, dense and expert FFN
     weights) form a third group marked "muon"; embeddings, the router (gate, noise) and the heads stay with AdamW,
-    as Muon is meant for hidden layers only."""
+    as Muon is meant for hidden layers only. Without `muon_experts` the expert stacks stay with AdamW too: they
+    are most of an MoE's matrices, and at small batches their Newton-Schulz iterations cost more steps than they
+    gain (docs/experiments.md, Step 10)."""
 
     def is_matrix(module: nn.Module, name: str) -> bool:
         return (isinstance(module, nn.Linear) and name == "weight") or (
             isinstance(module, Experts) and name in ("w_up", "w_down"))
 
-    router = {id(p) for m in model.modules() if isinstance(m, MoE)
-              for p in (m.gate.weight, *((m.noise.weight,) if m.noise is not None else ()))}
+    # the blocks' matrices that stay with AdamW: the router (gate, noise), and the experts without muon_experts
+    adamw = {id(p) for m in model.modules() if isinstance(m, MoE)
+             for p in (m.gate.weight, *((m.noise.weight,) if m.noise is not None else ()),
+                       *(() if muon_experts else (m.experts.w_up, m.experts.w_down)))}
     hidden = {id(p) for block in model.modules() if isinstance(block, Block) for m in block.modules()
-              for name, p in m.named_parameters(recurse=False) if is_matrix(m, name) and id(p) not in router}
+              for name, p in m.named_parameters(recurse=False) if is_matrix(m, name) and id(p) not in adamw}
     decay, no_decay, orthogonal = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -119,7 +123,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, muon=cfg.optimizer == "muon")
+    groups = param_groups(model, cfg.weight_decay, muon=cfg.optimizer == "muon", muon_experts=cfg.muon_experts)
     ngram = getattr(model, "ngram", None)
     if ngram is not None and cfg.ngram_lr:  # sparse features: each row sees few batches, so a larger step
         groups = [{**g, "params": [p for p in g["params"] if p is not ngram.weight]} for g in groups]

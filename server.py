@@ -52,7 +52,6 @@ from registry import TASKS
 MAX_BODY = 64 * 1024
 MAX_DEPTH = 8                 # JSON nesting a request may have (the fields are scalars)
 DEADLINE = 120.0              # seconds a model call may take before the client gets a 504
-LIMIT_CONCURRENCY = 64        # requests in flight (--limit_concurrency); more get 503 with Retry-After
 RETRY_AFTER = 1               # seconds, in that 503's Retry-After
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
@@ -178,7 +177,7 @@ def error(status: HTTPStatus, message: str, **headers) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-def make_app(models: Models, loopback: bool, limit: int = LIMIT_CONCURRENCY) -> Starlette:
+def make_app(models: Models, loopback: bool, limit: int = Options.limit_concurrency) -> Starlette:
     """The ASGI app: routes from the registry, and in front of them the Host check and the concurrency limit."""
     in_flight = 0
 

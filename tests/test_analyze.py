@@ -4,8 +4,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
-from analyze import token_kind
+from analyze import Recorder, token_kind
+from moe import MoE
+from test_lm import tiny_lm
 from test_cli import run_main
 
 
@@ -29,6 +32,29 @@ def check_layer(layer: dict, tokens: int, num_experts: int = 4, top_k: int = 2):
 def test_token_kinds():
     assert [token_kind(p) for p in ("中国", "，", "2019", " the", "\ufffd", "", " ", "ω")] == [
         "CJK", "punctuation", "digit", "Latin", "byte fragment", "special", "other", "other"]
+
+
+@torch.no_grad()
+def test_the_recorder_sees_the_routing_each_layer_computed():
+    model = tiny_lm()
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    inputs = []  # what the first MoE layer received, to route again by hand
+    hook = layers[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    recorder = Recorder(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    model(ids)
+    calls = recorder.take()
+    recorder.close()
+    hook.remove()
+    assert len(calls) == len(layers) and all(m.tap is None for m in layers)
+    name, probs, chosen, rows, shape = calls[0]
+    again = layers[0].assign(inputs[0].reshape(-1, inputs[0].size(-1)))
+    assert shape == (2, 9) and rows.tolist() == list(range(18))
+    torch.testing.assert_close(probs, again.probs)
+    assert (chosen.sum(1) == model.config.top_k).all()
+    assert torch.equal(chosen.bool(), again.per_token(torch.ones_like(again.weight)).bool())
+    model(ids)  # closed: nothing more is recorded
+    assert recorder.take() == []
 
 
 def test_analyze_lm_counts_every_token_of_the_input(trained_lm, tmp_path):

@@ -255,6 +255,7 @@ BAD_ARGUMENTS = [  # (argv, what the one-line error must say)
     (["--train", "--epochs", "0"], "--epochs 0: must be > 0"),
     (["--train", "--task", "lm", "--time_budget", "-1"], "--time_budget -1.0: must be > 0"),
     (["--train", "--set", "time_budget=-5"], "time_budget=-5.0 must be a number >= 0"),
+    (["--train", "--task", "lm", "--set", "adamw_experts_below=-1"], "adamw_experts_below=-1.0 must be a number >= 0"),
     (["--train", "--task", "lm", "--time_budget", "60", "--set", "budget_batch=[[100, 8, 0]]"],
      "budget_batch=[[100, 8, 0]] must be [seconds, batch] or [seconds, batch, context]"),
     (["--train", "--task", "lm", "--time_budget", "60", "--set", "budget_batch=[5]"], "budget_batch"),

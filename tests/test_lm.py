@@ -267,10 +267,26 @@ SHAPE = ["--set", "budget_batch=[[100, 8], [420, 16, 96]]"]  # another rule, to 
     (SHAPE, 32, 128, 730),                                          # no budget, no rule
 ])
 def test_time_budget_picks_the_batch_and_ends_on_the_clock(argv, batch, context, max_steps):
+    assert budget_configs(argv)[:3] == (batch, context, max_steps)
+
+
+def budget_configs(argv: list[str]) -> tuple:
     import main
     args = main.build_parser().parse_args(["--train", "--task", "lm", *argv])
     _, model_cfg, train_cfg = main.resolve_config("lm", args.preset, main.config_flags(args), args.set)
-    assert (train_cfg.batch_size, model_cfg.max_len, train_cfg.max_steps) == (batch, context, max_steps)
+    return train_cfg.batch_size, model_cfg.max_len, train_cfg.max_steps, train_cfg.muon_experts
+
+
+@pytest.mark.parametrize("argv,muon_experts", [
+    ([], True),                                                     # the preset: Muon for every hidden matrix
+    (["--time_budget", "60"], False),                               # a short budget: AdamW for the experts
+    (["--time_budget", "300"], True),
+    (["--time_budget", "60", "--set", "muon_experts=true"], True),  # explicit wins
+    (["--set", "muon_experts=false"], False),
+    (["--time_budget", "60", "--set", "adamw_experts_below=0"], True),
+])
+def test_time_budget_picks_the_experts_optimizer(argv, muon_experts):
+    assert budget_configs(argv)[3] is muon_experts
 
 
 def test_upcycling_a_dense_checkpoint_through_main(tmp_path):

@@ -285,6 +285,15 @@ def test_muon_groups_and_its_adamw_part_equals_torch_adamw():
     assert {id(ffn.experts.w_up), id(ffn.experts.w_down), id(model.blocks[0].attn.q_proj.weight)} <= muon
     assert not {id(ffn.gate.weight), id(ffn.noise.weight), id(model.tok_emb.weight), id(ffn.experts.b_up)} & muon
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # --set muon_experts=false: the expert stacks go to AdamW's decayed group, the other hidden matrices stay
+    from config import TrainConfig
+    from optim import build_optimizer
+    groups = build_optimizer(model, TrainConfig(optimizer="muon", muon_experts=False), torch.device("cpu")).param_groups
+    muon = {id(p) for g in groups if g["muon"] for p in g["params"]}
+    decayed = {id(p) for g in groups if not g["muon"] and g["weight_decay"] > 0 for p in g["params"]}
+    assert {id(model.blocks[0].attn.q_proj.weight), id(model.blocks[1].attn.q_proj.weight)} <= muon
+    assert {id(ffn.experts.w_up), id(ffn.experts.w_down)} <= decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     # the AdamW groups of Muon step exactly as torch.optim.AdamW
     twin = LanguageModel(cfg)
     twin.load_state_dict(model.state_dict())
