@@ -40,7 +40,7 @@ from distributed import check_expert_parallel, dist_info, init_distributed
 from errors import DataError
 from fsio import exclusive, writable_dir, writable_file
 from registry import TASKS, tasks_with
-from runtime import pick_device, resolve_compile, resolve_dtype
+from runtime import check_training_dtype, pick_device, resolve_compile, resolve_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -335,6 +335,7 @@ def run(args, argv: list[str]) -> int:
 def train(task, args, opts: Options, device) -> None:
     """--train / --compare: resolve the configs, then the pipeline; the JSON summary is the last line."""
     preset, model_cfg, train_cfg = resolve_config(task.name, args.preset, config_flags(args), args.set)
+    check_training_dtype(train_cfg.dtype, device)  # before a run folder is made
     # the checkpoint says which dtype and compile mode the run used
     train_cfg = replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, device),
                         compile=resolve_compile(train_cfg.compile, device))

@@ -46,6 +46,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def check_training_dtype(dtype: str, device: torch.device) -> None:
+    if dtype == "fp16" and device.type != "cuda":
+        raise DataError("--dtype fp16 needs a CUDA device (it runs with a GradScaler); use --dtype bf16 on CPU")
+
+
 def resolve_compile(compile: str, device: torch.device) -> str:
     """"auto" -> "on" on CUDA, "off" elsewhere. Measured with `bench.py --only train --compile_modes default`:
     on an H100 (bf16) the compiled MoE step took 0.66x the eager one for the LM, 0.85x for classifier

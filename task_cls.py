@@ -256,7 +256,7 @@ class Predictor:
         self.temperature = float(calibration.get("temperature", 1.0))
         self.unsure_below = float(calibration.get("unsure_below", 0.0))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def logits(self, batch: dict) -> np.ndarray:
         """A batch from data.collate_cls -> logits (B, classes)."""
         if self.backend == "onnx":

@@ -136,7 +136,7 @@ def fusion_term(tokenizer, weight: float, pinyin_sources: list[str] | None = Non
     return term
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def convert(model, tokenizer, src_ids: list[list[int]], device, dtype: str = "fp32", beam: int = 1,
             length_penalty: float = 1.0, batch_size: int = 128, progress: bool = False,
             word_prior: float = 0.0, fusion: float = 0.0, pinyin: bool = False) -> list[str]:
@@ -212,7 +212,7 @@ def word_prior_for(ckpt: dict, word_prior: float | None) -> float:
     return WORD_PRIOR if ckpt.get("source") == "pinyin" else 0.0
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ranked(model, tokenizer, ckpt: dict, text: str, device, beam: int, length_penalty: float, n: int,
            word_prior: float, fusion: float) -> tuple[list[tuple[float, str]], str, bool, int]:
     """One source -> (its distinct conversions (score, text) best first, the source as the model read it,

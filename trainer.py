@@ -23,7 +23,7 @@ from distributed import dist_info, mean_over_ranks, rank0_says, shard
 from errors import DataError
 from moe import MoE
 from optim import build_optimizer, lr_factor
-from runtime import autocast, resolve_compile
+from runtime import autocast, check_training_dtype, resolve_compile
 from tracking import MetricsLog
 
 
@@ -215,8 +215,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
                  log: MetricsLog, checkpointer: Checkpointer, quiet: bool = False):
-        if cfg.dtype == "fp16" and device.type != "cuda":
-            raise DataError("--dtype fp16 needs a CUDA device (it runs with a GradScaler); use --dtype bf16 on CPU")
+        check_training_dtype(cfg.dtype, device)  # (main.py asks too, before a run folder is made)
         self.model, self.cfg, self.device, self.log, self.checkpointer = model, cfg, device, log, checkpointer
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

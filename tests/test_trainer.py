@@ -143,9 +143,11 @@ def test_fp16_on_cpu_and_resume_without_state_fail_with_one_line(tmp_path, pairs
     for extra, message in ((["--dtype", "fp16"], "fp16 needs a CUDA device"),
                            (["--resume"], "no checkpoint; train one first")):
         proc = run_main("--train", "--task", "seq2seq", "--preset", "tiny", "--data", pairs_file, "--checkpoint",
-                        str(tmp_path / "m.pt"), "--device", "cpu", *extra, check=False)
+                        str(tmp_path / "m.pt"), "--out_dir", str(tmp_path / "run"), "--device", "cpu", *extra,
+                        check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "run").exists()  # a refused run leaves no run folder behind
 
 
 def test_checkpointer_keeps_the_best_and_the_resume_state(tmp_path):
