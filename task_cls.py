@@ -156,9 +156,10 @@ def pretrain_phase(model, tokenizer, texts: list[str], val_texts: list[str], mod
     if not opts.quiet:
         corpus = " + ".join(["training texts"] + ["shipped reviews"] * train_cfg.pretrain_shipped
                             + ["People's Daily"] * train_cfg.pretrain_news)
-        until = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epoch(s)"
-        cap = f", at most {cfg.time_budget:.0f} s" if cfg.time_budget else ""
-        print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {until}{cap}",
+        # (a --compare variant held to the first one's seconds has "endless" epochs: the seconds alone are shown)
+        limits = ([f"{cfg.max_steps} steps"] if cfg.max_steps else [f"{cfg.epochs} epoch(s)"] * (cfg.epochs < 10 ** 6)
+                  ) + [f"at most {cfg.time_budget:.0f} s"] * bool(cfg.time_budget)
+        print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {', '.join(limits)}",
               file=sys.stderr)
     mlm = MaskedLM(model)
     log = MetricsLog(os.path.join(opts.out_dir, "pretrain_metrics.jsonl") if is_main_process() else None,
