@@ -38,6 +38,15 @@ def sentences():
 # -----------------------------------------------------------------------------
 # Data and metrics
 
+@pytest.mark.parametrize("argv,batch", [([], 64), (["--time_budget", "75"], 32), (["--time_budget", "300"], 64),
+                                        (["--time_budget", "75", "--batch_size", "16"], 16)])
+def test_short_budgets_train_at_batch_32(argv, batch):
+    """The preset's budget rule: below 100 s, batch 32 (measured best at 75 s for the MoE and its twin)."""
+    args = main.build_parser().parse_args(["--train", "--task", "seq2seq", *argv])
+    _, _, train_cfg = main.resolve_config("seq2seq", args.preset, main.config_flags(args), args.set)
+    assert train_cfg.batch_size == batch
+
+
 def test_pinyin_and_sentence_splitting():
     assert pinyin.to_pinyin("我爱编程") == "wo ai bian cheng"
     assert pinyin.to_pinyin("重庆的行长说：好！") == "chong qing de hang zhang shuo ： hao ！"
