@@ -173,6 +173,9 @@ TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seco
                      "seq2seq": ("lexicon_pairs",)}
 
 
+ENDLESS_EPOCHS = 10 ** 6  # the epochs of a run that only its time budget ends (a --compare variant held to seconds)
+
+
 @dataclass
 class TrainConfig:
     """How to train; stored in the checkpoint next to the model config."""

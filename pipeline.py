@@ -14,7 +14,7 @@ import plots
 import runs
 from checkpoint import (checkpoint_payload, last_path, load_checkpoint, load_init, load_resume,
                         save_checkpoint)
-from config import ModelConfig, Options, TrainConfig
+from config import ENDLESS_EPOCHS, ModelConfig, Options, TrainConfig
 from distributed import is_main_process
 from fsio import atomic_write_text
 from models import build_model, count_params
@@ -209,12 +209,12 @@ def train_variants(task, variants: dict, train_cfg: TrainConfig, opts: Options, 
 def same_seconds(cfg: TrainConfig, first: dict) -> TrainConfig:
     """The training config of a later --compare variant: a step count of the preset becomes the seconds the
     first variant spent on it (a faster model then makes more steps, as it would in the same wall-clock). At least
-    1 ms: a budget of 0 means "no limit", which with 10**6 epochs would never end."""
+    1 ms: a budget of 0 means "no limit", which with ENDLESS_EPOCHS would never end."""
     if cfg.max_steps and not cfg.time_budget:
-        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, 10 ** 6),
+        cfg = replace(cfg, max_steps=0, epochs=max(cfg.epochs, ENDLESS_EPOCHS),
                       time_budget=max(first["train_seconds"], 1e-3))
     if cfg.pretrain_steps and not cfg.pretrain_seconds and "pretrain_seconds" in first:
-        cfg = replace(cfg, pretrain_steps=0, pretrain_epochs=max(cfg.pretrain_epochs, 10 ** 6),
+        cfg = replace(cfg, pretrain_steps=0, pretrain_epochs=max(cfg.pretrain_epochs, ENDLESS_EPOCHS),
                       pretrain_seconds=max(first["pretrain_seconds"], 1e-3))
     return cfg
 

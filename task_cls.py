@@ -19,7 +19,7 @@ import plots
 from analyze import ANALYZE_TEXTS, Recorder
 from api import field
 from checkpoint import load_trained
-from config import ModelConfig, Options, TrainConfig
+from config import ENDLESS_EPOCHS, ModelConfig, Options, TrainConfig
 from data import (EXTRA_SENTIMENT, Packed, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
                   mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
                   tokenizer_cache, user_splits, with_extra_sentiment)
@@ -156,9 +156,13 @@ def pretrain_phase(model, tokenizer, texts: list[str], val_texts: list[str], mod
     if not opts.quiet:
         corpus = " + ".join(["training texts"] + ["shipped reviews"] * train_cfg.pretrain_shipped
                             + ["People's Daily"] * train_cfg.pretrain_news)
-        # (a --compare variant held to the first one's seconds has "endless" epochs: the seconds alone are shown)
-        limits = ([f"{cfg.max_steps} steps"] if cfg.max_steps else [f"{cfg.epochs} epoch(s)"] * (cfg.epochs < 10 ** 6)
-                  ) + [f"at most {cfg.time_budget:.0f} s"] * bool(cfg.time_budget)
+        limits = []
+        if cfg.max_steps:
+            limits.append(f"{cfg.max_steps} steps")
+        elif cfg.epochs < ENDLESS_EPOCHS:  # endless epochs: the seconds alone end the phase
+            limits.append(f"{cfg.epochs} epoch(s)")
+        if cfg.time_budget:
+            limits.append(f"at most {cfg.time_budget:.0f} s")
         print(f"phase 1: masked-LM pretraining on {len(seqs):,} sequences ({corpus}) for {', '.join(limits)}",
               file=sys.stderr)
     mlm = MaskedLM(model)
