@@ -14,7 +14,6 @@ and cached in dataset/charlm/.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -128,10 +127,8 @@ def load() -> CharLM:
         return _MODEL
     words, word_counts = pinyin.jieba_words(1, 8)
     texts = training_texts()
-    digest = hashlib.sha256(f"{ORDER} {DISCOUNT}".encode())
-    for part in (texts, words, map(str, word_counts)):
-        digest.update("\n".join(part).encode("utf-8", "surrogatepass") + b"\0")
-    path = os.path.join(data.DATASET_DIR, "charlm", f"charlm{ORDER}_{digest.hexdigest()[:12]}.json")
+    digest = data.texts_digest([f"{ORDER} {DISCOUNT}", *map(data.texts_digest, (texts, words, map(str, word_counts)))])
+    path = os.path.join(data.DATASET_DIR, "charlm", f"charlm{ORDER}_{digest[:12]}.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             levels = json.load(f)["levels"]

@@ -161,10 +161,15 @@ def tokenizer_cache(corpus: str | None, kind: str, vocab_size: int, texts: list[
     reuses it and an edited file trains its own."""
     if corpus:
         return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
+    return os.path.join(DATASET_DIR, "tokenizers", f"{kind}_{vocab_size}_{texts_digest(texts)[:16]}.json")
+
+
+def texts_digest(texts: Iterable[str]) -> str:
+    """sha256 of the texts in order (each ended by a NUL), for cache names that change when their inputs do."""
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    return os.path.join(DATASET_DIR, "tokenizers", f"{kind}_{vocab_size}_{digest.hexdigest()[:16]}.json")
+    return digest.hexdigest()
 
 
 def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
