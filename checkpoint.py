@@ -18,6 +18,7 @@ from fsio import atomic_write
 from models import build_model
 from moe import upcycle, upcycled_config
 from tokenizer import tokenizer_from_dict
+from wide import TfidfFeatures
 
 CHECKPOINT_VERSION = 1
 
@@ -56,6 +57,8 @@ def load_trained(path: str, task: str, train_hint: str, device):
         raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
     model = build_model(task, model_config(task, ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["state_dict"])
+    if "wide_features" in ckpt:  # a wide & deep classifier reads each text's TF-IDF row with its own vocabulary
+        model.features = TfidfFeatures.from_dict(ckpt["wide_features"])
     return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt
 
 

@@ -114,16 +114,27 @@ class ClassifierConfig(ModelConfig):
     pooling: str = "cls"          # "cls" (the [CLS] position) or "mean" (over real tokens)
     ngram_buckets: int = 0        # a linear "wide" part over hashed token 1-3-grams, added to the logits
                                   # (fastText / wide & deep); this many hash buckets (0: none)
+    wide: bool = False            # wide & deep: a linear model over TF-IDF character 1-3-grams (wide.py), started
+                                  # as the LinearSVC fitted on the training split, plus the encoder's logits times
+                                  # a scale that starts at 0
+    wide_vocab: int = 0           # its n-gram vocabulary size: set from the training split (not a user setting)
+    deep_training: str = "own"    # wide & deep: what the deep part learns from. "joint": the loss of the summed
+                                  # logits (it learns the linear model's residual on the training texts, which the
+                                  # linear model fits too well); "own": its own logits' cross-entropy, the summed
+                                  # logits' loss training only the scale; "both": the two losses added
     num_classes: int = 2
     type_vocab_size: int = 2      # segment embeddings (sentence A / B)
 
     def __post_init__(self):
         super().__post_init__()
-        for name, lo in (("num_classes", 1), ("ngram_buckets", 0), ("type_vocab_size", 1)):
+        for name, lo in (("num_classes", 1), ("ngram_buckets", 0), ("type_vocab_size", 1),
+                         ("wide_vocab", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
+        if self.deep_training not in ("joint", "own", "both"):
+            raise ValueError(f"deep_training={self.deep_training!r} must be joint, own or both")
 
 
 @dataclass
@@ -168,7 +179,7 @@ def model_config(task: str, values: dict) -> ModelConfig:
 
 # TrainConfig fields that only one task reads (main.py refuses them for the others)
 TASK_TRAIN_FIELDS = {"cls": ("pretrain_epochs", "pretrain_steps", "pretrain_seconds", "pretrain_lr",
-                             "pretrain_optimizer", "ngram_lr", "pretrain_news", "extra_labelled",
+                             "pretrain_optimizer", "ngram_lr", "wide_lr", "pretrain_news", "extra_labelled",
                              "pretrain_shipped"),
                      "seq2seq": ("lexicon_pairs",)}
 
@@ -216,6 +227,8 @@ class TrainConfig:
     pretrain_lr: float = 0.0      # 0: same as lr
     pretrain_optimizer: str = ""  # adamw | muon for that phase ("": same as optimizer)
     ngram_lr: float = 0.0         # learning rate of the classifier's hashed n-gram weights (0: same as lr)
+    wide_lr: float = 0.0          # learning rate of the TF-IDF linear part's weights (0: frozen at the fitted
+                                  # linear model; the deep part and its scale learn around it)
     pretrain_news: bool = True    # pretrain on the People's Daily corpus too, not only the training texts
     pretrain_shipped: bool = False  # pretrain on every review text the project ships too (data.shipped_texts),
                                   # less each text of the val and test splits (theirs, or those of --data)
@@ -252,7 +265,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a number > 0")
-        for name in ("time_budget", "adamw_experts_below", "pretrain_seconds", "pretrain_lr", "ngram_lr",
+        for name in ("time_budget", "adamw_experts_below", "pretrain_seconds", "pretrain_lr", "ngram_lr", "wide_lr",
                      "weight_decay", "grad_clip", "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")

@@ -44,15 +44,11 @@ def pytest_sessionstart(session):
     disk = shutil.disk_usage(ROOT).free / 2 ** 30
     tmp = shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        cpu = platform.processor() or "?"
     import torch
     from optim import newton_schulz_dtype
+    from runtime import cpu_name
     reporter.write_line(
-        f"machine: {cpu}, Python {platform.python_version()}, torch {torch.__version__} with "
+        f"machine: {cpu_name()}, Python {platform.python_version()}, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads (Muon's Newton-Schulz in {newton_schulz_dtype(torch.device('cpu'))}), "
         f"{os.cpu_count()} cores visible, {CPUS} usable "
         f"(OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}), {pages:.0f} GiB RAM, free disk {disk:.0f} GiB "

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from errors import DataError
 from fsio import atomic_write_csv, atomic_write_text, package_text
 from pinyin import SENTENCE_END, to_pinyin
+from wide import pad_rows
 
 DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
 SPLITS = ("train", "val", "test")
@@ -257,11 +258,16 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
     return batches
 
 
-def collate_cls(tokenizer, seqs: list[list[int]], labels: list[int] | None, max_len: int, device=None):
+def collate_cls(tokenizer, seqs: list[list[int]], labels: list[int] | None, max_len: int, device=None,
+                wide_rows: list | None = None):
+    """Token ids (and with `wide_rows`, the texts' TF-IDF rows: wide.TfidfFeatures.row) -> the classifier's
+    batch of tensors."""
     ids, mask = tokenizer.pad_batch(seqs, max_len)
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
     if labels is not None:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    if wide_rows is not None:
+        batch["wide_ids"], batch["wide_values"] = pad_rows(wide_rows)
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from blocks import Block, RMSNorm, init_weights, reorder_cache, run_blocks, task_loss
 from config import MODEL_CONFIGS, ModelConfig
@@ -52,9 +53,15 @@ class Classifier(nn.Module):
         self.norm = RMSNorm(C)
         self.head = nn.Linear(C, config.num_classes)
         self.ngram = nn.Embedding(config.ngram_buckets, config.num_classes) if config.ngram_buckets else None
+        if config.wide_vocab:  # wide & deep: the TF-IDF linear model, plus the encoder's logits times deep_scale
+            self.wide = nn.Embedding(config.wide_vocab, config.num_classes)
+            self.wide_bias = nn.Parameter(torch.zeros(config.num_classes))
+            self.deep_scale = nn.Parameter(torch.zeros(()))
         init_weights(self, config.num_layers)
         if self.ngram is not None:
             nn.init.zeros_(self.ngram.weight)  # at step 0 the model is the deep part alone
+        if config.wide_vocab:
+            nn.init.zeros_(self.wide.weight)  # the task sets it to the fitted linear model (ClsData.init_model)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None):
         """input_ids, attention_mask (B, T) -> hidden states (B, T, C) after the final norm, MoE stats."""
@@ -66,8 +73,31 @@ class Classifier(nn.Module):
         x, stats = run_blocks(self.blocks, self.drop(x), self.grad_checkpoint, mask=mask)
         return self.norm(x), stats
 
-    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None, label_smoothing=0.0):
-        """input_ids, attention_mask (B, T) -> logits (B, classes), loss (CE + aux) or None, info dict."""
+    def forward(self, input_ids, attention_mask, wide_ids=None, wide_values=None, labels=None, token_type_ids=None,
+                label_smoothing=0.0):
+        """input_ids, attention_mask (B, T); with a wide part, the texts' TF-IDF rows wide_ids, wide_values
+        (B, F) -> logits (B, classes), loss (CE + aux) or None, info dict (info["wide_logits"]: the wide part's
+        share of the logits). Without wide inputs a wide model gives the deep part's share alone."""
+        deep, stats = self.deep_logits(input_ids, attention_mask, token_type_ids)
+        if not self.config.wide_vocab:
+            return deep, *task_loss(deep, labels, stats, label_smoothing)
+        if wide_ids is None:
+            return self.deep_scale * deep, *task_loss(self.deep_scale * deep, labels, stats, label_smoothing)
+        wide = self.wide_logits(wide_ids, wide_values)
+        training = self.config.deep_training
+        logits = wide + self.deep_scale * (deep.detach() if training == "own" else deep)
+        loss, info = task_loss(logits, labels, stats, label_smoothing)
+        if loss is not None and training != "joint":  # the deep part learns the task on its own logits too
+            loss = loss + F.cross_entropy(deep, labels, label_smoothing=label_smoothing)
+        info["wide_logits"] = wide.detach()
+        return logits, loss, info
+
+    def wide_logits(self, wide_ids, wide_values):
+        """TF-IDF rows (B, F) (id 0 / value 0.0 in the padding) -> the linear model's logits (B, classes)."""
+        return (self.wide(wide_ids) * wide_values[..., None].float()).sum(1) + self.wide_bias
+
+    def deep_logits(self, input_ids, attention_mask, token_type_ids=None):
+        """The encoder's logits (B, classes) (with the hashed n-gram part, when the config has one), MoE stats."""
         mask = attention_mask.bool()
         if self.config.num_layers:
             x, stats = self.encode(input_ids, attention_mask, token_type_ids)
@@ -84,10 +114,10 @@ class Classifier(nn.Module):
             pooled = self.norm(pooled + y[:, 0])
         logits = self.head(self.drop(pooled)).float()  # (B, classes)
         if self.ngram is not None:
-            logits = logits + self.wide(input_ids, mask)
-        return logits, *task_loss(logits, labels, stats, label_smoothing)
+            logits = logits + self.hashed_ngrams(input_ids, mask)
+        return logits, stats
 
-    def wide(self, input_ids, mask):
+    def hashed_ngrams(self, input_ids, mask):
         """The linear part: each token 1-, 2- and 3-gram hashed to one of ngram_buckets rows of class weights,
         summed over the text / sqrt(count) -> logits (B, classes). Token n-grams of the byte-level BPE span about
         1-5 characters, the features a TF-IDF + linear SVM baseline uses; here they train with the encoder."""

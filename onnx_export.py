@@ -27,9 +27,11 @@ from errors import DataError
 from fsio import atomic_write
 from moe import exporting
 from tokenizer import tokenizer_from_dict
+from wide import TfidfFeatures
 
 INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
 MAX_BATCH = 65536
+MAX_FEATURES = 1 << 20
 
 
 def require(*modules: str):
@@ -47,28 +49,31 @@ def onnx_path(checkpoint: str) -> str:
 
 
 class LogitsOnly(nn.Module):
-    """The graph to export: inputs -> logits, without the loss and the logging statistics."""
+    """The graph to export: inputs (passed to the model's forward by name) -> logits, without the loss and the
+    logging statistics."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, names
 
     def forward(self, *inputs):
-        return self.model(*inputs)[0]
+        return self.model(**dict(zip(self.names, inputs)))[0]
 
 
 def dynamic_shapes(names: list[str], max_len: int) -> dict:
-    """Every input has a dynamic batch (up to MAX_BATCH) and sequence (up to max_len) axis."""
+    """Every input has a dynamic batch axis (up to MAX_BATCH) and a second one: the sequence (up to max_len),
+    or for the classifier's TF-IDF rows ("wide_" inputs) the n-grams of the longest text (up to MAX_FEATURES)."""
     # a bounded batch axis keeps the graph's size checks (tokens x top_k) inside int64
     B, T = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seq", min=1, max=max_len)
-    return {"inputs": tuple({0: B, 1: T} for _ in names)}
+    F = torch.export.Dim("features", min=1, max=MAX_FEATURES)
+    return {"inputs": tuple({0: B, 1: F if n.startswith("wide_") else T} for n in names)}
 
 
 def export(task, opts: Options) -> dict:
     """--export onnx: write the ONNX file of --checkpoint, check it against PyTorch, return a summary. The task
     says what the graph's inputs are (Task.export_inputs; a task whose decoding cannot export refuses there)."""
     example = torch.randint(4, 50, (2, 16))  # B, T > 1, so that neither axis is specialised to 1
-    task.export_inputs(example)
+    task.export_inputs(example)  # a task that does not export refuses here, before anything is loaded
     onnx, ort = require("onnx", "onnxruntime")
     require("onnxscript")
     path = opts.checkpoint
@@ -80,8 +85,8 @@ def export(task, opts: Options) -> dict:
         raise DataError(f"{path}: routing='expert' picks tokens across the whole batch (a data-dependent "
                         "top-k); only token-choice MoE models export")
     output = opts.output or onnx_path(path)
-    inputs, names = task.export_inputs(example[:, :model.config.max_len])
-    graph = LogitsOnly(model).eval()
+    inputs, names = task.export_inputs(example[:, :model.config.max_len], model.config)
+    graph = LogitsOnly(model, names).eval()
     with atomic_write(output) as tmp:  # a failed export never leaves a half-written file under the real name
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes about torchvision ops
         with warnings.catch_warnings():
@@ -95,6 +100,9 @@ def export(task, opts: Options) -> dict:
                 "max_len": str(model.config.max_len), "label_names": json.dumps(ckpt.get("label_names", [])),
                 "dtype": ckpt["train_config"].get("dtype", "fp32"),
                 "calibration": json.dumps(ckpt.get("calibration", {}))}
+        if "wide_features" in ckpt:  # the classifier's TF-IDF vocabulary and IDF: the file stays self-contained
+            meta["wide_features"] = json.dumps(TfidfFeatures.from_dict(ckpt["wide_features"]).to_json(),
+                                               ensure_ascii=False)
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)
@@ -103,7 +111,7 @@ def export(task, opts: Options) -> dict:
     gen = torch.Generator().manual_seed(0)
     diffs = []
     for B, T in ((1, 3), (5, model.config.max_len)):
-        feeds, _ = task.export_inputs(torch.randint(4, tokenizer.n_vocab, (B, T), generator=gen))
+        feeds, _ = task.export_inputs(torch.randint(4, tokenizer.n_vocab, (B, T), generator=gen), model.config)
         with torch.no_grad():
             ref = graph(*feeds).numpy()
         got = session.run(None, {n: t.numpy() for n, t in zip(names, feeds)})[0]
@@ -131,8 +139,9 @@ class OnnxClassifier:
         self.names = json.loads(meta["label_names"])
         self.max_len = int(meta["max_len"])
         self.calibration = json.loads(meta.get("calibration", "{}"))
+        self.features = TfidfFeatures.from_dict(json.loads(meta["wide_features"])) if "wide_features" in meta else None
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
     def logits(self, batch: dict) -> np.ndarray:
         """batch of tensors from data.collate_cls -> logits (B, classes) as numpy."""
-        return self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
-                                       "attention_mask": batch["attention_mask"].numpy()})[0]
+        return self.session.run(None, {name: batch[name].numpy() for name in self.inputs})[0]

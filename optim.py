@@ -128,6 +128,13 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", device: torch.device) 
     if ngram is not None and cfg.ngram_lr:  # sparse features: each row sees few batches, so a larger step
         groups = [{**g, "params": [p for p in g["params"] if p is not ngram.weight]} for g in groups]
         groups.append({"params": [ngram.weight], "weight_decay": 0.0, "lr": cfg.ngram_lr})
+    if getattr(model, "wide", None) is not None:  # the TF-IDF linear part: frozen (wide_lr 0) or its own step
+        wide = [model.wide.weight, model.wide_bias]
+        groups = [{**g, "params": [p for p in g["params"] if all(p is not w for w in wide)]} for g in groups]
+        for p in wide:
+            p.requires_grad_(bool(cfg.wide_lr))
+        if cfg.wide_lr:
+            groups.append({"params": wide, "weight_decay": 0.0, "lr": cfg.wide_lr})
     if cfg.optimizer == "muon":
         return Muon(groups, lr=cfg.lr, betas=cfg.betas, ns_steps=cfg.muon_steps)
     # fused: one kernel for all parameters instead of ~10 ops per tensor; on CPU several times faster than the

@@ -18,7 +18,7 @@ from config import ENDLESS_EPOCHS, ModelConfig, Options, TrainConfig
 from distributed import is_main_process
 from fsio import atomic_write_text
 from models import build_model, count_params
-from runtime import peak_rss_mb, seed_everything
+from runtime import cpu_name, peak_rss_mb, seed_everything
 from task import Task, TaskData
 from tracking import MetricsLog, run_log
 from trainer import Checkpointer, Trainer
@@ -79,7 +79,7 @@ def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
                 "train_loss": last_loss, **{k: result.best.get(k) for k in task.metrics if k.startswith("val_")}}
     metrics, outputs = score_on_test(run, result.best, log, opts, device)
     speeds = [r["tokens_per_s"] for r in log.rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
-    summary = {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1),
+    summary = {**summary, **outputs, "wall_seconds": round(time.time() - t_start, 1), "cpu": cpu_name(),
                "peak_rss_mb": round(peak_rss_mb()),  # the process's, data preparation and evaluation included
                "tokens_per_s": round(float(np.mean(speeds))) if speeds else 0, "best_step": result.best.get("step"),
                **{k: metrics.get(k) for k in task.metrics}}
@@ -115,9 +115,12 @@ def start(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
     else:
         origin = ("--resume", resume["saved"])
     data = task.data(tokenizer, splits, model_cfg, opts, origin)
+    model_cfg = data.sized(model_cfg)
     model = build_model(task.name, model_cfg).to(device)
     if init:
         model.load_state_dict(init_state)
+    elif resume is None:
+        data.init_model(model)
     os.makedirs(opts.out_dir, exist_ok=True)
     if is_main_process():
         atomic_write_text(json.dumps({"task": task.name, "model": asdict(model_cfg), "train": asdict(train_cfg)},

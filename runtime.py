@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 import resource
 import sys
@@ -73,3 +74,22 @@ def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MB (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def cpu_name() -> str:
+    """The CPU as a time measured on it must name it: /proc/cpuinfo's model name and which of the vector and
+    bf16 features that move these models' speed it has (the same machine kind has been each of these)."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model or platform.processor() or '?'} ({', '.join(have) if have else 'none of avx2/avx512/amx'})"

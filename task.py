@@ -50,6 +50,14 @@ class TaskData:
         """What the checkpoint keeps besides the weights (label names, the source kind)."""
         return {}
 
+    def sized(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The model config with what the data decides (the classifier's TF-IDF vocabulary size)."""
+        return model_cfg
+
+    def init_model(self, model: nn.Module) -> None:
+        """Start a fresh model's weights from the data where the task does (the classifier's wide part: the
+        linear model fitted on the training split); resumed and upcycled models keep their saved weights."""
+
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
         raise NotImplementedError
 
@@ -127,8 +135,9 @@ class Task:
         raise NotImplementedError
 
     # ---- --export onnx
-    def export_inputs(self, ids) -> tuple[tuple, list[str]]:
-        """Token ids (B, T) -> (the model's inputs for them, their names); each has a (batch, seq) axis."""
+    def export_inputs(self, ids, config: ModelConfig | None = None) -> tuple[tuple, list[str]]:
+        """Token ids (B, T) (and the model's config) -> (the model's inputs for them, the names of its forward's
+        arguments they go to); each has a batch axis and a second one: seq, or "features" for a "wide_" input."""
         raise DataError(f"--export onnx: --task {self.name} does not export")
 
     # ---- --serve

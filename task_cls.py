@@ -33,6 +33,7 @@ from task import Phase, Task, TaskData
 from tokenizer import load_or_train
 from tracking import MetricsLog
 from trainer import FitResult
+from wide import TfidfFeatures, fit_linear
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -58,34 +59,47 @@ def pretrain_texts(splits: dict, cfg: TrainConfig) -> list[str]:
     return texts
 
 
-def encode_split(tokenizer, df, names: list[str], where: str):
+def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFeatures | None, rows=None):
+    """A split as (token ids, class indices, TF-IDF rows or None); `rows`: the split's rows when already made."""
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(df.label) - set(index))
     if unknown:
         raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
-    return Packed(encode_texts(tokenizer, list(df.text))), [index[l] for l in df.label]
+    if features is not None and rows is None:
+        rows = features.rows(list(df.text))
+    return Packed(encode_texts(tokenizer, list(df.text))), [index[l] for l in df.label], rows
+
+
+def picked(rows, idx):
+    return None if rows is None else [rows[i] for i in idx]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, device, dtype: str) -> dict:
+def evaluate(model, tokenizer, seqs, labels, wide_rows, cfg: ModelConfig, batch_size: int, device,
+             dtype: str) -> dict:
     """Loss, accuracy, macro-F1; expert counts per MoE layer, and per true class (summed over layers).
 
     Batches are cut by length only, never by label: under expert choice (and a capacity limit) a text's routing
     depends on its batch-mates, so batching by class would let the label reach the prediction. The per-class
-    counts come from each routed token's row (analyze.Recorder), whatever batch it is in."""
+    counts come from each routed token's row (analyze.Recorder), whatever batch it is in. A wide & deep model's
+    wide share of the logits comes back too ("_wide_logits"), for the blend on validation."""
     model.eval()
     num_classes = cfg.num_classes
     all_logits = np.zeros((len(seqs), num_classes), dtype=np.float32)
+    wide_logits = np.zeros_like(all_logits) if wide_rows is not None else None
     loss_sum = 0.0
     layer_counts = class_counts = None
     recorder = Recorder(model) if cfg.num_experts else None
     try:
         for rows in length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False):
-            batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device)
+            batch = collate_cls(tokenizer, [seqs[i] for i in rows], [labels[i] for i in rows], cfg.max_len, device,
+                                picked(wide_rows, rows))
             with autocast(device, dtype):
                 logits, _, info = model(**batch)
             loss_sum += float(info["ce"]) * len(rows)  # cross-entropy only: comparable with and without MoE
             all_logits[rows] = logits.float().cpu().numpy()
+            if wide_logits is not None:
+                wide_logits[rows] = info["wide_logits"].float().cpu().numpy()
             if recorder is None or not info["counts"]:
                 continue
             counts = torch.stack(info["counts"]).cpu().numpy()  # (layers, E)
@@ -104,16 +118,18 @@ def evaluate(model, tokenizer, seqs, labels, cfg: ModelConfig, batch_size: int, 
     y, preds = np.asarray(labels), all_logits.argmax(1)
     return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
             "val_f1": float(f1_score(y, preds, average="macro")),
-            "_layer_counts": layer_counts, "_class_counts": class_counts, "_logits": all_logits}
+            "_layer_counts": layer_counts, "_class_counts": class_counts, "_logits": all_logits,
+            "_wide_logits": wide_logits}
 
 
-def batch_stream(tokenizer, seqs, labels, max_len: int, batch_size: int, seed: int, device):
+def batch_stream(tokenizer, seqs, labels, wide_rows, max_len: int, batch_size: int, seed: int, device):
     """Endless training batches: a fresh length-bucketed shuffle every epoch."""
     rng = random.Random(seed)
     lengths = [len(s) for s in seqs]
     while True:
         for idx in length_bucketed_batches(lengths, batch_size, rng):
-            yield collate_cls(tokenizer, [seqs[i] for i in idx], [labels[i] for i in idx], max_len, device)
+            yield collate_cls(tokenizer, [seqs[i] for i in idx], [labels[i] for i in idx], max_len, device,
+                              picked(wide_rows, idx))
 
 
 def mlm_stream(tokenizer, seqs, max_len: int, batch_size: int, seed: int, device):
@@ -199,10 +215,24 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def fit_temperature(logits: np.ndarray, labels) -> float:
     """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al. 2017), by a
     fine grid over log T: one parameter, so a grid is exact enough and cannot diverge."""
+    return temperature_nll(logits, labels)[0]
+
+
+def temperature_nll(logits: np.ndarray, labels, chunk: int = 64) -> tuple[float, float]:
+    """(fit_temperature's T, the mean NLL at it); the grid's temperatures `chunk` at a time, each as one array
+    operation over all the texts."""
     y = np.asarray(labels)
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 801))
-    nll = [-np.log(softmax(logits, t)[np.arange(len(y)), y] + 1e-12).mean() for t in grid]
-    return float(grid[int(np.argmin(nll))])
+    picked = logits[np.arange(len(y)), y]
+    nll = []
+    for i in range(0, len(grid), chunk):
+        z = logits[None] / grid[i:i + chunk, None, None]  # (temperatures, texts, classes)
+        top = z.max(-1)
+        lse = top + np.log(np.exp(z - top[..., None]).sum(-1))
+        nll.append((lse - picked[None] / grid[i:i + chunk, None]).mean(1))
+    nll = np.concatenate(nll)
+    best = int(np.argmin(nll))
+    return float(grid[best]), float(nll[best])
 
 
 def expected_calibration_error(probs: np.ndarray, labels, bins: int = 15) -> float:
@@ -222,6 +252,33 @@ def unsure_threshold(probs: np.ndarray, labels, target: float = CONFIDENT_ACCURA
     accuracy_above = np.cumsum(right[order]) / np.arange(1, len(order) + 1)  # accuracy of the k most confident
     ok = np.flatnonzero(accuracy_above >= target)
     return float(conf[order][ok[-1]]) if len(ok) else 1.0
+
+
+def blend_deep(val: dict, labels, factors=np.linspace(0.0, 4.0, 41)) -> float:
+    """Wide & deep: the factor on the deep part's share of the logits (deep_scale times it) chosen on
+    validation: of the factors whose validation accuracy is at least the wide part's alone (factor 0), the one
+    whose temperature-scaled logits have the lowest validation NLL. So the model is never worse than its
+    linear model on validation, and the blend is fitted on texts the deep part did not train on."""
+    y = np.asarray(labels)
+    wide, deep = val["_wide_logits"], val["_logits"] - val["_wide_logits"]
+    floor = (wide.argmax(1) == y).mean()
+    best = (np.inf, 0.0)
+    for f in factors:
+        z = wide + f * deep
+        if (z.argmax(1) == y).mean() < floor:
+            continue
+        best = min(best, (temperature_nll(z, y)[1], float(f)))
+    return best[1]
+
+
+def blended(split: dict, factor: float) -> dict:
+    """A split's evaluation with the deep share of its logits times `factor`."""
+    return {**split, "_logits": split["_wide_logits"] + factor * (split["_logits"] - split["_wide_logits"])}
+
+
+def scores(logits: np.ndarray, labels, prefix: str) -> dict:
+    y, pred = np.asarray(labels), logits.argmax(1)
+    return {f"{prefix}_acc": float(accuracy_score(y, pred)), f"{prefix}_f1": float(f1_score(y, pred, average="macro"))}
 
 
 def calibrate(val: dict, val_labels, test: dict, test_labels) -> tuple[dict, dict]:
@@ -252,12 +309,14 @@ class Predictor:
             self.tokenizer, self.names, self.max_len = (self.session.tokenizer, self.session.names,
                                                         self.session.max_len)
             self.device, calibration = torch.device("cpu"), self.session.calibration
+            self.features = self.session.features
         else:
             self.model, self.tokenizer, ckpt = load_trained(path, "cls", TRAIN_HINT, device)
             self.max_len = self.model.config.max_len
             self.names = list(ckpt["label_names"])
             self.dtype = ckpt["train_config"].get("dtype", "fp32")
             calibration = ckpt.get("calibration", {})
+            self.features = getattr(self.model, "features", None)
         self.temperature = float(calibration.get("temperature", 1.0))
         self.unsure_below = float(calibration.get("unsure_below", 0.0))
 
@@ -272,21 +331,28 @@ class Predictor:
     def predict(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities (len(texts), classes), in input order."""
         seqs = encode_texts(self.tokenizer, texts)
+        rows = self.features.rows(texts) if self.features else None
         probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
         batches = length_bucketed_batches([len(s) for s in seqs], batch_size, None, shuffle=False)
         for idx in tqdm(batches, desc="classify", unit="batch", disable=not progress):
-            batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.max_len, self.device)
+            batch = collate_cls(self.tokenizer, [seqs[i] for i in idx], None, self.max_len, self.device,
+                                picked(rows, idx))
             probs[idx] = softmax(self.logits(batch), self.temperature)
         return probs
 
-    def unsure(self, probs: np.ndarray) -> np.ndarray:
-        """Class probabilities (..., classes) -> whether each answer is below the unsure threshold."""
-        return probs.max(-1) < self.unsure_below
+    def unsure(self, probs: np.ndarray, texts: list[str]) -> np.ndarray:
+        """Class probabilities (texts, classes) -> whether each answer is unsure: below the unsure threshold, or
+        (wide & deep) not one n-gram of its text is in the linear part's vocabulary, so that the answer rests on
+        the deep part alone, which validation never checked on its own."""
+        low = probs.max(-1) < self.unsure_below
+        if self.features is None:
+            return low
+        return low | ~np.array([self.features.knows(t) for t in texts], dtype=bool)
 
-    def answer(self, probs: np.ndarray) -> dict:
+    def answer(self, probs: np.ndarray, text: str) -> dict:
         """One text's class probabilities -> {label, probs, unsure}."""
         return {"label": self.names[int(probs.argmax())], "probs": {n: float(v) for n, v in zip(self.names, probs)},
-                "unsure": bool(self.unsure(probs))}
+                "unsure": bool(self.unsure(probs[None], [text])[0])}
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +380,8 @@ def tfidf_baseline(splits) -> dict:
 # The task
 
 class ClsData(TaskData):
-    """Each split as token ids and class indices."""
+    """Each split as token ids, class indices and, for a wide & deep model, TF-IDF rows. The TF-IDF vocabulary
+    is fitted on the training split (a resumed or upcycled run keeps its checkpoint's)."""
 
     def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, where: str, start=None):
         self.tokenizer, self.splits, self.cfg = tokenizer, splits, model_cfg
@@ -322,15 +389,35 @@ class ClsData(TaskData):
         if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
             raise DataError(f"{start[0]}: the data's classes {self.names} are not those of the model it starts "
                             f"from ({start[1].get('label_names')}); use the same --data")
-        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]")
+        self.features, rows = None, {}
+        if model_cfg.wide:
+            saved = start[1].get("wide_features") if start else None
+            if saved:
+                self.features = TfidfFeatures.from_dict(saved)
+            else:
+                self.features, rows["train"] = TfidfFeatures.fit(list(splits["train"].text))
+        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]", self.features, rows.get(s))
                         for s, df in splits.items()}
+
+    def sized(self, model_cfg: ModelConfig) -> ModelConfig:
+        return replace(model_cfg, wide_vocab=len(self.features)) if self.features else model_cfg
+
+    def init_model(self, model) -> None:
+        """A fresh wide & deep model's wide part: the LinearSVC fitted on the training split's TF-IDF rows."""
+        if self.features is None:
+            return
+        _, labels, rows = self.encoded["train"]
+        weight, bias = fit_linear(rows, labels, len(self.features), len(self.names))
+        with torch.no_grad():
+            model.wide.weight.copy_(torch.from_numpy(weight))
+            model.wide_bias.copy_(torch.from_numpy(bias))
 
     def describe(self) -> str:
         sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
         return f"classes {self.names}; train/val/test {sizes}"
 
     def extra(self) -> dict:
-        return {"label_names": self.names}
+        return {"label_names": self.names, **({"wide_features": self.features.to_dict()} if self.features else {})}
 
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
         return -(-len(self.encoded["train"][0]) // (cfg.batch_size * cfg.accum_steps))
@@ -343,10 +430,24 @@ class ClsData(TaskData):
         return evaluate(model, self.tokenizer, *self.encoded[split], self.cfg, cfg.batch_size * 2, device, cfg.dtype)
 
     def calibrate(self, model, test: dict, cfg: TrainConfig, device) -> tuple[dict, dict]:
-        """Temperature and unsure threshold from the validation split's logits; ECE on test before and after."""
+        """Wide & deep: the deep part's weight blended on validation (blend_deep; it goes into the weights), the
+        test split rescored with it, and each part alone scored on test. Then temperature and unsure threshold
+        from the validation split's logits; ECE on test before and after."""
         val = self.evaluate(model, "val", cfg, device)
-        kept, scores = calibrate(val, self.encoded["val"][1], test, self.encoded["test"][1])
-        return {"calibration": kept}, scores
+        val_labels, test_labels = self.encoded["val"][1], self.encoded["test"][1]
+        kept, parts = {}, {}
+        if val["_wide_logits"] is not None:
+            factor = blend_deep(val, val_labels)
+            deep_sign = 1.0 if float(model.deep_scale.detach()) >= 0 else -1.0
+            parts = {"deep_blend": factor, **scores(test["_wide_logits"], test_labels, "test_wide"),
+                     **scores(deep_sign * (test["_logits"] - test["_wide_logits"]), test_labels, "test_deep")}
+            with torch.no_grad():
+                model.deep_scale.mul_(factor)
+            kept["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            val, test = blended(val, factor), blended(test, factor)
+            parts.update({**scores(val["_logits"], val_labels, "val"), **scores(test["_logits"], test_labels, "test")})
+        calibration, metrics = calibrate(val, val_labels, test, test_labels)
+        return {**kept, "calibration": calibration}, {**parts, **metrics}
 
     def report(self, model, rows: list[dict], test: dict, out_dir: str) -> dict:
         kind = "dense" if not model.config.num_experts else "MoE"
@@ -360,7 +461,8 @@ class ClsData(TaskData):
 
 class ClsTask(Task):
     name, train_hint, select = "cls", TRAIN_HINT, "val_f1"
-    metrics = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece")
+    metrics = ("val_acc", "val_f1", "test_acc", "test_f1", "test_ece_raw", "test_ece", "test_wide_acc",
+               "test_deep_acc", "deep_blend")
     modes = ("infer", "classify")
     route = "/api/classify"
     request_fields = {"text": "string"}
@@ -402,7 +504,7 @@ class ClsTask(Task):
         n_tokens = len(p.tokenizer.encode(text))
         if n_tokens > p.max_len - 2:
             print(f"note: text is {n_tokens} tokens; only the first {p.max_len - 2} are used", file=sys.stderr)
-        return {**p.answer(p.predict([text])[0]), "unsure_below": p.unsure_below}
+        return {**p.answer(p.predict([text])[0], text), "unsure_below": p.unsure_below}
 
     def classify(self, opts: Options, device) -> dict:
         """Label every row of --input; with a label column, also score the predictions."""
@@ -414,7 +516,7 @@ class ClsTask(Task):
         probs = p.predict(texts, progress=not opts.quiet)
         out = df.copy()
         out["pred"] = [p.names[i] for i in probs.argmax(1)]
-        out["unsure"] = p.unsure(probs)
+        out["unsure"] = p.unsure(probs, texts)
         for j, n in enumerate(p.names):
             out[f"prob_{n}"] = probs[:, j]
         output = opts.output or os.path.join(opts.out_dir, "predictions.csv")
@@ -451,15 +553,26 @@ class ClsTask(Task):
 
     def analysis_batches(self, model, tokenizer, texts: list, device, batch_size: int = 64):
         seqs = encode_texts(tokenizer, texts)
+        features = getattr(model, "features", None)  # a wide & deep model: its prediction needs the TF-IDF rows
+        rows = features.rows(texts) if features else None
         for i in range(0, len(seqs), batch_size):
-            batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, model.config.max_len, device)
-            yield (batch["input_ids"], batch["attention_mask"]), {"": batch["input_ids"]}
+            batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, model.config.max_len, device,
+                                rows[i:i + batch_size] if rows else None)
+            inputs = ("input_ids", "attention_mask") + (("wide_ids", "wide_values") if rows else ())
+            yield tuple(batch[k] for k in inputs), {"": batch["input_ids"]}
 
     # ---- --export onnx
-    def export_inputs(self, ids) -> tuple[tuple, list[str]]:
+    def export_inputs(self, ids, config=None) -> tuple[tuple, list[str]]:
         mask = torch.ones_like(ids)
         mask[-1, -min(3, ids.size(1) - 1):] = 0  # a padded row, so the mask input is not constant
-        return (ids, mask), ["input_ids", "attention_mask"]
+        if not (config and config.wide_vocab):
+            return (ids, mask), ["input_ids", "attention_mask"]
+        # TF-IDF rows of another width than T (their own dynamic axis), the last row padded like the mask
+        gen = torch.Generator().manual_seed(ids.size(0) * 1000 + ids.size(1))
+        wide_ids = torch.randint(0, config.wide_vocab, (ids.size(0), ids.size(1) + 3), generator=gen)
+        wide_values = torch.rand(wide_ids.shape, generator=gen)
+        wide_ids[-1, -2:], wide_values[-1, -2:] = 0, 0.0
+        return (ids, mask, wide_ids, wide_values), ["input_ids", "attention_mask", "wide_ids", "wide_values"]
 
     # ---- --serve
     def serve_load(self, path: str, device):
@@ -473,7 +586,7 @@ class ClsTask(Task):
 
     def answer(self, loaded, req: dict, device) -> dict:
         text = field(req, "text", str)
-        answer = loaded.answer(loaded.predict([text])[0])
+        answer = loaded.answer(loaded.predict([text])[0], text)
         return {**answer, "probs": {n: round(p, 6) for n, p in answer["probs"].items()}}
 
 

@@ -257,7 +257,7 @@ class LMTask(Task):
             yield (ids,), {"": ids}
 
     # ---- --export onnx
-    def export_inputs(self, ids) -> tuple[tuple, list[str]]:
+    def export_inputs(self, ids, config=None) -> tuple[tuple, list[str]]:
         return (ids,), ["idx"]
 
     # ---- --serve

@@ -423,7 +423,7 @@ class Seq2SeqTask(Task):
     def routing_input(self, text: str) -> list:
         return [(text, "")]  # the encoder's routing of the source; no target
 
-    def export_inputs(self, ids):
+    def export_inputs(self, ids, config=None):
         raise DataError("--export onnx: --task seq2seq does not export (only cls and lm); seq2seq decoding runs "
                         "loops with KV caches in Python")
 

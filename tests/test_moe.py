@@ -201,10 +201,10 @@ def test_classifier_variants_and_bf16():
     labels = torch.tensor([0, 1, 0])
     for cfg in (tiny(num_layers=2), tiny(num_layers=0), tiny(num_layers=1, num_experts=0, pooling="mean")):
         model = Classifier(cfg).eval()
-        logits, loss, info = model(ids, mask, labels)
+        logits, loss, info = model(ids, mask, labels=labels)
         assert logits.shape == (3, 2) and torch.isfinite(loss)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits16, _, _ = model(ids, mask, labels)
+            logits16, _, _ = model(ids, mask, labels=labels)
         # bf16 keeps ~3 significant digits: within 2% of the logits' own scale (about 0.4% measured)
         assert (logits16.float() - logits).abs().max() <= 0.02 * logits.abs().max()
         # padding must not change the prediction for the padded row
@@ -359,7 +359,7 @@ def test_wide_ngram_part_is_the_hashed_bag_and_ignores_padding():
     from optim import build_optimizer
     torch.manual_seed(0)
     model = Classifier(tiny(num_layers=1, ngram_buckets=97))
-    assert model.wide(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).abs().max() == 0
+    assert model.hashed_ngrams(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).abs().max() == 0
     nn_w = torch.randn(97, 2)
     model.ngram.weight.data.copy_(nn_w)
     ids = torch.tensor([[5, 6, 7, 0, 0], [9, 8, 7, 6, 5]])
@@ -370,10 +370,10 @@ def test_wide_ngram_part_is_the_hashed_bag_and_ignores_padding():
                 [(t[i] * 1_000_003 + t[i + 1], 2) for i in range(n_real - 1)] + \
                 [((t[i] * 1_000_003 + t[i + 1]) * 1_000_003 + t[i + 2], 3) for i in range(n_real - 2)]
         want = sum(nn_w[(g * 31 + n) % 97] for g, n in grams) / math.sqrt(len(grams))
-        torch.testing.assert_close(model.wide(ids, mask)[b], want)
+        torch.testing.assert_close(model.hashed_ngrams(ids, mask)[b], want)
     other = ids.clone()
     other[0, 3:] = 42  # different ids under the padding
-    torch.testing.assert_close(model.wide(other, mask), model.wide(ids, mask))
+    torch.testing.assert_close(model.hashed_ngrams(other, mask), model.hashed_ngrams(ids, mask))
     opt = build_optimizer(model, TrainConfig(lr=1e-3, ngram_lr=0.05), torch.device("cpu"))
     own = [g for g in opt.param_groups if any(p is model.ngram.weight for p in g["params"])]
     assert len(own) == 1 and own[0]["lr"] == 0.05 and len(own[0]["params"]) == 1

@@ -64,7 +64,7 @@ def classifier_inputs():
 
 
 def evaluate(model, cfg, tokenizer, seqs, labels, batch_size):
-    return task_cls.evaluate(model, tokenizer, seqs, labels, cfg, batch_size, torch.device("cpu"), "fp32")
+    return task_cls.evaluate(model, tokenizer, seqs, labels, None, cfg, batch_size, torch.device("cpu"), "fp32")
 
 
 @pytest.mark.parametrize("routing", ["token", "expert"])

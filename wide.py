@@ -1,0 +1,117 @@
+"""The classifier's wide part: TF-IDF over character n-grams, and the linear model that starts it.
+
+The features are exactly scikit-learn's `TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True,
+min_df=2)` (tests/test_wide.py checks them value by value): lower-cased text with runs of whitespace made one
+space, every character 1-3-gram, tf = 1 + log(count), times idf = ln((1 + n) / (1 + df)) + 1, L2-normalised.
+scikit-learn fits the vocabulary and the IDF once; after that the features are computed here from a plain
+vocabulary list and IDF array, which is all a checkpoint or an ONNX file carries (nothing pickled).
+
+A text's features are a sparse row: (ids, values) of its n-grams found in the vocabulary. The model reads a batch
+of them as two padded (B, F) arrays, id 0 / value 0.0 in the padding (models.Classifier.wide_logits).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import torch
+
+WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run of 2+ whitespace one space
+
+
+class TfidfFeatures:
+    """A fitted TF-IDF vocabulary: n-gram -> column, and each column's IDF."""
+
+    def __init__(self, vocab: list[str], idf: np.ndarray, ngram_range: tuple[int, int] = (1, 3)):
+        if len(vocab) != len(idf):
+            raise ValueError(f"{len(vocab)} n-grams but {len(idf)} IDF values")
+        self.vocab, self.idf = list(vocab), np.asarray(idf, dtype=np.float64)
+        self.ngram_range = (int(ngram_range[0]), int(ngram_range[1]))
+        self.index = {g: i for i, g in enumerate(self.vocab)}
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @classmethod
+    def fit(cls, texts: list[str], ngram_range: tuple[int, int] = (1, 3),
+            min_df: int = 2) -> tuple["TfidfFeatures", list[tuple[np.ndarray, np.ndarray]]]:
+        """Vocabulary (n-grams in at least min_df texts) and IDF from `texts`, by scikit-learn -> (the features,
+        the rows of `texts`: scikit-learn's own, one pass instead of two)."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        vec = TfidfVectorizer(analyzer="char", ngram_range=ngram_range, sublinear_tf=True, min_df=min_df,
+                              dtype=np.float32)
+        X = vec.fit_transform(texts).tocsr()
+        X.sort_indices()
+        rows = [(X.indices[a:b].astype(np.int64), X.data[a:b]) for a, b in zip(X.indptr[:-1], X.indptr[1:])]
+        return cls(list(vec.get_feature_names_out()), vec.idf_, ngram_range), rows
+
+    def ngrams(self, text: str) -> Counter:
+        text = WHITESPACE.sub(" ", text.lower())
+        lo, hi = self.ngram_range
+        return Counter(text[i:i + n] for n in range(lo, hi + 1) for i in range(len(text) - n + 1))
+
+    def knows(self, text: str) -> bool:
+        """Whether any n-gram of the text is in the vocabulary."""
+        return any(g in self.index for g in self.ngrams(text))
+
+    def row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """One text -> (column ids int64, TF-IDF values float32), ids ascending; both empty when no n-gram of the
+        text is in the vocabulary."""
+        found = sorted((self.index[g], c) for g, c in self.ngrams(text).items() if g in self.index)
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids = np.fromiter((i for i, _ in found), np.int64, len(found))
+        tf = np.fromiter((1.0 + math.log(c) for _, c in found), np.float64, len(found))
+        values = tf * self.idf[ids]
+        return ids, (values / np.linalg.norm(values)).astype(np.float32)
+
+    def rows(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.row(t) for t in texts]
+
+    def to_dict(self) -> dict:
+        return {"vocab": self.vocab, "idf": torch.from_numpy(self.idf.astype(np.float32)),
+                "ngram_range": list(self.ngram_range)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TfidfFeatures":
+        idf = d["idf"].numpy() if isinstance(d["idf"], torch.Tensor) else np.asarray(d["idf"])
+        return cls(d["vocab"], idf, tuple(d.get("ngram_range", (1, 3))))
+
+    def to_json(self) -> dict:
+        """For the ONNX file's metadata (plain JSON)."""
+        return {"vocab": self.vocab, "idf": self.idf.astype(np.float32).tolist(), "ngram_range": list(self.ngram_range)}
+
+
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse rows -> (ids (B, F) int64, values (B, F) float32), F the longest row (at least 1), padding 0 / 0.0."""
+    width = max([len(ids) for ids, _ in rows] + [1])
+    ids = np.zeros((len(rows), width), np.int64)
+    values = np.zeros((len(rows), width), np.float32)
+    for r, (i, v) in enumerate(rows):
+        ids[r, :len(i)], values[r, :len(v)] = i, v
+    return torch.from_numpy(ids), torch.from_numpy(values)
+
+
+def sparse_matrix(rows: list[tuple[np.ndarray, np.ndarray]], n_features: int):
+    """Sparse rows -> a scipy CSR matrix (texts, n_features), what scikit-learn's linear models fit on."""
+    from scipy.sparse import csr_matrix
+    indptr = np.cumsum([0] + [len(i) for i, _ in rows])
+    ids = np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, np.int64)
+    values = np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32)
+    return csr_matrix((values, ids, indptr), shape=(len(rows), n_features))
+
+
+def fit_linear(rows: list[tuple[np.ndarray, np.ndarray]], labels: list[int], n_features: int, num_classes: int,
+               C: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows -> (weight (n_features, classes),
+    bias (classes,)) as logits: for two classes the decision f becomes logits (-f/2, f/2), whose difference is f."""
+    from sklearn.svm import LinearSVC
+    svc = LinearSVC(C=C).fit(sparse_matrix(rows, n_features), labels)
+    coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
+    if num_classes == 2:
+        return np.stack([-coef[0] / 2, coef[0] / 2], 1), np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
+    if coef.shape[0] != num_classes:  # a class absent from the training labels: keep the ones it fitted
+        raise ValueError(f"the linear model fitted {coef.shape[0]} classes, the model has {num_classes}")
+    return coef.T.copy(), intercept
