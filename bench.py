@@ -491,7 +491,8 @@ def bench_sentiment(checkpoint: str, card_text: str = "我爱编程") -> dict:
         right = np.asarray([p.names[i] for i in probs.argmax(1)]) == sentences.label.to_numpy()
         unsure = p.unsure(probs, texts)
         out.update({f"{name}_n": len(texts), f"{name}_acc_model": float(right.mean()),
-                    f"{name}_unsure_model": float(unsure.mean()), f"{name}_sure_wrong_model": int((~right & ~unsure).sum()),
+                    f"{name}_unsure_model": float(unsure.mean()),
+                    f"{name}_sure_wrong_model": int((~right & ~unsure).sum()),
                     f"{name}_acc_tfidf": float((linear.predict(texts) == sentences.label).mean())})
     card = p.answer(p.predict([card_text])[0], card_text)
     metrics = ckpt.get("metrics", {})

@@ -82,7 +82,8 @@ class Classifier(nn.Module):
         if not self.config.wide_vocab:
             return deep, *task_loss(deep, labels, stats, label_smoothing)
         if wide_ids is None:
-            return self.deep_scale * deep, *task_loss(self.deep_scale * deep, labels, stats, label_smoothing)
+            deep = self.deep_scale * deep
+            return deep, *task_loss(deep, labels, stats, label_smoothing)
         wide = self.wide_logits(wide_ids, wide_values)
         training = self.config.deep_training
         logits = wide + self.deep_scale * (deep.detach() if training == "own" else deep)
