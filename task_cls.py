@@ -33,7 +33,7 @@ from task import Phase, Task, TaskData
 from tokenizer import load_or_train
 from tracking import MetricsLog
 from trainer import FitResult
-from wide import TfidfFeatures, fit_linear
+from wide import SVC_C, VECTORIZER, TfidfFeatures, fit_linear
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -72,6 +72,12 @@ def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFea
 
 def picked(rows, idx):
     return None if rows is None else [rows[i] for i in idx]
+
+
+def scores(logits: np.ndarray, labels, prefix: str) -> dict:
+    """Accuracy and macro-F1 of the logits' argmax, as {prefix}_acc, {prefix}_f1."""
+    y, pred = np.asarray(labels), logits.argmax(1)
+    return {f"{prefix}_acc": float(accuracy_score(y, pred)), f"{prefix}_f1": float(f1_score(y, pred, average="macro"))}
 
 
 @torch.no_grad()
@@ -115,9 +121,7 @@ def evaluate(model, tokenizer, seqs, labels, wide_rows, cfg: ModelConfig, batch_
     finally:
         if recorder is not None:
             recorder.close()
-    y, preds = np.asarray(labels), all_logits.argmax(1)
-    return {"val_loss": loss_sum / max(len(seqs), 1), "val_acc": float(accuracy_score(y, preds)),
-            "val_f1": float(f1_score(y, preds, average="macro")),
+    return {"val_loss": loss_sum / max(len(seqs), 1), **scores(all_logits, labels, "val"),
             "_layer_counts": layer_counts, "_class_counts": class_counts, "_logits": all_logits,
             "_wide_logits": wide_logits}
 
@@ -276,11 +280,6 @@ def blended(split: dict, factor: float) -> dict:
     return {**split, "_logits": split["_wide_logits"] + factor * (split["_logits"] - split["_wide_logits"])}
 
 
-def scores(logits: np.ndarray, labels, prefix: str) -> dict:
-    y, pred = np.asarray(labels), logits.argmax(1)
-    return {f"{prefix}_acc": float(accuracy_score(y, pred)), f"{prefix}_f1": float(f1_score(y, pred, average="macro"))}
-
-
 def calibrate(val: dict, val_labels, test: dict, test_labels) -> tuple[dict, dict]:
     """(what the checkpoint keeps: temperature and unsure threshold, fitted on validation; the test metrics: ECE
     before and after, and the share of test texts marked unsure)."""
@@ -360,8 +359,7 @@ class Predictor:
 
 def tfidf_model(train):
     """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame: the linear baseline."""
-    return make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2),
-                         LinearSVC(C=0.5)).fit(train.text, train.label)
+    return make_pipeline(TfidfVectorizer(**VECTORIZER), LinearSVC(C=SVC_C)).fit(train.text, train.label)
 
 
 def tfidf_baseline(splits) -> dict:

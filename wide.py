@@ -20,6 +20,10 @@ import torch
 
 WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run of 2+ whitespace one space
 
+# The TF-IDF + LinearSVC baseline's settings (task_cls.tfidf_model): the wide part starts as that very model
+VECTORIZER = dict(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
+SVC_C = 0.5
+
 
 class TfidfFeatures:
     """A fitted TF-IDF vocabulary: n-gram -> column, and each column's IDF."""
@@ -35,26 +39,28 @@ class TfidfFeatures:
         return len(self.vocab)
 
     @classmethod
-    def fit(cls, texts: list[str], ngram_range: tuple[int, int] = (1, 3),
-            min_df: int = 2) -> tuple["TfidfFeatures", list[tuple[np.ndarray, np.ndarray]]]:
-        """Vocabulary (n-grams in at least min_df texts) and IDF from `texts`, by scikit-learn -> (the features,
-        the rows of `texts`: scikit-learn's own, one pass instead of two)."""
+    def fit(cls, texts: list[str]) -> tuple["TfidfFeatures", list[tuple[np.ndarray, np.ndarray]]]:
+        """Vocabulary (VECTORIZER's n-grams in at least min_df texts) and IDF from `texts`, by scikit-learn ->
+        (the features, the rows of `texts`: scikit-learn's own, one pass instead of two)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
-        vec = TfidfVectorizer(analyzer="char", ngram_range=ngram_range, sublinear_tf=True, min_df=min_df,
-                              dtype=np.float32)
+        vec = TfidfVectorizer(**VECTORIZER, dtype=np.float32)
         X = vec.fit_transform(texts).tocsr()
         X.sort_indices()
         rows = [(X.indices[a:b].astype(np.int64), X.data[a:b]) for a, b in zip(X.indptr[:-1], X.indptr[1:])]
-        return cls(list(vec.get_feature_names_out()), vec.idf_, ngram_range), rows
+        return cls(list(vec.get_feature_names_out()), vec.idf_, VECTORIZER["ngram_range"]), rows
 
-    def ngrams(self, text: str) -> Counter:
+    def grams(self, text: str):
+        """The text's n-grams one by one, as scikit-learn's char analyzer makes them."""
         text = WHITESPACE.sub(" ", text.lower())
         lo, hi = self.ngram_range
-        return Counter(text[i:i + n] for n in range(lo, hi + 1) for i in range(len(text) - n + 1))
+        return (text[i:i + n] for n in range(lo, hi + 1) for i in range(len(text) - n + 1))
+
+    def ngrams(self, text: str) -> Counter:
+        return Counter(self.grams(text))
 
     def knows(self, text: str) -> bool:
-        """Whether any n-gram of the text is in the vocabulary."""
-        return any(g in self.index for g in self.ngrams(text))
+        """Whether any n-gram of the text is in the vocabulary (it stops at the first one)."""
+        return any(g in self.index for g in self.grams(text))
 
     def row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One text -> (column ids int64, TF-IDF values float32), ids ascending; both empty when no n-gram of the
@@ -104,7 +110,7 @@ def sparse_matrix(rows: list[tuple[np.ndarray, np.ndarray]], n_features: int):
 
 
 def fit_linear(rows: list[tuple[np.ndarray, np.ndarray]], labels: list[int], n_features: int, num_classes: int,
-               C: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+               C: float = SVC_C) -> tuple[np.ndarray, np.ndarray]:
     """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows -> (weight (n_features, classes),
     bias (classes,)) as logits: for two classes the decision f becomes logits (-f/2, f/2), whose difference is f."""
     from sklearn.svm import LinearSVC
