@@ -4,7 +4,7 @@
     python bench.py --only moe           # MoE layer vs dense FFN with the same active parameters
     python bench.py --only train         # training tokens/s per preset, on real batches
     python bench.py --only infer         # single-text latency p50/p99 and batch throughput, PyTorch vs ONNX Runtime
-    python bench.py --only tokenizer     # 8k BPE training time on the default corpora, encode speed
+    python bench.py --only tokenizer     # 8k BPE training time (HF tokenizers, ours, Python reference), encode speed
     python bench.py --only server        # --serve under load: 2,000 classify requests at 16 concurrent + 500 idle
     python bench.py --only generate      # LM generation tokens/s with and without the KV cache
     python bench.py --only memory        # peak resident memory of --train, each default preset (~5 min)
@@ -48,7 +48,8 @@ from registry import TASKS
 from runtime import autocast, resolve_dtype
 from task_cls import Predictor
 from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
-from tokenizer import BPETokenizer, load_or_train
+from shards import Corpus, TokenStream
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, hf_bpe, load_or_train, train_bpe
 from tracking import MetricsLog
 from trainer import count_tokens, fit
 
@@ -123,7 +124,7 @@ def real_batches(task: str, mcfg, tcfg, device: torch.device = torch.device("cpu
         seqs = windows(encode_texts(tok, texts + people_daily_paragraphs()), T - 2)
         return tok, lambda: task_cls.mlm_stream(tok, seqs, T, B, 0, device)
     if task == "lm":
-        stream = task_lm.Stream(tok, texts)
+        stream = TokenStream.of_texts(tok, texts)
         return tok, lambda: task_lm.random_batches(stream, T, B, 0, device)
     pairs = task_s2s.Pairs(tok, pairs_df, T)
     return tok, lambda: task_s2s.batch_stream(tok, pairs, B, 0, device)
@@ -210,14 +211,26 @@ def bench_train(presets: list[str], steps: int = 20, rounds: int = 2, device: to
 
 
 def bench_tokenizer(vocab_size: int = 8192) -> dict:
-    """Time to train an 8k byte-level BPE on the review training split and on People's Daily; encode speed."""
+    """Time to train an 8k byte-level BPE on the review training split and on People's Daily, side by side: HF
+    `tokenizers` alone, the project's trainer (the same plus the conversion to ranks), the Python reference;
+    compression of the two tables; encode speed."""
     out = {}
     for name, texts in (("reviews", list(reviews_splits(quiet=True)["train"].text)),
                         ("news", people_daily_paragraphs())):
+        num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+        t0 = time.perf_counter()
+        hf_bpe(texts, num_merges)
+        out[f"bpe{vocab_size}_hf_tokenizers_s_{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tok = BPETokenizer.train(texts, vocab_size)
         out[f"bpe{vocab_size}_train_s_{name}"] = time.perf_counter() - t0
+        out[f"bpe{vocab_size}_train_over_hf_{name}"] = (out[f"bpe{vocab_size}_train_s_{name}"] /
+                                                       out[f"bpe{vocab_size}_hf_tokenizers_s_{name}"])
+        t0 = time.perf_counter()
+        reference = BPETokenizer(train_bpe(texts, vocab_size))
+        out[f"bpe{vocab_size}_reference_train_s_{name}"] = time.perf_counter() - t0
         joined = "\n".join(texts)
+        out[f"chars_per_token_reference_{name}"] = len(joined) / len(reference.encode(joined))
         t0 = time.perf_counter()
         ids = tok.encode(joined)
         out[f"encode_MB_per_s_{name}"] = len(joined.encode()) / 1e6 / (time.perf_counter() - t0)
@@ -534,11 +547,11 @@ def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str
     corpora = {"news": (None, os.path.join(DATASET_DIR, "news", "val.txt")), "reviews": (reviews_lm_text(), None)}
     out = {}
     for corpus, (data, val) in corpora.items():
-        if val is None:  # the validation lines main.py --data splits off (90/5/5 by line)
+        if val is None:  # the validation documents main.py --data holds out (by hash)
             val = os.path.join(out_dir, f"{corpus}_val.txt")
             os.makedirs(out_dir, exist_ok=True)
             with open(val, "w", encoding="utf-8") as f:
-                f.write("\n".join(task_lm.load_splits(data, "text", quiet=True)["val"]) + "\n")
+                f.write("\n".join(Corpus.of(data).documents("val")) + "\n")
         for budget in budgets:
             for preset in presets:
                 name = f"{corpus}_{budget:g}s_{preset}"

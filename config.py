@@ -220,6 +220,8 @@ class TrainConfig:
     halt_after: int = 0           # stop after this many steps as if interrupted (the schedule still plans for
                                   # max_steps); --resume goes on from there
     tokenizer: str = "bpe"        # bpe | bpe_hanzi | char
+    tokenizer_sample_mb: float = 64.0  # the tokenizer learns from an even sample of this many MB of the training
+                                  # text (0: all of it), so a bigger corpus costs no more tokenizer time
     seed: int = 1337
     pretrain_epochs: int = 0      # masked-LM pretraining of the encoder before fine-tuning (0: none)
     pretrain_steps: int = 0       # step limit of that phase (0: pretrain_epochs decide)
@@ -266,7 +268,8 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a number > 0")
         for name in ("time_budget", "adamw_experts_below", "pretrain_seconds", "pretrain_lr", "ngram_lr", "wide_lr",
-                     "weight_decay", "grad_clip", "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise"):
+                     "weight_decay", "grad_clip", "label_smoothing", "warmup_ratio", "min_lr_ratio", "upcycle_noise",
+                     "tokenizer_sample_mb"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a number >= 0")
         for name in ("warmup_ratio", "min_lr_ratio"):

@@ -69,8 +69,9 @@ def writable_file(path: str, flag: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: str, what: str):
-    """Hold `path` (a lock file) for the block, or fail in one line naming `what` and the holder's pid. The lock
+def exclusive(path: str, what: str, wait: bool = False):
+    """Hold `path` (a lock file) for the block, or fail in one line naming `what` and the holder's pid (with
+    `wait`, wait for the holder to finish instead). The lock
     is the kernel's (fcntl.flock): a killed run releases it with its process, so no stale lock is ever left
     to clear, and pid reuse cannot refuse a run. The file is removed on release; a waiter that opened it just
     before checks that the name still points at the file it locked."""
@@ -78,7 +79,7 @@ def exclusive(path: str, what: str):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)

@@ -113,7 +113,10 @@ def version() -> str:
 
 
 def fingerprint(splits: dict, source: str | None) -> dict:
-    """What data a run read: each split's size and a hash of its rows, and the --data file's size and hash."""
+    """What data a run read: each split's size and a hash of its rows, and the --data file's size and hash (a
+    corpus read from token shards, too big to hash here, describes itself: its files' names, sizes and times)."""
+    if hasattr(splits, "fingerprint"):
+        return {**splits.fingerprint(), "source": source or "built-in"}
     out = {"source": source or "built-in"}
     if source and os.path.isfile(source):
         with open(source, "rb") as f:

@@ -30,7 +30,7 @@ from models import MaskedLM
 from onnx_export import onnx_path, OnnxClassifier
 from runtime import autocast
 from task import Phase, Task, TaskData
-from tokenizer import load_or_train
+from tokenizer import even_sample, load_or_train
 from tracking import MetricsLog
 from trainer import FitResult
 from wide import SVC_C, VECTORIZER, TfidfFeatures, fit_linear
@@ -471,7 +471,7 @@ class ClsTask(Task):
 
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
         corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
-        texts = list(splits["train"].text)
+        texts = even_sample(list(splits["train"].text), train_cfg.tokenizer_sample_mb)
         cache = tokenizer_cache(None if opts.data else corpus, train_cfg.tokenizer, model_cfg.vocab_size, texts)
         return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)
 

@@ -17,11 +17,12 @@ from analyze import ANALYZE_TEXTS, routing_trace
 from api import field
 from checkpoint import load_trained
 from config import ModelConfig, Options, TrainConfig
-from data import news_splits, read_text_lines, tokenizer_cache
+from data import DATASET_DIR, SPLITS, news_splits, read_text_lines, tokenizer_cache
 from errors import DataError
 from fsio import atomic_write_text
 from runtime import autocast
 from task import Task, TaskData
+from shards import Corpus, TokenStream, prepare
 from tokenizer import load_or_train
 
 TRAIN_HINT = "python main.py --train --task lm"
@@ -31,49 +32,32 @@ EVAL_BATCHES = 16  # validation loss is averaged over this many fixed batches
 # -----------------------------------------------------------------------------
 # Data: one token stream per split, paragraphs separated by <|eos|>
 
-def load_splits(data: str | None, text_col: str, quiet: bool) -> dict:
+def load_corpus(data: str | None, text_col: str, quiet: bool) -> Corpus:
+    """The built-in People's Daily corpus (split 90/5/5 in file order, cached as text), or the user's files."""
     if not data:
-        return news_splits(quiet=quiet)
-    lines = read_text_lines(data, text_col)
-    if len(lines) < 20:
-        raise DataError(f"{data}: only {len(lines)} non-empty lines; need at least 20 to split 90/5/5 by line")
-    a, b = int(len(lines) * 0.9), int(len(lines) * 0.95)
-    return {"train": lines[:a], "val": lines[a:b], "test": lines[b:]}
+        news_splits(quiet=quiet)
+        return Corpus.presplit({s: os.path.join(DATASET_DIR, "news", f"{s}.txt") for s in SPLITS})
+    return Corpus.of(data, text_col)
 
 
-class Stream:
-    """A split as one long tensor of token ids, with its character count (for bits per character)."""
-
-    def __init__(self, tokenizer, paragraphs: list[str]):
-        ids = []
-        for seq in tokenizer.encode_batch(paragraphs):
-            ids += seq + [tokenizer.eos_id]
-        self.ids = torch.tensor(ids, dtype=torch.long)
-        self.chars = sum(len(p) + 1 for p in paragraphs)  # + 1: the paragraph break the eos stands for
-
-    def windows(self, starts, T: int, device):
-        x = torch.stack([self.ids[i:i + T] for i in starts])  # (B, T)
-        y = torch.stack([self.ids[i + 1:i + T + 1] for i in starts])
-        return {"idx": x.to(device), "targets": y.to(device)}
-
-
-def random_batches(stream: Stream, T: int, B: int, seed: int, device):
+def random_batches(stream: TokenStream, T: int, B: int, seed: int, device):
     """Endless batches of random contiguous windows of T tokens (targets shifted by one)."""
     g = torch.Generator().manual_seed(seed)
-    hi = len(stream.ids) - T - 1
+    hi = len(stream) - T - 1
     if hi <= 0:
-        raise DataError(f"training text has {len(stream.ids)} tokens, fewer than one window of {T + 1}")
+        raise DataError(f"training text has {len(stream)} tokens, fewer than one window of {T + 1}")
     while True:
         yield stream.windows(torch.randint(0, hi, (B,), generator=g).tolist(), T, device)
 
 
 @torch.no_grad()
-def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batches: int = EVAL_BATCHES) -> dict:
+def evaluate(model, stream: TokenStream, T: int, B: int, device, dtype: str,
+             max_batches: int = EVAL_BATCHES) -> dict:
     """Mean loss over fixed, evenly spaced windows (no dropout, no router noise), and bits per character."""
     model.eval()
-    hi = len(stream.ids) - T - 1
+    hi = len(stream) - T - 1
     if hi <= 0:
-        raise DataError(f"held-out text has {len(stream.ids)} tokens, fewer than one window of {T + 1}")
+        raise DataError(f"held-out text has {len(stream)} tokens, fewer than one window of {T + 1}")
     n = min(max_batches * B, max(hi // T, 1))
     starts = np.linspace(0, hi, n).astype(int).tolist()
     total = 0.0
@@ -83,7 +67,7 @@ def evaluate(model, stream: Stream, T: int, B: int, device, dtype: str, max_batc
             _, _, info = model(**batch)
         total += float(info["ce"]) * len(starts[i:i + B])
     loss = total / n
-    bpc = loss * (len(stream.ids) / stream.chars) / math.log(2)  # nats per token -> bits per character
+    bpc = loss * (len(stream) / stream.chars) / math.log(2)  # nats per token -> bits per character
     return {"val_loss": loss, "val_bpc": bpc}
 
 
@@ -135,17 +119,25 @@ def continuation(model, tokenizer, ids: list[int], max_new_tokens: int, temperat
 # The task
 
 class LMData(TaskData):
-    """Each split as one token stream; training reads random windows of max_len tokens."""
+    """Each split as one token stream read from the corpus's shards; training reads random windows of max_len
+    tokens."""
 
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig):
-        self.tokenizer, self.paragraphs, self.T = tokenizer, splits, model_cfg.max_len
-        self.streams = {s: Stream(tokenizer, lines) for s, lines in splits.items()}
+    def __init__(self, tokenizer, corpus: Corpus, model_cfg: ModelConfig, quiet: bool):
+        self.tokenizer, self.T = tokenizer, model_cfg.max_len
+        folder, manifest = prepare(corpus, tokenizer, quiet=quiet)
+        self.streams = {s: TokenStream.of_split(folder, manifest, s) for s in SPLITS}
+        empty = [s for s in SPLITS if not len(self.streams[s])]
+        if empty:
+            docs = sum(v["documents"] for v in manifest["splits"].values())
+            raise DataError(f"{corpus.name}: {docs} documents (non-empty lines or rows), too few "
+                            f"to hold out val and test ({manifest['held_out_share']:.0%} each, by hash); "
+                            f"the {' and '.join(empty)} split got none: give more text")
 
     def describe(self) -> str:
-        return "train/val/test tokens " + "/".join(f"{len(self.streams[s].ids):,}" for s in ("train", "val", "test"))
+        return "train/val/test tokens " + "/".join(f"{len(self.streams[s]):,}" for s in SPLITS)
 
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        return max(len(self.streams["train"].ids) // (self.T * cfg.batch_size * cfg.accum_steps), 1)
+        return max(len(self.streams["train"]) // (self.T * cfg.batch_size * cfg.accum_steps), 1)
 
     def batches(self, cfg: TrainConfig, device):
         return random_batches(self.streams["train"], self.T, cfg.batch_size, cfg.seed, device)
@@ -160,7 +152,9 @@ class LMData(TaskData):
         heat_png = None
         loads = [r["expert_load"] for r in rows if r.get("expert_load")]
         if loads:
-            sample = self.paragraphs["test"][0][:40]
+            ids = self.streams["test"].span(0, min(200, len(self.streams["test"]))).tolist()
+            sample = self.tokenizer.decode(ids[:ids.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in ids
+                                           else ids)[:40]  # the test split's first paragraph
             heat_png = plots.lm_expert_heatmap(np.asarray(loads).mean(0), *routing_trace(model, self.tokenizer, sample),
                                                os.path.join(out_dir, "expert_heatmap.png"))
         return {"loss_curve": loss_png, "expert_heatmap": heat_png}
@@ -174,20 +168,20 @@ class LMTask(Task):
     request_fields = {"prompt": "string", "max_new_tokens": "integer", "temperature": "number", "top_p": "number",
                       "top_k": "integer", "seed": "integer", "stop_at_eos": "boolean", "stream": "boolean"}
 
-    def splits(self, opts: Options, train_cfg: TrainConfig) -> dict:
-        return load_splits(opts.data, opts.text_col, opts.quiet)
+    def splits(self, opts: Options, train_cfg: TrainConfig) -> Corpus:
+        return load_corpus(opts.data, opts.text_col, opts.quiet)
 
-    def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
-        cache = tokenizer_cache(None if opts.data else "news", train_cfg.tokenizer, model_cfg.vocab_size,
-                                splits["train"])
-        return load_or_train(train_cfg.tokenizer, splits["train"], model_cfg.vocab_size, cache,
+    def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: Corpus):
+        texts = splits.sample(train_cfg.tokenizer_sample_mb)
+        cache = tokenizer_cache(None if opts.data else "news", train_cfg.tokenizer, model_cfg.vocab_size, texts)
+        return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache,
                              progress=not opts.quiet)
 
-    def sized(self, model_cfg: ModelConfig, tokenizer, splits: dict) -> ModelConfig:
+    def sized(self, model_cfg: ModelConfig, tokenizer, splits: Corpus) -> ModelConfig:
         return replace(model_cfg, vocab_size=tokenizer.n_vocab)
 
-    def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> LMData:
-        return LMData(tokenizer, splits, model_cfg)
+    def data(self, tokenizer, splits: Corpus, model_cfg: ModelConfig, opts: Options, start=None) -> LMData:
+        return LMData(tokenizer, splits, model_cfg, opts.quiet)
 
     def generate(self, opts: Options, device) -> dict:
         """Sample --num_samples continuations of --prompt, printing text as it is produced."""
@@ -227,10 +221,10 @@ class LMTask(Task):
         if not opts.input:
             raise DataError("--eval needs --input FILE")
         model, tokenizer, ckpt = load_trained(opts.checkpoint, "lm", TRAIN_HINT, device)
-        stream = Stream(tokenizer, read_text_lines(opts.input, opts.text_col))
+        stream = TokenStream.of_texts(tokenizer, read_text_lines(opts.input, opts.text_col))
         res = evaluate(model, stream, model.config.max_len, 16, device, ckpt["train_config"].get("dtype", "fp32"),
                        max_batches=10 ** 9)
-        return {"task": "lm", "input": opts.input, "tokens": len(stream.ids), "chars": stream.chars,
+        return {"task": "lm", "input": opts.input, "tokens": len(stream), "chars": stream.chars,
                 "loss": res["val_loss"], "bpc": res["val_bpc"], "checkpoint": opts.checkpoint,
                 "provenance": ckpt.get("provenance")}
 

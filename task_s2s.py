@@ -26,7 +26,7 @@ from moe import MoE
 from pinyin import close_sentence, lexicon_pairs, open_pinyin_sources, pinyin_spans, word_logprob
 from runtime import autocast
 from task import Task, TaskData
-from tokenizer import load_or_train
+from tokenizer import even_sample, load_or_train
 
 TRAIN_HINT = "python main.py --train --task seq2seq"
 # Decoding a model trained on the built-in pinyin pairs (fusion_for, word_prior_for): at every beam step the
@@ -337,7 +337,7 @@ class Seq2SeqTask(Task):
 
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
         lexicon = f"_lexicon{train_cfg.lexicon_pairs}" if train_cfg.lexicon_pairs else ""  # its words shape the BPE
-        texts = list(splits["train"].source) + list(splits["train"].target)
+        texts = even_sample([*splits["train"].source, *splits["train"].target], train_cfg.tokenizer_sample_mb)
         cache = tokenizer_cache(None if opts.data else "pinyin", train_cfg.tokenizer + lexicon, model_cfg.vocab_size,
                                 texts)
         return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)

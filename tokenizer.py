@@ -1,8 +1,12 @@
-"""Byte-level BPE trained here, served by tiktoken; and a character-level tokenizer with the same interface.
+"""Byte-level BPE trained by HF `tokenizers`, served by tiktoken; and a character-level tokenizer with the same
+interface.
 
-Training (`train_bpe`) follows GPT-2/GPT-4: split text into chunks with a regex, count each distinct chunk once,
-then repeatedly merge the most frequent adjacent pair of tokens. It is not quadratic: pair counts are kept in a
-dict and updated only for the chunks that contain the merged pair, and the best pair comes from a lazy max-heap.
+Training follows GPT-2/GPT-4: split text into chunks with a regex, count each distinct chunk once, then
+repeatedly merge the most frequent adjacent pair of tokens. `train_bpe_fast` (what `BPETokenizer.train` uses) has
+HF `tokenizers` do the counting and merging in Rust on every core, with the project's split pattern, and
+converts its merges to the project's rank table. `train_bpe` is the same algorithm in readable Python, kept as
+the reference the fast one is tested against: pair counts are kept in a dict and updated only for the chunks that
+contain the merged pair, and the best pair comes from a lazy max-heap.
 
 Encoding and decoding go through a `tiktoken.Encoding` built from the learned ranks (token id == merge rank), so
 encoding runs at tiktoken's speed. Special tokens are numbered after the ranks and are never produced from
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from typing import Iterable
@@ -145,6 +150,54 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False,
     return merges
 
 
+def byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what HF's ByteLevel pre-tokenizer writes): printable symbol -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    moved = [b for b in range(256) if b not in keep]  # the unprintable bytes are shifted past 255
+    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+def hf_bpe(texts: Iterable[str], num_merges: int, progress: bool = False, pattern: str = SPLIT_PATTERN):
+    """A HF `tokenizers` byte-level BPE trained on `texts` pre-split by `pattern` (the split tiktoken serves with),
+    each piece then written in GPT-2's byte symbols: up to `num_merges` merges, pairs seen once never merged."""
+    try:
+        from tokenizers import Regex
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+    except ImportError:
+        raise SystemExit("training a BPE tokenizer needs HF tokenizers: pip install tokenizers") from None
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=256 + num_merges, min_frequency=2, show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+def train_bpe_fast(texts: Iterable[str], vocab_size: int, progress: bool = False,
+                   pattern: str = SPLIT_PATTERN) -> list[tuple[int, int]]:
+    """`train_bpe`'s merges, learned by HF `tokenizers` (Rust, all cores) and converted to the project's ids.
+
+    A HF merge is a merge of two byte strings (in GPT-2's byte symbols); merge i again creates id 256 + i.
+    Ties between equally frequent pairs may break differently from `train_bpe`: the tables differ slightly,
+    the compression does not (tests/test_tokenizer.py)."""
+    num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if num_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} is below the 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    hf = hf_bpe(texts, num_merges, progress, pattern)
+    symbols = byte_symbols()
+    ids = {bytes([b]): b for b in range(256)}
+    merges: list[tuple[int, int]] = []
+    for merge in json.loads(hf.to_str())["model"]["merges"]:
+        a, b = (bytes(symbols[c] for c in side) for side in (merge.split(" ") if isinstance(merge, str) else merge))
+        if a + b not in ids:  # two merges making the same bytes: tiktoken maps bytes -> rank, so keep the first
+            ids[a + b] = 256 + len(merges)
+            merges.append((ids[a], ids[b]))
+    return merges[:num_merges]
+
+
 # -----------------------------------------------------------------------------
 # Tokenizers
 
@@ -234,7 +287,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False, kind: str = "bpe") -> "BPETokenizer":
-        return cls(train_bpe(texts, vocab_size, progress=progress, pattern=PATTERNS[kind]), kind)
+        return cls(train_bpe_fast(texts, vocab_size, progress=progress, pattern=PATTERNS[kind]), kind)
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)  # specials in user text stay text
@@ -302,6 +355,16 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     if d["kind"] == "char":
         return CharTokenizer(d["chars"])
     raise ValueError(f"unknown tokenizer kind {d['kind']!r}")
+
+
+def even_sample(texts: list[str], sample_mb: float) -> list[str]:
+    """Every k-th text, k chosen so that about `sample_mb` MB of UTF-8 remain (all texts when they fit or
+    sample_mb is 0): BPE learns from a sample spread over the whole corpus, not from its first part."""
+    if sample_mb <= 0:
+        return texts
+    total = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    step = math.ceil(total / (sample_mb * 1e6))
+    return texts if step <= 1 else texts[::step]
 
 
 def train_tokenizer(kind: str, texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:

@@ -13,7 +13,7 @@ from config import LMConfig
 from data import news_splits
 from models import LanguageModel
 from sampling import filter_logits, sample_next
-from task_lm import Stream
+from shards import TokenStream
 from test_cli import ROOT, run_main
 
 
@@ -85,8 +85,8 @@ def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
     assert val[-1] < val[0]
     assert summary["val_loss"] == min(val)
     _, tokenizer, _ = load_trained(ckpt, "lm", "", "cpu")  # bits per character: nats per token x tokens/char
-    test = Stream(tokenizer, news_splits(quiet=True)["test"])
-    bpc = summary["test_loss"] * len(test.ids) / test.chars / math.log(2)
+    test = TokenStream.of_texts(tokenizer, news_splits(quiet=True)["test"])
+    bpc = summary["test_loss"] * len(test) / test.chars / math.log(2)
     assert summary["test_bpc"] == pytest.approx(bpc, rel=1e-9)
     for png in ("loss_curve.png", "expert_heatmap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
@@ -154,7 +154,7 @@ def test_char_tokenizer_and_user_text(tmp_path):
 @pytest.mark.parametrize("content,expect", [
     (b"", "file is empty"),
     (b"\x00\x01\x02binary\x00", "binary"),
-    ("只有一行\n".encode(), "need at least 20"),
+    ("只有一行\n".encode(), "too few to hold out val and test"),
     ("\xff\xfe".encode("latin-1"), "not UTF-8"),
 ])
 def test_bad_lm_data(tmp_path, content, expect):

@@ -1,12 +1,13 @@
 import os
+import random
 
 import regex
 import pytest
 from collections import Counter
 
 from data import people_daily_paragraphs
-from tokenizer import (SPLIT_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, merge_chunk, render_token,
-                       tokenizer_from_dict, train_bpe)
+from tokenizer import (PATTERNS, SPLIT_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, merge_chunk, render_token,
+                       even_sample, tokenizer_from_dict, train_bpe, train_bpe_fast)
 
 CASES = ["", "我", "我爱编程", "今天天气很好！😀👍", "Hello 世界, GPT-4 与 MoE 模型 2024 年",
          "<|pad|><|bos|> 特殊 <|mask|>", "  多 空格\n换行\t制表 ", "é ü ß ñ", "\x00\x01"]
@@ -96,6 +97,56 @@ def test_known_answer_merges():
     # (" ", a) is seen once and is never merged
     assert train_bpe(["ab ab cd cd cd"], 256 + 5 + 10) == [(32, 99), (256, 100), (97, 98)]
     assert train_bpe(["aaab aaab aaab"], 256 + 5 + 2) == [(97, 97), (97, 98)]  # the vocabulary size caps merges
+
+
+# mixed scripts the split pattern treats differently: Han runs, Latin with contractions, digit runs, emoji with
+# a skin-tone modifier, Arabic-Indic digits, a Roman numeral, full-width space, CR/LF/tab runs, punctuation
+MIXED = [*"我爱编程今天天气，。！？ abcXYZ 0123456789\n\r\t", "'s", "'ll", "'S", "'ve", "😀", "👍🏽", "é", "ß", "١٢",
+         "Ⅻ", "\u3000", "’", "<|pad|>", "  "]
+
+
+@pytest.mark.parametrize("kind", sorted(PATTERNS))
+def test_the_fast_trainer_splits_text_where_tiktoken_does(corpus, kind):
+    from tokenizers import Regex, pre_tokenizers
+    split = pre_tokenizers.Split(Regex(PATTERNS[kind]), behavior="isolated")
+    tok = BPETokenizer.train(corpus[:200], 600, kind=kind)
+    rnd = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rnd.choice(MIXED) for _ in range(rnd.randint(0, 30)))
+        pieces = [piece for piece, _ in split.pre_tokenize_str(text)]
+        assert pieces == regex.findall(PATTERNS[kind], text), text  # the reference trainer's chunks
+        # tiktoken cuts at the same places: the text's tokens are its pieces' tokens, one after another
+        assert tok.encode(text) == [i for piece in pieces for i in tok.encode(piece)], text
+
+
+def test_every_rank_is_reachable(bpe):
+    # each token's bytes, encoded alone, give that token: no rank is shadowed by another way to make its bytes
+    assert [bpe.enc._encode_bytes(bpe.vocab[i]) for i in range(len(bpe.vocab))] == [[i] for i in range(len(bpe.vocab))]
+    assert sorted(bpe.vocab) == list(range(len(bpe.vocab)))
+
+
+def test_the_fast_trainer_compresses_as_the_reference_does():
+    paragraphs = people_daily_paragraphs()
+    train, held_out = paragraphs[:2000], "\n".join(paragraphs[2000:2400])
+    fast, reference = train_bpe_fast(train, 2000), train_bpe(train, 2000)
+    assert len(fast) == len(reference) == 2000 - 256 - 5
+    assert len(set(fast) & set(reference)) > 0.97 * len(reference)  # ties may break differently, little else
+    tokens = [len(BPETokenizer(m).encode(held_out)) for m in (fast, reference)]
+    assert abs(tokens[0] - tokens[1]) < 0.01 * tokens[1]
+
+
+def test_fast_known_answer_merges():
+    # the reference's known answers where no tie decides (see test_known_answer_merges)
+    assert train_bpe_fast(["aaab aaab aaab"], 256 + 5 + 10) == [(97, 97), (97, 98), (256, 257), (32, 258)]
+    assert train_bpe_fast(["aaab aaab aaab"], 256 + 5 + 2) == [(97, 97), (97, 98)]
+    assert sorted(train_bpe_fast(["ab ab cd cd cd"], 256 + 5 + 10)) == [(32, 256), (97, 98), (99, 100)]
+
+
+def test_even_sample_spans_the_corpus():
+    texts = [f"{i:04d}" * 25 for i in range(1000)]  # 100 bytes each: 0.1 MB
+    assert even_sample(texts, 0) is texts and even_sample(texts, 1) is texts  # 0: all; a corpus that fits: all
+    assert even_sample(texts, 0.01) == texts[::10]  # every 10th, first to last
+    assert len(even_sample(texts, 0.003)) == 30  # every 34th (0.1 MB / 0.003 MB, rounded up): at most 3,000 bytes
 
 
 def test_save_load_and_readable_vocab(bpe, tmp_path):

@@ -1,0 +1,203 @@
+"""Token shards: a corpus streamed into uint16 files once, reused, resumed, checked; bad input in one line."""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import shards
+from data import people_daily_paragraphs
+from errors import DataError
+from shards import Corpus, TokenStream, prepare, split_of
+from tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def paragraphs():
+    return people_daily_paragraphs()[:4000]
+
+
+@pytest.fixture(scope="module")
+def tok(paragraphs):
+    return BPETokenizer.train(paragraphs[:500], 600)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch, tmp_path):
+    """Blocks of 20 kB and shards of 30k tokens, so a 1 MB corpus makes many of each; shards go to tmp_path."""
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 20_000)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 30_000)
+    monkeypatch.setattr(shards, "TABLE_ROWS", 300)
+    monkeypatch.setattr(shards, "DATASET_DIR", str(tmp_path / "dataset"))
+
+
+def corpus_dir(tmp_path, paragraphs):
+    """A directory of two text files and a jsonl table (its "body" column) in a subfolder, plus a file to skip."""
+    root = tmp_path / "corpus"
+    (root / "more").mkdir(parents=True)
+    (root / "a.txt").write_text("\n".join(paragraphs[:1500]) + "\n", encoding="utf-8")
+    (root / "b.txt").write_text("\n\n".join(paragraphs[1500:3000]), encoding="utf-8")  # blank lines between
+    import pandas as pd
+    pd.DataFrame({"body": paragraphs[3000:4000], "n": range(1000)}).to_json(root / "more" / "c.jsonl",
+                                                                             orient="records", lines=True,
+                                                                             force_ascii=False)
+    (root / "notes.md").write_text("not a corpus file", encoding="utf-8")
+    return root
+
+
+def expected_streams(tok, docs, share):
+    out = {s: [] for s in ("train", "val", "test")}
+    for d in docs:
+        out[split_of(d, share)] += tok.encode(d) + [tok.eos_id]
+    return out
+
+
+def streams(folder, manifest):
+    return {s: TokenStream.of_split(folder, manifest, s) for s in ("train", "val", "test")}
+
+
+def test_shards_hold_every_document_once_in_its_hashed_split(tmp_path, small_blocks, paragraphs, tok):
+    corpus = Corpus.of(str(corpus_dir(tmp_path, paragraphs)), text_col="body")
+    assert [os.path.basename(f) for f in corpus.files] == ["a.txt", "b.txt", "c.jsonl"]  # notes.md skipped
+    folder, manifest = prepare(corpus, tok, workers=2, quiet=True)
+    assert manifest["dtype"] == "uint16" and len(manifest["splits"]["train"]["shards"]) > 3
+    got = streams(folder, manifest)
+    want = expected_streams(tok, paragraphs[:4000], corpus.held_out_share())
+    for s in want:
+        assert got[s].span(0, len(got[s])).tolist() == want[s]  # corpus order, across every shard boundary
+        assert manifest["splits"][s]["tokens"] == len(want[s])
+    assert sum(v["documents"] for v in manifest["splits"].values()) == 4000
+    assert 0.03 < manifest["splits"]["val"]["documents"] / 4000 < 0.07  # 5% each, by hash
+    assert manifest["splits"]["train"]["chars"] == sum(len(p) + 1 for p in paragraphs[:4000]
+                                                      if split_of(p, 0.05) == "train")
+    # the tokenizer's sample: training documents only, from every k-th block
+    sample = corpus.sample(0.2)
+    assert 0 < len(sample) < 0.5 * 4000 and all(split_of(t, 0.05) == "train" for t in sample)
+
+
+def test_windows_cross_shard_ends():
+    stream = TokenStream([np.arange(0, 5), np.arange(5, 7), np.arange(7, 20)], chars=40)
+    assert len(stream) == 20 and stream.span(3, 10).tolist() == list(range(3, 13))
+    batch = stream.windows([0, 4, 12], T=6, device="cpu")
+    assert batch["idx"][1].tolist() == list(range(4, 10)) and batch["targets"][1].tolist() == list(range(5, 11))
+
+
+def test_a_second_run_reuses_the_shards_and_an_edited_corpus_prepares_again(tmp_path, small_blocks, paragraphs,
+                                                                             tok, monkeypatch):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(paragraphs[:800]), encoding="utf-8")
+    folder, manifest = prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+    calls = []
+    write = shards.write_shards
+    monkeypatch.setattr(shards, "write_shards", lambda *a, **k: calls.append(1) or write(*a, **k))
+    assert prepare(Corpus.of(str(src)), tok, workers=1, quiet=True) == (folder, manifest) and not calls
+    src.write_text("\n".join(paragraphs[:801]), encoding="utf-8")
+    folder2, manifest2 = prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+    assert calls and folder2 != folder and manifest2["splits"]["train"]["documents"] + \
+        manifest2["splits"]["val"]["documents"] + manifest2["splits"]["test"]["documents"] == 801
+    other = BPETokenizer.train(paragraphs[:300], 400)  # another tokenizer: shards of its own
+    assert prepare(Corpus.of(str(src)), other, workers=1, quiet=True)[0] not in (folder, folder2)
+
+
+def test_an_interrupted_preparation_goes_on_where_it_stopped(tmp_path, small_blocks, paragraphs, tok, monkeypatch,
+                                                             capsys):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(paragraphs), encoding="utf-8")
+    corpus = Corpus.of(str(src))
+    tasks = Corpus.tasks
+
+    def interrupted(self):
+        for i, item in enumerate(tasks(self)):
+            if i == 40:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(Corpus, "tasks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tok, workers=2, quiet=True)
+    folder = shards.shard_dir(corpus, tok)
+    assert not os.path.exists(os.path.join(folder, "manifest.json"))  # nothing a later run would trust as done
+    done = shards.read_json(os.path.join(folder, "progress.json"))["done"]
+    assert 0 < done <= 40
+    monkeypatch.setattr(Corpus, "tasks", tasks)
+    folder, manifest = prepare(corpus, tok, workers=2, quiet=False)
+    assert f"after {done} blocks" in capsys.readouterr().err
+    want = expected_streams(tok, paragraphs, corpus.held_out_share())
+    for s, stream in streams(folder, manifest).items():
+        assert stream.span(0, len(stream)).tolist() == want[s]
+    assert not os.path.exists(os.path.join(folder, "progress.json"))
+
+
+def test_a_damaged_shard_is_noticed_and_prepared_again(tmp_path, small_blocks, paragraphs, tok, capsys):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(paragraphs[:1500]), encoding="utf-8")
+    folder, manifest = prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+    want = TokenStream.of_split(folder, manifest, "train").span(0, manifest["splits"]["train"]["tokens"]).tolist()
+    shard = os.path.join(folder, manifest["splits"]["train"]["shards"][1]["file"])
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    folder, manifest = prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+    assert "missing or changed" in capsys.readouterr().err
+    assert TokenStream.of_split(folder, manifest, "train").span(0, len(want)).tolist() == want
+    os.remove(shard)
+    assert prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)[1] == manifest
+
+
+def test_two_runs_preparing_the_same_corpus_at_once(tmp_path, small_blocks, paragraphs, tok):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(paragraphs[:2000]), encoding="utf-8")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(prepare(Corpus.of(str(src)), tok, workers=1, quiet=True))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, small_blocks, paragraphs, tok, monkeypatch):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(paragraphs[:2000]), encoding="utf-8")
+    writes = []
+    real = shards.atomic_write
+
+    def filling(path):
+        writes.append(path)
+        if len(writes) > 4:
+            raise OSError(28, "No space left on device")
+        return real(path)
+    monkeypatch.setattr(shards, "atomic_write", filling)
+    with pytest.raises(DataError, match="No space left on device.*goes on from them"):
+        prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+    folder = shards.shard_dir(Corpus.of(str(src)), tok)
+    assert not os.path.exists(os.path.join(folder, "manifest.json"))
+    monkeypatch.setattr(shards, "atomic_write", real)
+    assert prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)[1]["splits"]["train"]["documents"] > 0
+
+
+@pytest.mark.parametrize("make,expect", [
+    (lambda d: d.mkdir(), "no .txt/.csv/.tsv/.jsonl/.parquet file"),
+    (lambda d: None, "file not found"),
+])
+def test_bad_corpus_paths(tmp_path, make, expect):
+    make(tmp_path / "x")
+    with pytest.raises(DataError, match=expect):
+        Corpus.of(str(tmp_path / "x"))
+    with pytest.raises(DataError, match="matches no file"):
+        Corpus.of(str(tmp_path / "*.nothing"))
+
+
+def test_a_bad_byte_deep_in_a_file_is_named_with_its_offset(tmp_path, small_blocks, paragraphs, tok):
+    good = ("\n".join(paragraphs[:300]) + "\n").encode("utf-8")
+    src = tmp_path / "c.txt"
+    src.write_bytes(good + b"\xff\xfe bad\n" + good)
+    with pytest.raises(DataError, match=rf"c.txt: not UTF-8 \(bad byte 0xff at offset {len(good)}\)"):
+        prepare(Corpus.of(str(src)), tok, workers=2, quiet=True)
+    src.write_bytes(good + b"\x00\x01")
+    with pytest.raises(DataError, match=rf"looks binary \(a NUL byte at offset {len(good)}\)"):
+        prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
