@@ -11,6 +11,7 @@
     python bench.py --only profile       # where a training step's time goes, per preset (torch.profiler)
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
+    python bench.py --only scale         # the LM's data path at 10 MB, 100 MB and 1 GB of text (~15 min)
     python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
     python bench.py --only gpu --device cuda   # a lent GPU: bf16 eager vs compiled, MoE vs dense, fp16, an OOM
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import main as cli
 import onnx_export
+import plots
 import task_cls
 import task_lm
 import task_s2s
@@ -39,7 +42,7 @@ from blocks import Attention
 from checkpoint import load_checkpoint, load_trained
 from config import ModelConfig, Options
 from data import (DATASET_DIR, encode_texts, news_splits, pair_frame, people_daily_paragraphs, pinyin_splits,
-                  review_pinyin_test, reviews_splits, tokenizer_cache, windows)
+                  review_pinyin_test, reviews_splits, shipped_texts, tokenizer_cache, windows)
 from fsio import atomic_write_text
 from models import build_model, LanguageModel, MaskedLM
 from moe import FeedForward, MoE
@@ -48,8 +51,8 @@ from registry import TASKS
 from runtime import autocast, resolve_dtype
 from task_cls import Predictor
 from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
-from shards import Corpus, TokenStream
-from tokenizer import SPECIAL_TOKENS, BPETokenizer, hf_bpe, load_or_train, train_bpe
+from shards import Corpus, TokenStream, shard_dir
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, hf_bpe, load_or_train, train_bpe, train_tokenizer
 from tracking import MetricsLog
 from trainer import count_tokens, fit
 
@@ -540,6 +543,60 @@ def run_main(*argv: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def synthetic_corpus(path: str, mb: float, seed: int = 0) -> None:
+    """About `mb` MB of text: the shipped Chinese text (People's Daily and every shipped review), one paragraph
+    a line, repeated in a new shuffled order each time, written as it goes."""
+    texts = [" ".join(t.split()) for t in people_daily_paragraphs() + shipped_texts()]
+    rng, size = random.Random(seed), 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < mb * 1e6:
+            rng.shuffle(texts)
+            block = "\n".join(texts) + "\n"
+            block = block[:int(mb * 1e6 - size) // 3 + 1] if size + len(block.encode()) > mb * 1e6 else block
+            f.write(block)
+            size += len(block.encode())
+
+
+def bench_scale(sizes=(10, 100, 1000), steps: int = 30) -> dict:
+    """The LM's data path at 10 MB .. 1 GB of synthetic text (`--only scale`): the tokenizer on its even
+    sample (in this process), then `--train --task lm --data` twice, cold (the shards are prepared) and cached
+    (they are reused): seconds to the first step, preparation MB/s, peak memory, steps/s. The corpus and its
+    shards are removed after each size. Writes runs/bench_scale/scale.png."""
+    import shutil
+    _, mcfg, tcfg = cli.resolve_config("lm", "default")
+    out, rows = {}, []
+    for mb in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+            path = os.path.join(tmp, f"corpus_{mb:g}MB.txt")
+            synthetic_corpus(path, mb)
+            corpus = Corpus.of(path)
+            t0 = time.perf_counter()
+            sample = corpus.sample(tcfg.tokenizer_sample_mb)
+            tok = train_tokenizer(tcfg.tokenizer, sample, mcfg.vocab_size)
+            tok.save(tokenizer_cache(None, tcfg.tokenizer, mcfg.vocab_size, sample))  # the runs below reuse it
+            row = {"mb": mb, "tokenizer_s": time.perf_counter() - t0}
+            args = ("--train", "--task", "lm", "--data", path, "--max_steps", str(steps), "--quiet",
+                    "--out_dir", os.path.join(tmp, "run"), "--checkpoint", os.path.join(tmp, "m.pt"))
+            runs = {}
+            for name in ("cold", "cached"):
+                t0 = time.perf_counter()
+                summary = run_main(*args)
+                # seconds from the command's start (imports included) to its first step
+                runs[name] = time.perf_counter() - t0 - (summary["wall_seconds"] - summary["setup_seconds"]), summary
+                shutil.rmtree(os.path.join(tmp, "run"))
+            shutil.rmtree(shard_dir(corpus, tok), ignore_errors=True)
+        (cold_s, cold), (cached_s, cached) = runs["cold"], runs["cached"]
+        row.update(cold_first_step_s=cold_s, prepare_MB_per_s=mb / cold["setup_seconds"],
+                   cached_first_step_s=cached_s, peak_rss_mb_cold=cold["peak_rss_mb"],
+                   peak_rss_mb_cached=cached["peak_rss_mb"],
+                   steps_per_s=cached["tokens_per_s"] / (tcfg.batch_size * mcfg.max_len))
+        rows.append(row)
+        out.update({f"scale_{k}_{mb:g}MB": v for k, v in row.items() if k != "mb"})
+        print(json.dumps(row), file=sys.stderr)
+    out["scale_plot"] = plots.scale_plot(rows, "runs/bench_scale/scale.png")
+    return out
+
+
 def bench_budget(budgets=(60, 300), presets=("default", "babygpt"), out_dir: str = "runs/bench_budget") -> dict:
     """The default MoE LM vs `--preset babygpt` (nanoGPT's dense char-level CPU recipe), both at character level,
     trained for the same seconds (`--time_budget`) on two corpora: People's Daily and ~1 MB of reviews. Each model
@@ -678,7 +735,7 @@ def bench_gpu(device: torch.device, preset: str = "default", steps: int = 200, t
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("moe", "train", "infer", "tokenizer", "generate", "budget", "server",
-                                       "pinyin", "sentiment", "gpu", "memory", "profile"),
+                                       "pinyin", "sentiment", "gpu", "memory", "profile", "scale"),
                     help="run one benchmark")
     ap.add_argument("--presets", default="cls:default,lm:default,seq2seq:default",
                     help="task:preset pairs for the train and profile benchmarks (profile: task:preset:batch too)")
@@ -687,6 +744,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="60,300", help="seconds of training for the budget benchmark")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe, train and gpu benchmarks")
     ap.add_argument("--gpu_preset", default="default", help="gpu benchmark: the preset of each task")
+    ap.add_argument("--scale_mb", default="10,100,1000", help="scale benchmark: corpus sizes in MB")
     ap.add_argument("--gpu_steps", type=int, default=200, help="gpu benchmark: steps per measurement")
     ap.add_argument("--gpu_tasks", default="cls,lm,seq2seq", help="gpu benchmark: the tasks")
     ap.add_argument("--gpu_compile", default="on", choices=("on", "off"), help="gpu benchmark: also time torch.compile")
@@ -729,6 +787,8 @@ def main(argv=None) -> int:
                                  args.gpu_compile == "on", args.set))
     if args.only == "budget":  # not in the default set: it trains eight models
         results.update(bench_budget(tuple(float(b) for b in args.budgets.split(","))))
+    if args.only == "scale":  # not in the default set: it writes and reads up to 1 GB of text
+        results.update(bench_scale(tuple(float(s) for s in args.scale_mb.split(","))))
     if args.only == "sentiment":  # not in the default set: it needs a trained classifier
         results.update(bench_sentiment(args.checkpoint))
     if args.only == "pinyin":  # not in the default set: it needs the Pinyin2Hanzi package

@@ -55,6 +55,7 @@ def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
     """The whole --train run of `task`; returns the summary main.py prints as the last line."""
     t_start = time.time()
     run = start(task, model_cfg, train_cfg, opts, device)
+    setup_seconds = time.time() - t_start  # data read or prepared, tokenizer trained or loaded, model built
     total, active = count_params(run.model, run.model_cfg)
     if not opts.quiet:
         print(f"model: {total:,} parameters, {active:,} active per token; tokenizer {run.tokenizer.kind} "
@@ -70,7 +71,8 @@ def train(task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, opts: Opti
         data.batches(cfg, device), lambda: data.evaluate(model, "val", cfg, device), task.select, main_resume)
     summary = {"task": task.name, "checkpoint": run.checkpoint, "last_state": run.last, "out_dir": opts.out_dir,
                "params_total": total, "params_active": active, "tokenizer": run.tokenizer.kind,
-               "tokenizer_vocab": run.tokenizer.n_vocab, **earlier, "steps": result.steps,
+               "tokenizer_vocab": run.tokenizer.n_vocab, "setup_seconds": round(setup_seconds, 1), **earlier,
+               "steps": result.steps,
                "skipped_batches": result.skipped_batches, "train_seconds": round(result.train_seconds, 3)}
     if result.halted or not is_main_process():  # stopped on purpose half-way (the state is saved, the test
         log.close()                                 # split waits for the end), or a rank > 0 under torchrun

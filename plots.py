@@ -1,6 +1,8 @@
 """PNG plots: loss curves, expert heatmaps, confusion matrices, comparisons. Headless (Agg backend)."""
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -208,3 +210,26 @@ def routing_report(layers: list[dict], num_experts: int, out_dir: str, pair_shar
         ax.legend(fontsize=8)
     out["load_png"] = _save(fig, os.path.join(out_dir, "routing_load.png"))
     return out
+
+
+def scale_plot(rows: list[dict], path: str) -> str:
+    """bench.py --only scale: seconds and megabytes against corpus size, log-log."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    mb = [r["mb"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("tokenizer_s", "tokenizer (on its sample)"), ("cold_first_step_s", "first step, cold"),
+                       ("cached_first_step_s", "first step, cached shards")):
+        left.plot(mb, [r[key] for r in rows], "o-", label=label)
+    left.set_ylabel("seconds")
+    for key, label in (("peak_rss_mb_cold", "peak RSS, preparing + training"),
+                       ("peak_rss_mb_cached", "peak RSS, training on cached shards")):
+        right.plot(mb, [r[key] for r in rows], "o-", label=label)
+    right.set_ylabel("MB")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("corpus (MB of text)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle("the language model's data path against corpus size")
+    return _save(fig, path)
