@@ -64,14 +64,25 @@ def read_table(path: str) -> pd.DataFrame:
     return df
 
 
-def check_utf8(path: str) -> None:
+def check_utf8(path: str, block: int = 1 << 22) -> None:
+    """The file decodes as UTF-8, or a one-line error naming the first bad byte's offset; read a block at a time
+    (a character cut by a block's end is carried to the next block)."""
+    offset, carry = 0, b""  # offset: where `carry` starts in the file
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        "re-save the file as UTF-8") from None
+        while True:
+            chunk = f.read(block)
+            raw, at_end = carry + chunk, not chunk
+            try:
+                raw.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as e:
+                if at_end or e.reason != "unexpected end of data":
+                    raise DataError(f"{path}: not UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
+                                    "re-save the file as UTF-8") from None
+                carry = raw[e.start:]
+            offset += len(raw) - len(carry)
+            if at_end:
+                return
 
 
 def column(df: pd.DataFrame, name: str, path: str) -> pd.Series:
@@ -303,16 +314,23 @@ class Packed:
     classifier's 116,751 pretraining windows held ~0.9 GB as lists). packed[i], and iterating, give lists."""
 
     def __init__(self, seqs: Iterable[list[int]]):
-        arrays = [np.asarray(s, dtype=np.int32) for s in seqs]
-        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
-        self.ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+        lengths, parts, pending = [], [], []  # ids move into an array each million, never one array a sequence
+        for s in seqs:
+            lengths.append(len(s))
+            pending.extend(s)
+            if len(pending) >= 1 << 20:
+                parts.append(np.asarray(pending, dtype=np.int32))
+                pending = []
+        self.offsets = np.cumsum([0] + lengths)
+        self.ids = np.concatenate(parts + [np.asarray(pending, dtype=np.int32)])
 
     @classmethod
-    def windows_of(cls, tokenizer, texts: list[str], size: int, chunk: int = 4096) -> "Packed":
-        """windows(encode_texts(texts), size), encoded a chunk of texts at a time: one chunk's lists are all
-        that exist at once."""
-        return cls(s for i in range(0, len(texts), chunk)
-                   for s in windows(encode_texts(tokenizer, texts[i:i + chunk]), size))
+    def windows_of(cls, tokenizer, texts: list[str], size: int | None = None, chunk: int = 4096) -> "Packed":
+        """windows(encode_texts(texts), size) (size None: the texts whole), encoded a chunk of texts at a time:
+        one chunk's lists are all that exist at once (a million texts' lists would take ~2 GB)."""
+        return cls(s for i in range(0, len(texts), chunk) for s in (
+            encode_texts(tokenizer, texts[i:i + chunk]) if size is None
+            else windows(encode_texts(tokenizer, texts[i:i + chunk]), size)))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

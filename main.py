@@ -107,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="--train: the run's folder name under runs/<task>/")
     g.add_argument("--data", default=None,
                    help="your own data. cls: a csv/tsv/jsonl/parquet file (split 80/10/10) or a directory with train, "
-                        "val (or dev) and test files; lm: a UTF-8 text file (one paragraph a line), a table's --text_col, "
-                        "a directory of such files or a glob, of any size (prepared once into token shards under "
-                        "dataset/shards/; val and test held out by a hash of each paragraph); seq2seq: a csv/tsv/jsonl/parquet file with source and "
-                        "target (or question and answer) columns (shuffled, split 90/5/5)")
+                        "val (or dev) and test files; lm: a UTF-8 text file (one paragraph a line), a table's "
+                        "--text_col, a directory of such files or a glob, of any size (prepared once into token "
+                        "shards under dataset/shards/; val and test held out by a hash of each paragraph); seq2seq: "
+                        "a csv/tsv/jsonl/parquet file with source and target (or question and answer) columns "
+                        "(shuffled, split 90/5/5)")
     g.add_argument("--text_col", default="text", help="text column of --data/--input (default text)")
     g.add_argument("--label_col", default="label", help="label column of --data/--input (default label)")
     g.add_argument("--text", default=None, help="--infer: the text to classify (cls) or convert (seq2seq)")

@@ -31,6 +31,7 @@ import torch
 from data import DATASET_DIR, FORMATS, SPLITS
 from errors import DataError
 from fsio import atomic_write, atomic_write_text, exclusive
+from tokenizer import tokenizer_from_dict
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 1 << 22       # text a worker reads, decodes and tokenizes at a time (4 MB, cut at a line end)
@@ -144,9 +145,10 @@ def table_chunks(path: str, text_col: str):
             except ImportError:
                 raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
             parquet = pq.ParquetFile(path)
-            if text_col not in parquet.schema_arrow.names:
-                raise DataError(f"{path}: missing column {text_col!r} (columns: {', '.join(parquet.schema_arrow.names)})"
-                                "; pick one with --text_col")
+            names = parquet.schema_arrow.names
+            if text_col not in names:
+                raise DataError(f"{path}: missing column {text_col!r} (columns: {', '.join(names)}); "
+                                "pick one with --text_col")
             for batch in parquet.iter_batches(batch_size=TABLE_ROWS, columns=[text_col]):
                 yield [str(t) for t in batch.column(0).to_pylist() if t is not None]
             return
@@ -199,7 +201,6 @@ _worker_tokenizer = None
 
 def _start_worker(tokenizer_dict: dict) -> None:
     global _worker_tokenizer
-    from tokenizer import tokenizer_from_dict
     torch.set_num_threads(1)
     _worker_tokenizer = tokenizer_from_dict(tokenizer_dict)
 

@@ -67,11 +67,11 @@ def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFea
         raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
     if features is not None and rows is None:
         rows = features.rows(list(df.text))
-    return Packed(encode_texts(tokenizer, list(df.text))), [index[l] for l in df.label], rows
+    return Packed.windows_of(tokenizer, list(df.text)), [index[l] for l in df.label], rows
 
 
 def picked(rows, idx):
-    return None if rows is None else [rows[i] for i in idx]
+    return None if rows is None else rows.take(idx)
 
 
 def scores(logits: np.ndarray, labels, prefix: str) -> dict:
@@ -555,8 +555,8 @@ class ClsTask(Task):
         rows = features.rows(texts) if features else None
         for i in range(0, len(seqs), batch_size):
             batch = collate_cls(tokenizer, seqs[i:i + batch_size], None, model.config.max_len, device,
-                                rows[i:i + batch_size] if rows else None)
-            inputs = ("input_ids", "attention_mask") + (("wide_ids", "wide_values") if rows else ())
+                                rows[i:i + batch_size] if rows is not None else None)
+            inputs = ("input_ids", "attention_mask") + (("wide_ids", "wide_values") if rows is not None else ())
             yield tuple(batch[k] for k in inputs), {"": batch["input_ids"]}
 
     # ---- --export onnx

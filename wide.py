@@ -6,8 +6,9 @@ space, every character 1-3-gram, tf = 1 + log(count), times idf = ln((1 + n) / (
 scikit-learn fits the vocabulary and the IDF once; after that the features are computed here from a plain
 vocabulary list and IDF array, which is all a checkpoint or an ONNX file carries (nothing pickled).
 
-A text's features are a sparse row: (ids, values) of its n-grams found in the vocabulary. The model reads a batch
-of them as two padded (B, F) arrays, id 0 / value 0.0 in the padding (models.Classifier.wide_logits).
+A text's features are a sparse row: (ids, values) of its n-grams found in the vocabulary; a split's rows are kept
+together in CSR form (`SparseRows`). The model reads a batch of them as two padded (B, F) arrays, id 0 / value
+0.0 in the padding (models.Classifier.wide_logits).
 """
 from __future__ import annotations
 
@@ -23,6 +24,51 @@ WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run
 # The TF-IDF + LinearSVC baseline's settings (task_cls.tfidf_model): the wide part starts as that very model
 VECTORIZER = dict(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
 SVC_C = 0.5
+# Past this many training texts, the vocabulary and IDF are counted and the LinearSVC is fitted on an even sample
+# of about this many (the rows of every text are still made): their memory and time grow with the texts, and
+# 200k (twice the built-in training split) is far more than the n-gram statistics need
+FIT_TEXTS = 200_000
+
+
+class SparseRows:
+    """Texts' TF-IDF rows in CSR form: 8 bytes a stored value, where a pair of arrays per text costs ~200 bytes
+    more each. rows[i] -> (ids int64, values float32); rows[a:b] and rows.take(indices) -> a list of those."""
+
+    def __init__(self, indptr: np.ndarray, ids: np.ndarray, values: np.ndarray):
+        self.indptr, self.ids, self.values = indptr.astype(np.int64), ids.astype(np.int32), values.astype(np.float32)
+
+    @classmethod
+    def of(cls, rows) -> "SparseRows":
+        rows = list(rows)
+        return cls(np.cumsum([0] + [len(i) for i, _ in rows]),
+                   np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, np.int32),
+                   np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32))
+
+    @classmethod
+    def concat(cls, parts: list["SparseRows"]) -> "SparseRows":
+        ends = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
+        return cls(np.concatenate([[0]] + [p.indptr[1:] + e for p, e in zip(parts, ends)]),
+                   np.concatenate([p.ids for p in parts]), np.concatenate([p.values for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        a, b = self.indptr[i], self.indptr[i + 1]
+        return self.ids[a:b].astype(np.int64), self.values[a:b]
+
+    def take(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self[i] for i in indices]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def matrix(self, n_features: int):
+        """A scipy CSR matrix (texts, n_features), what scikit-learn's linear models fit on."""
+        from scipy.sparse import csr_matrix
+        return csr_matrix((self.values, self.ids, self.indptr), shape=(len(self), n_features))
 
 
 class TfidfFeatures:
@@ -39,14 +85,21 @@ class TfidfFeatures:
         return len(self.vocab)
 
     @classmethod
-    def fit(cls, texts: list[str]) -> tuple["TfidfFeatures", list[tuple[np.ndarray, np.ndarray]]]:
-        """Vocabulary (VECTORIZER's n-grams in at least min_df texts) and IDF from `texts`, by scikit-learn ->
-        (the features, the rows of `texts`: scikit-learn's own, one pass instead of two)."""
+    def fit(cls, texts: list[str], max_texts: int = FIT_TEXTS) -> tuple["TfidfFeatures", SparseRows]:
+        """Vocabulary (VECTORIZER's n-grams in at least min_df texts) and IDF from `texts` (or from every k-th
+        text, about `max_texts` of them, when there are more), by scikit-learn -> (the features, the rows of all
+        `texts`: scikit-learn's own)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         vec = TfidfVectorizer(**VECTORIZER, dtype=np.float32)
-        X = vec.fit_transform(texts).tocsr()
-        X.sort_indices()
-        rows = [(X.indices[a:b].astype(np.int64), X.data[a:b]) for a, b in zip(X.indptr[:-1], X.indptr[1:])]
+        step = -(-len(texts) // max_texts) if max_texts else 1
+        if step <= 1:
+            parts = [vec.fit_transform(texts)]
+        else:  # the vocabulary's n-gram counting is what grows with the texts: count on a sample
+            vec.fit(texts[::step])
+            parts = [vec.transform(texts[i:i + 50_000]) for i in range(0, len(texts), 50_000)]
+        for X in parts:
+            X.sort_indices()
+        rows = SparseRows.concat([SparseRows(X.indptr, X.indices, X.data) for X in parts])
         return cls(list(vec.get_feature_names_out()), vec.idf_, VECTORIZER["ngram_range"]), rows
 
     def grams(self, text: str):
@@ -73,8 +126,8 @@ class TfidfFeatures:
         values = tf * self.idf[ids]
         return ids, (values / np.linalg.norm(values)).astype(np.float32)
 
-    def rows(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.row(t) for t in texts]
+    def rows(self, texts: list[str]) -> SparseRows:
+        return SparseRows.of(self.row(t) for t in texts)
 
     def to_dict(self) -> dict:
         return {"vocab": self.vocab, "idf": torch.from_numpy(self.idf.astype(np.float32)),
@@ -100,21 +153,17 @@ def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(values)
 
 
-def sparse_matrix(rows: list[tuple[np.ndarray, np.ndarray]], n_features: int):
-    """Sparse rows -> a scipy CSR matrix (texts, n_features), what scikit-learn's linear models fit on."""
-    from scipy.sparse import csr_matrix
-    indptr = np.cumsum([0] + [len(i) for i, _ in rows])
-    ids = np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, np.int64)
-    values = np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32)
-    return csr_matrix((values, ids, indptr), shape=(len(rows), n_features))
-
-
-def fit_linear(rows: list[tuple[np.ndarray, np.ndarray]], labels: list[int], n_features: int, num_classes: int,
-               C: float = SVC_C) -> tuple[np.ndarray, np.ndarray]:
-    """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows -> (weight (n_features, classes),
-    bias (classes,)) as logits: for two classes the decision f becomes logits (-f/2, f/2), whose difference is f."""
+def fit_linear(rows: SparseRows, labels: list[int], n_features: int, num_classes: int, C: float = SVC_C,
+               max_texts: int = FIT_TEXTS) -> tuple[np.ndarray, np.ndarray]:
+    """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows (every k-th, about `max_texts`,
+    when there are more) -> (weight (n_features, classes), bias (classes,)) as logits: for two classes the
+    decision f becomes logits (-f/2, f/2), whose difference is f."""
     from sklearn.svm import LinearSVC
-    svc = LinearSVC(C=C).fit(sparse_matrix(rows, n_features), labels)
+    X, y = rows.matrix(n_features), np.asarray(labels)
+    step = -(-len(y) // max_texts) if max_texts else 1
+    if step > 1:  # liblinear copies the matrix as float64: a sample bounds its memory and time
+        X, y = X[::step], y[::step]
+    svc = LinearSVC(C=C).fit(X, y)
     coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
     if num_classes == 2:
         return np.stack([-coef[0] / 2, coef[0] / 2], 1), np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)

@@ -201,3 +201,16 @@ def test_a_bad_byte_deep_in_a_file_is_named_with_its_offset(tmp_path, small_bloc
     src.write_bytes(good + b"\x00\x01")
     with pytest.raises(DataError, match=rf"looks binary \(a NUL byte at offset {len(good)}\)"):
         prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 7, 1 << 22])
+def test_the_utf8_check_reads_blocks_and_names_the_first_bad_byte(tmp_path, block):
+    from data import check_utf8
+    good = "我爱编程，今天天气很好。".encode() * 50
+    path = tmp_path / "t.txt"
+    path.write_bytes(good)
+    check_utf8(str(path), block)  # characters cut by a block's end are not errors
+    for bad in (b"\xff" + good, "我".encode()[:2]):  # a bad byte inside; a character cut by the file's end
+        path.write_bytes(good + bad)
+        with pytest.raises(DataError, match=rf"not UTF-8 \(bad byte 0x.. at offset {len(good)}\)"):
+            check_utf8(str(path), block)

@@ -14,7 +14,7 @@ from config import ClassifierConfig
 from models import Classifier
 from test_cli import run_main
 from tokenizer import train_tokenizer
-from wide import TfidfFeatures, pad_rows, sparse_matrix
+from wide import VECTORIZER, SparseRows, TfidfFeatures, pad_rows
 
 ODD_TEXTS = ["  多个   空格\t和\n换行 ", "ABC abc AbC", "", "a", "😀表情😀", "好好好好好好"]
 
@@ -33,10 +33,10 @@ def test_features_equal_scikit_learns_tfidf_vectorizer(splits):
     assert features.vocab == list(vec.get_feature_names_out()) and len(features) > 1000
     np.testing.assert_allclose(features.idf, vec.idf_, rtol=1e-6)
     for texts in (train, list(splits["val"].text) + ODD_TEXTS):
-        ours = sparse_matrix(features.rows(texts), len(features)).toarray()
+        ours = features.rows(texts).matrix(len(features)).toarray()
         np.testing.assert_allclose(ours, vec.transform(texts).toarray(), atol=1e-6)
-    same = sparse_matrix(fitted_rows, len(features)).toarray()
-    np.testing.assert_allclose(same, sparse_matrix(features.rows(train), len(features)).toarray(), atol=1e-6)
+    same = fitted_rows.matrix(len(features)).toarray()
+    np.testing.assert_allclose(same, features.rows(train).matrix(len(features)).toarray(), atol=1e-6)
     # what a checkpoint and an ONNX file carry gives the same rows
     for copy in (TfidfFeatures.from_dict(features.to_dict()), TfidfFeatures.from_dict(features.to_json())):
         for a, b in zip(copy.rows(ODD_TEXTS + train[:20]), features.rows(ODD_TEXTS + train[:20])):
@@ -44,6 +44,17 @@ def test_features_equal_scikit_learns_tfidf_vectorizer(splits):
     ids, values = pad_rows(features.rows(["", train[0]]))
     assert ids.shape == values.shape and ids[0].eq(0).all() and values[0].eq(0).all()
     assert not features.knows("") and features.knows(train[0])
+
+
+def test_a_big_training_split_is_counted_on_an_even_sample(splits):
+    train = list(splits["train"].text)  # 600 texts; a cap of 200 counts every 3rd
+    features, rows = TfidfFeatures.fit(train, max_texts=200)
+    vec = TfidfVectorizer(**VECTORIZER).fit(train[::3])
+    assert features.vocab == list(vec.get_feature_names_out()) and len(rows) == 600  # rows for every text
+    np.testing.assert_allclose(rows.matrix(len(features)).toarray(), vec.transform(train).toarray(), atol=1e-6)
+    joined = SparseRows.concat([features.rows(train[:250]), features.rows(train[250:])])
+    np.testing.assert_allclose(joined.matrix(len(features)).toarray(), rows.matrix(len(features)).toarray(), atol=1e-6)
+    assert [len(i) for i, _ in joined.take([0, 599])] == [len(rows[0][0]), len(rows[599][0])]
 
 
 def test_a_fresh_model_is_the_fitted_linear_model(splits):
