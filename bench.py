@@ -52,7 +52,7 @@ from runtime import autocast, resolve_dtype
 from task_cls import Predictor
 from task_s2s import candidates, convert, fusion_for, score, source_ids, word_prior_for
 from shards import Corpus, TokenStream, shard_dir
-from tokenizer import SPECIAL_TOKENS, BPETokenizer, hf_bpe, load_or_train, train_bpe, train_tokenizer
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, hf_bpe, load_or_train, train_bpe
 from tracking import MetricsLog
 from trainer import count_tokens, fit
 
@@ -570,10 +570,8 @@ def bench_scale(sizes=(10, 100, 1000), steps: int = 30) -> dict:
             path = os.path.join(tmp, f"corpus_{mb:g}MB.txt")
             synthetic_corpus(path, mb)
             corpus = Corpus.of(path)
-            t0 = time.perf_counter()
-            sample = corpus.sample(tcfg.tokenizer_sample_mb)
-            tok = train_tokenizer(tcfg.tokenizer, sample, mcfg.vocab_size)
-            tok.save(tokenizer_cache(None, tcfg.tokenizer, mcfg.vocab_size, sample))  # the runs below reuse it
+            t0 = time.perf_counter()  # trained as --train would, and cached where it looks: the runs reuse it
+            tok = task_lm.TASK.new_tokenizer(Options(task="lm", data=path, quiet=True), tcfg, mcfg, corpus)
             row = {"mb": mb, "tokenizer_s": time.perf_counter() - t0}
             args = ("--train", "--task", "lm", "--data", path, "--max_steps", str(steps), "--quiet",
                     "--out_dir", os.path.join(tmp, "run"), "--checkpoint", os.path.join(tmp, "m.pt"))

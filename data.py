@@ -167,13 +167,13 @@ def shipped_texts() -> list[str]:
     return [t for t in reviews if t] + list(extra_sentiment().text)
 
 
-def tokenizer_cache(corpus: str | None, kind: str, vocab_size: int, texts: list[str] = ()) -> str:
+def tokenizer_cache(corpus: str | None, kind: str, vocab_size: int, texts: list[str] = (), key: str = "") -> str:
     """Where a trained tokenizer is cached: a built-in corpus's ("reviews", "news", ...) under its folder; a
-    user's (--data, corpus None) named by a hash of its training texts, so that a second run on the same file
-    reuses it and an edited file trains its own."""
+    user's (--data, corpus None) named by `key` or else a hash of its training texts, so that a second run on the
+    same file reuses it and an edited file trains its own."""
     if corpus:
         return os.path.join(DATASET_DIR, corpus, f"{kind}_{vocab_size}.json")
-    return os.path.join(DATASET_DIR, "tokenizers", f"{kind}_{vocab_size}_{texts_digest(texts)[:16]}.json")
+    return os.path.join(DATASET_DIR, "tokenizers", f"{kind}_{vocab_size}_{(key or texts_digest(texts))[:16]}.json")
 
 
 def texts_digest(texts: Iterable[str]) -> str:

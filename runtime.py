@@ -71,7 +71,14 @@ def autocast(device: torch.device, dtype: str):
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
+    """The process's peak resident memory so far, in MB: Linux's VmHWM, else ru_maxrss (kilobytes on Linux,
+    bytes on macOS). Not ru_maxrss on Linux: it keeps the peak of the process that forked this one, so a run
+    started by a big parent (a benchmark, a test suite) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

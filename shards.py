@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
 from collections import deque
@@ -111,7 +112,8 @@ class Corpus:
     def sample(self, sample_mb: float) -> list[str]:
         """An even sample of the training documents, about `sample_mb` MB of text (0: all of them), for the
         tokenizer: whole blocks spread over the corpus, so that reading it costs the sample, not the corpus."""
-        return list(self.documents("train", max(1, int(self.total_bytes / (sample_mb * 1e6))) if sample_mb > 0 else 1))
+        every = max(1, math.ceil(self.total_bytes / (sample_mb * 1e6))) if sample_mb > 0 else 1
+        return list(self.documents("train", every))
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """The language-model task: People's Daily (or your text) -> tokenizer -> noisy top-k MoE decoder; generate, eval."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -172,9 +173,11 @@ class LMTask(Task):
         return load_corpus(opts.data, opts.text_col, opts.quiet)
 
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: Corpus):
-        texts = splits.sample(train_cfg.tokenizer_sample_mb)
-        cache = tokenizer_cache(None if opts.data else "news", train_cfg.tokenizer, model_cfg.vocab_size, texts)
-        return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache,
+        # named by the corpus's files, not by a hash of its text: a second run reads no text before its shards
+        key = hashlib.sha256(f"{splits.key()} {train_cfg.tokenizer_sample_mb}".encode()).hexdigest()
+        cache = tokenizer_cache(None if opts.data else "news", train_cfg.tokenizer, model_cfg.vocab_size, key=key)
+        return load_or_train(train_cfg.tokenizer, lambda: splits.sample(train_cfg.tokenizer_sample_mb),
+                             model_cfg.vocab_size, cache,
                              progress=not opts.quiet)
 
     def sized(self, model_cfg: ModelConfig, tokenizer, splits: Corpus) -> ModelConfig:

@@ -293,7 +293,9 @@ class BPETokenizer(Tokenizer):
         return self.enc.encode_ordinary(text)  # specials in user text stay text
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts)
+        # a loop, not tiktoken's encode_ordinary_batch: that submits one thread-pool task a text, which for short
+        # texts costs more than the encoding (2.3 against 0.8 MB/s on 4 MB of one-line reviews, 2 cores)
+        return [self.enc.encode_ordinary(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [i for i in ids if i < len(self.vocab)]  # specials carry no text
@@ -375,12 +377,13 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, progress: bool
     raise ValueError(f"unknown tokenizer {kind!r} (choose bpe, bpe_hanzi or char)")
 
 
-def load_or_train(kind: str, texts: list[str], vocab_size: int, cache_path: str | None = None,
+def load_or_train(kind: str, texts, vocab_size: int, cache_path: str | None = None,
                   progress: bool = True) -> Tokenizer:
-    """Train a tokenizer on `texts`, or reuse the one cached at `cache_path` (built-in corpora only)."""
+    """Train a tokenizer on `texts` (a list, or a function that reads them: called only when there is no
+    cached tokenizer), or reuse the one cached at `cache_path`."""
     if cache_path and os.path.exists(cache_path):
         return Tokenizer.load(cache_path)
-    tok = train_tokenizer(kind, texts, vocab_size, progress=progress)
+    tok = train_tokenizer(kind, texts() if callable(texts) else texts, vocab_size, progress=progress)
     if cache_path:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         tok.save(cache_path)
