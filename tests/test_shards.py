@@ -214,3 +214,13 @@ def test_the_utf8_check_reads_blocks_and_names_the_first_bad_byte(tmp_path, bloc
         path.write_bytes(good + bad)
         with pytest.raises(DataError, match=rf"not UTF-8 \(bad byte 0x.. at offset {len(good)}\)"):
             check_utf8(str(path), block)
+
+
+def test_documents_encoded_joined_equal_one_call_a_document(paragraphs, tok):
+    from shards import encode_documents
+    docs = [p[:80] for p in paragraphs[:300]] + ["句末标点。", "abc", "123", "😀！", "x"]
+    assert shards.no_newline_merges(tok)
+    want = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
+    assert encode_documents(tok, docs, "uint16").tolist() == want
+    assert encode_documents(tok, ["两行\n之间", "b"], "uint16").tolist() == [  # a newline inside: one call each
+        *tok.encode("两行\n之间"), tok.eos_id, *tok.encode("b"), tok.eos_id]
