@@ -29,6 +29,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data import DATASET_DIR, FORMATS, SPLITS
 from errors import DataError
@@ -292,7 +293,6 @@ def prepare(corpus: Corpus, tokenizer, workers: int | None = None, quiet: bool =
 
 
 def write_shards(corpus: Corpus, tokenizer, folder: str, workers: int, quiet: bool) -> dict:
-    from tqdm import tqdm
     dtype = "uint16" if tokenizer.n_vocab <= 2 ** 16 else "uint32"
     progress_path = os.path.join(folder, "progress.json")
     state = read_json(progress_path) or {"done": 0, "bytes": 0,
@@ -323,7 +323,8 @@ def write_shards(corpus: Corpus, tokenizer, folder: str, workers: int, quiet: bo
             for i, (split, path, payload) in tasks:  # keep 2 items a worker in flight: memory stays bounded
                 if i < state["done"]:
                     continue
-                size = payload[1] - payload[0] if isinstance(payload, tuple) else sum(len(t) for t in payload)
+                size = (payload[1] - payload[0] if isinstance(payload, tuple)
+                        else sum(len(t.encode("utf-8", "surrogatepass")) for t in payload))  # bytes, as the bar
                 pending.append((pool.submit(encode_task, split, path, payload, share, dtype), size))
                 if len(pending) >= 2 * workers:
                     break
