@@ -22,8 +22,8 @@ from data import DATASET_DIR, SPLITS, news_splits, read_text_lines, tokenizer_ca
 from errors import DataError
 from fsio import atomic_write_text
 from runtime import autocast
-from task import Task, TaskData
 from shards import Corpus, TokenStream, prepare
+from task import Task, TaskData
 from tokenizer import load_or_train
 
 TRAIN_HINT = "python main.py --train --task lm"
