@@ -1,6 +1,8 @@
 """Token shards: a corpus streamed into uint16 files once, reused, resumed, checked; bad input in one line."""
+import json
 import os
-import threading
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ import pytest
 import shards
 from data import people_daily_paragraphs
 from errors import DataError
-from shards import Corpus, TokenStream, prepare, split_of
+from shards import Corpus, TokenStream, intact, prepare, split_of
 from tokenizer import BPETokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -142,22 +146,23 @@ def test_a_damaged_shard_is_noticed_and_prepared_again(tmp_path, small_blocks, p
     assert prepare(Corpus.of(str(src)), tok, workers=1, quiet=True)[1] == manifest
 
 
-def test_two_runs_preparing_the_same_corpus_at_once(tmp_path, small_blocks, paragraphs, tok):
+def test_two_runs_preparing_the_same_corpus_at_once(tmp_path, paragraphs, tok):
+    """Two processes, as two runs would be: one prepares, the other waits on the lock and reuses the result."""
     src = tmp_path / "c.txt"
     src.write_text("\n".join(paragraphs[:2000]), encoding="utf-8")
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(prepare(Corpus.of(str(src)), tok, workers=1, quiet=True))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 2 and results[0] == results[1]
+    tok.save(str(tmp_path / "tok.json"))
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); import shards; from tokenizer import Tokenizer\n"
+            f"shards.BLOCK_BYTES, shards.SHARD_TOKENS = 20_000, 30_000\n"
+            f"shards.DATASET_DIR = {str(tmp_path / 'dataset')!r}\n"
+            f"tok = Tokenizer.load({str(tmp_path / 'tok.json')!r})\n"
+            f"print(json.dumps(shards.prepare(shards.Corpus.of({str(src)!r}), tok, workers=1, quiet=True)))")
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=240) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err for _, err in outs]
+    assert json.loads(outs[0][0]) == json.loads(outs[1][0])
+    folder, manifest = json.loads(outs[0][0])
+    assert len(os.listdir(tmp_path / "dataset" / "shards")) == 1 and intact(folder, manifest)
 
 
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, small_blocks, paragraphs, tok, monkeypatch):
