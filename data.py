@@ -64,6 +64,12 @@ def read_table(path: str) -> pd.DataFrame:
     return df
 
 
+def not_utf8(path: str, raw: bytes, error: UnicodeDecodeError, offset: int = 0) -> DataError:
+    """The one-line error for bytes of `path` (read from `offset`) that do not decode as UTF-8."""
+    return DataError(f"{path}: not UTF-8 (bad byte 0x{raw[error.start]:02x} at offset {offset + error.start}); "
+                     "re-save the file as UTF-8")
+
+
 def check_utf8(path: str, block: int = 1 << 22) -> None:
     """The file decodes as UTF-8, or a one-line error naming the first bad byte's offset; read a block at a time
     (a character cut by a block's end is carried to the next block)."""
@@ -77,8 +83,7 @@ def check_utf8(path: str, block: int = 1 << 22) -> None:
                 carry = b""
             except UnicodeDecodeError as e:
                 if at_end or e.reason != "unexpected end of data":
-                    raise DataError(f"{path}: not UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
-                                    "re-save the file as UTF-8") from None
+                    raise not_utf8(path, raw, e, offset) from None
                 carry = raw[e.start:]
             offset += len(raw) - len(carry)
             if at_end:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DATASET_DIR, FORMATS, SPLITS
+from data import DATASET_DIR, FORMATS, SPLITS, not_utf8
 from errors import DataError
 from fsio import atomic_write, atomic_write_text, exclusive
 from tokenizer import tokenizer_from_dict
@@ -186,8 +186,7 @@ def documents(path: str, payload) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {start + e.start}); "
-                        "re-save the file as UTF-8") from None
+        raise not_utf8(path, raw, e, start) from None
     return [line for line in (line.strip() for line in text.splitlines()) if line]
 
 
@@ -382,8 +381,7 @@ class TokenStream:
 
     @classmethod
     def of_texts(cls, tokenizer, texts: list[str]) -> "TokenStream":
-        ids = [i for seq in tokenizer.encode_batch(texts) for i in seq + [tokenizer.eos_id]]
-        return cls([np.asarray(ids, dtype=np.int64)], sum(len(t) + 1 for t in texts))
+        return cls([encode_documents(tokenizer, texts, "int64")], sum(len(t) + 1 for t in texts))
 
     @classmethod
     def of_split(cls, folder: str, manifest: dict, split: str) -> "TokenStream":
