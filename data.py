@@ -24,6 +24,7 @@ from wide import pad_rows
 
 DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
 SPLITS = ("train", "val", "test")
+HELD_OUT_ROWS = 20_000  # val and test of a single labelled file: 10% of its rows each, at most this many
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -31,8 +32,8 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".
 # -----------------------------------------------------------------------------
 # Reading files
 
-def read_table(path: str) -> pd.DataFrame:
-    """Read csv/tsv/jsonl/parquet into a DataFrame of strings, with one-line errors for every bad case."""
+def check_table(path: str) -> str:
+    """The file is there, non-empty, of a known table format (returned) and, unless parquet, UTF-8."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     ext = os.path.splitext(path)[1].lower()
@@ -43,6 +44,12 @@ def read_table(path: str) -> pd.DataFrame:
         raise DataError(f"{path}: file is empty")
     if fmt != "parquet":
         check_utf8(path)
+    return fmt
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """Read csv/tsv/jsonl/parquet into a DataFrame of strings, with one-line errors for every bad case."""
+    fmt = check_table(path)
     try:
         if fmt == "csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -62,6 +69,44 @@ def read_table(path: str) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{path}: no rows")
     return df
+
+
+TABLE_ROWS = 50_000  # table rows read at a time
+
+
+def table_chunks(path: str, columns: list[str]):
+    """A csv/tsv/jsonl/parquet file's `columns`, TABLE_ROWS rows at a time as DataFrames, never the whole table;
+    a missing column is a one-line error (the flag that picks it: --text_col or --label_col)."""
+    fmt, rows = FORMATS[os.path.splitext(path)[1].lower()], TABLE_ROWS
+
+    def checked(chunk: pd.DataFrame) -> pd.DataFrame:
+        for name in columns:
+            column(chunk, name, path)
+        return chunk[columns]
+
+    try:
+        if fmt == "parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+            parquet = pq.ParquetFile(path)
+            checked(pd.DataFrame(columns=parquet.schema_arrow.names))
+            for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+                yield batch.to_pandas()
+            return
+        if fmt == "jsonl":
+            reader = pd.read_json(path, lines=True, dtype=False, chunksize=rows, encoding="utf-8")
+        else:
+            reader = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                                 chunksize=rows, encoding="utf-8", **({"quoting": 3} if fmt == "tsv" else {}))
+        with reader:
+            for chunk in reader:
+                yield checked(chunk)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: cannot parse as {fmt}: {str(e).splitlines()[0]}") from None
 
 
 def not_utf8(path: str, raw: bytes, error: UnicodeDecodeError, offset: int = 0) -> DataError:
@@ -100,21 +145,34 @@ def column(df: pd.DataFrame, name: str, path: str) -> pd.Series:
 # -----------------------------------------------------------------------------
 # Classification data
 
+def stripped(texts, labels) -> pd.DataFrame:
+    """DataFrame[text, label] of strings, stripped, rows with an empty text dropped."""
+    df = pd.DataFrame({"text": [str(t).strip() for t in texts], "label": [str(l).strip() for l in labels]})
+    return df[df.text != ""]
+
+
 def clean_labelled(texts, labels) -> pd.DataFrame:
     """Strip, drop empty texts, drop exact duplicates, drop texts seen with two different labels."""
-    df = pd.DataFrame({"text": [str(t).strip() for t in texts], "label": [str(l).strip() for l in labels]})
-    df = df[df.text != ""]
+    return deduplicated(stripped(texts, labels))
+
+
+def deduplicated(df: pd.DataFrame) -> pd.DataFrame:
     conflicting = df.groupby("text").label.nunique()
     conflicting = set(conflicting[conflicting > 1].index)
     df = df[~df.text.isin(conflicting)].drop_duplicates("text")
     return df.reset_index(drop=True)
 
 
-def stratified_split(df: pd.DataFrame, seed: int, val: float = 0.1, test: float = 0.1) -> dict:
-    """Fixed-seed stratified train/val/test split of deduplicated texts (so no text is in two splits)."""
+def stratified_split(df: pd.DataFrame, seed: int, val: float = 0.1, test: float = 0.1,
+                     held_out_rows: int = HELD_OUT_ROWS) -> dict:
+    """Fixed-seed stratified train/val/test split of deduplicated texts (so no text is in two splits); val and
+    test are `val`/`test` of the rows, or `held_out_rows` each when that is fewer (a big table)."""
     from sklearn.model_selection import train_test_split
-    rest, test_df = train_test_split(df, test_size=test, stratify=df.label, random_state=seed)
-    train_df, val_df = train_test_split(rest, test_size=val / (1 - test), stratify=rest.label, random_state=seed)
+    capped = len(df) * max(val, test) > held_out_rows
+    rest, test_df = train_test_split(df, test_size=held_out_rows if capped else test, stratify=df.label,
+                                     random_state=seed)
+    train_df, val_df = train_test_split(rest, test_size=held_out_rows if capped else val / (1 - test),
+                                        stratify=rest.label, random_state=seed)
     return {"train": train_df.reset_index(drop=True), "val": val_df.reset_index(drop=True),
             "test": test_df.reset_index(drop=True)}
 
@@ -189,27 +247,36 @@ def texts_digest(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def check_labels(labels: pd.Series, path: str, label_col: str) -> None:
-    """Empty or NaN labels are an error naming the rows; fractional numbers get a warning (each distinct value
-    becomes a class of its own: a regression target was probably meant)."""
+def check_labels(labels: pd.Series, path: str, label_col: str, first_row: int = 1, warn: bool = True) -> bool:
+    """Empty or NaN labels are an error naming the rows (`first_row`: the data row number of labels[0]);
+    fractional numbers get a warning if `warn` (each distinct value becomes a class of its own: a regression
+    target was probably meant) -> whether there were any."""
     bad = labels.isna() | labels.astype(str).str.strip().isin(["", "nan", "NaN"])
     if bad.any():
-        rows = [i + 1 for i, is_bad in enumerate(bad) if is_bad]
+        rows = [first_row + i for i, is_bad in enumerate(bad) if is_bad]
         shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
         raise DataError(f"{path}: empty or NaN {label_col!r} in data row(s) {shown}; give every row a label")
     numbers = pd.to_numeric(labels, errors="coerce")
     fractional = numbers.notna() & (numbers != numbers.round())
-    if fractional.any():
+    if fractional.any() and warn:
         print(f"warning: {path}: column {label_col!r} has fractional numbers "
               f"({', '.join(map(str, labels[fractional].unique()[:3]))}); each distinct value is trained as a "
               "class of its own", file=sys.stderr)
+    return bool(fractional.any())
 
 
 def labelled_frame(path: str, text_col: str, label_col: str) -> pd.DataFrame:
-    df = read_table(path)
-    labels = column(df, label_col, path)
-    check_labels(labels, path, label_col)
-    out = clean_labelled(column(df, text_col, path), labels)
+    """The file's texts and labels, cleaned (clean_labelled), read TABLE_ROWS rows at a time: only the two
+    columns, as stripped strings, are ever held whole."""
+    check_table(path)
+    parts, read, warned = [], 0, False
+    for chunk in table_chunks(path, [text_col, label_col]):
+        warned |= check_labels(chunk[label_col], path, label_col, read + 1, warn=not warned)
+        parts.append(stripped(chunk[text_col].tolist(), chunk[label_col].tolist()))
+        read += len(chunk)
+    if read == 0:
+        raise DataError(f"{path}: no rows")
+    out = deduplicated(pd.concat(parts, ignore_index=True))
     if len(out) == 0:
         raise DataError(f"{path}: no non-empty texts in column {text_col!r}")
     return out
@@ -328,6 +395,13 @@ class Packed:
                 pending = []
         self.offsets = np.cumsum([0] + lengths)
         self.ids = np.concatenate(parts + [np.asarray(pending, dtype=np.int32)])
+
+    @classmethod
+    def of_arrays(cls, ids: np.ndarray, offsets: np.ndarray) -> "Packed":
+        """From the arrays themselves: ids (int32) and offsets (sequence i is ids[offsets[i]:offsets[i+1]])."""
+        packed = cls.__new__(cls)
+        packed.ids, packed.offsets = np.asarray(ids, np.int32), np.asarray(offsets, np.int64)
+        return packed
 
     @classmethod
     def windows_of(cls, tokenizer, texts: list[str], size: int | None = None, chunk: int = 4096) -> "Packed":

@@ -31,14 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DATASET_DIR, FORMATS, SPLITS, not_utf8
+from data import DATASET_DIR, FORMATS, SPLITS, Packed, not_utf8, table_chunks, texts_digest, windows
 from errors import DataError
 from fsio import atomic_write, atomic_write_text, exclusive
 from tokenizer import tokenizer_from_dict
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 1 << 22       # text a worker reads, decodes and tokenizes at a time (4 MB, cut at a line end)
-TABLE_ROWS = 50_000         # table rows handed to a worker at a time
 SHARD_TOKENS = 1 << 24      # a train shard is written out (with the held-out ids so far) at this many tokens
 HELD_OUT_SHARE = 0.05       # val and test each: this share of the documents ...
 HELD_OUT_MB = 5.0           # ... or, for a big corpus, the share that makes about this many MB of text each
@@ -98,8 +97,8 @@ class Corpus:
         for path in self.files:
             split = next((s for s, p in self.split_files.items() if p == path), None)
             if os.path.splitext(path)[1].lower() in FORMATS:
-                for rows in table_chunks(path, self.text_col):
-                    yield split, path, rows
+                for chunk in table_chunks(path, [self.text_col]):
+                    yield split, path, [str(t) for t in chunk[self.text_col].tolist() if t is not None]
             else:
                 for start, end in text_blocks(path):
                     yield split, path, (start, end)
@@ -136,41 +135,6 @@ def text_blocks(path: str):
             end = min(f.tell(), size)
             yield start, end
             start = end
-
-
-def table_chunks(path: str, text_col: str):
-    """The text column of a csv/tsv/jsonl/parquet file, TABLE_ROWS rows at a time, never the whole table."""
-    import pandas as pd
-    fmt = FORMATS[os.path.splitext(path)[1].lower()]
-    try:
-        if fmt == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-            parquet = pq.ParquetFile(path)
-            names = parquet.schema_arrow.names
-            if text_col not in names:
-                raise DataError(f"{path}: missing column {text_col!r} (columns: {', '.join(names)}); "
-                                "pick one with --text_col")
-            for batch in parquet.iter_batches(batch_size=TABLE_ROWS, columns=[text_col]):
-                yield [str(t) for t in batch.column(0).to_pylist() if t is not None]
-            return
-        if fmt == "jsonl":
-            reader = pd.read_json(path, lines=True, dtype=False, chunksize=TABLE_ROWS, encoding="utf-8")
-        else:
-            reader = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                                 chunksize=TABLE_ROWS, encoding="utf-8", **({"quoting": 3} if fmt == "tsv" else {}))
-        with reader:
-            for chunk in reader:
-                if text_col not in chunk.columns:
-                    raise DataError(f"{path}: missing column {text_col!r} (columns: "
-                                    f"{', '.join(map(str, chunk.columns))}); pick one with --text_col")
-                yield [str(t) for t in chunk[text_col].tolist() if t is not None]
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
-    except (ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: cannot read it as {fmt} ({str(e).splitlines()[0]})") from None
 
 
 def documents(path: str, payload) -> list[str]:
@@ -345,6 +309,51 @@ def write_shards(corpus: Corpus, tokenizer, folder: str, workers: int, quiet: bo
     os.remove(progress_path)
     return {"version": FORMAT_VERSION, "dtype": dtype, "corpus": corpus.key(), "files": corpus.files,
             "tokenizer": tokenizer_digest(tokenizer), "held_out_share": share, "splits": splits}
+
+
+# -----------------------------------------------------------------------------
+# A labelled table's texts: encoded once, in workers, into a packed int32 array
+
+PACKED_MIN_TEXTS = 20_000   # fewer texts encode in a few seconds: they are not saved
+PACKED_CHUNK = 20_000       # texts a worker encodes at a time
+
+
+def encode_chunk(texts: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's share of packed(): (the ids, int32; each sequence's length)."""
+    seqs = _worker_tokenizer.encode_batch(texts)
+    seqs = windows(seqs, size) if size else seqs
+    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    return np.fromiter(chain.from_iterable(seqs), np.int32, int(lengths.sum())), lengths
+
+
+def packed(tokenizer, texts: list[str], size: int | None = None, workers: int | None = None,
+           quiet: bool = True) -> Packed:
+    """Packed.windows_of(tokenizer, texts, size), encoded once: by worker processes (one per core), saved under
+    dataset/prepared/ by a digest of the texts, the tokenizer and `size`, and read back by any later run on the
+    same texts. Fewer than PACKED_MIN_TEXTS texts are encoded here, not saved."""
+    if len(texts) < PACKED_MIN_TEXTS:
+        return Packed.windows_of(tokenizer, texts, size)
+    key = hashlib.sha256(f"{texts_digest(texts)} {tokenizer_digest(tokenizer)} {size}".encode()).hexdigest()
+    path = os.path.join(DATASET_DIR, "prepared", f"{key[:32]}.npz")
+    try:
+        with np.load(path) as saved:
+            return Packed.of_arrays(saved["ids"], saved["offsets"])
+    except (OSError, ValueError, KeyError):  # none yet, or unreadable: encode again
+        pass
+    chunks = [texts[i:i + PACKED_CHUNK] for i in range(0, len(texts), PACKED_CHUNK)]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1, initializer=_start_worker,
+                             initargs=(tokenizer.to_dict(),)) as pool:
+        done = list(tqdm(pool.map(encode_chunk, chunks, [size] * len(chunks)), total=len(chunks), unit="chunk",
+                         desc=f"encoding {len(texts):,} texts", disable=quiet, mininterval=1.0))
+    ids = np.concatenate([i for i, _ in done])
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate([n for _, n in done]))])
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ids=ids, offsets=offsets)
+    except OSError as e:  # a cache that cannot be written costs the next run the encoding, nothing else
+        print(f"note: cannot save the encoded texts to {path} ({e.strerror or e}); a later run encodes again",
+              file=sys.stderr)
+    return Packed.of_arrays(ids, offsets)
 
 
 # -----------------------------------------------------------------------------

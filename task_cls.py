@@ -20,7 +20,7 @@ from analyze import ANALYZE_TEXTS, Recorder
 from api import field
 from checkpoint import load_trained
 from config import ENDLESS_EPOCHS, ModelConfig, Options, TrainConfig
-from data import (EXTRA_SENTIMENT, Packed, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
+from data import (EXTRA_SENTIMENT, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
                   mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
                   tokenizer_cache, user_splits, with_extra_sentiment)
 from distributed import is_main_process
@@ -29,11 +29,12 @@ from fsio import atomic_write_csv
 from models import MaskedLM
 from onnx_export import onnx_path, OnnxClassifier
 from runtime import autocast
+from shards import packed
 from task import Phase, Task, TaskData
 from tokenizer import even_sample, load_or_train
 from tracking import MetricsLog
 from trainer import FitResult
-from wide import SVC_C, VECTORIZER, TfidfFeatures, fit_linear
+from wide import FIT_TEXTS, SVC_C, VECTORIZER, TextRows, TfidfFeatures, fit_linear, sample_step
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -59,15 +60,17 @@ def pretrain_texts(splits: dict, cfg: TrainConfig) -> list[str]:
     return texts
 
 
-def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFeatures | None, rows=None):
+def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFeatures | None, rows=None,
+                 quiet: bool = True):
     """A split as (token ids, class indices, TF-IDF rows or None); `rows`: the split's rows when already made."""
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(df.label) - set(index))
     if unknown:
         raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
-    if features is not None and rows is None:
-        rows = features.rows(list(df.text))
-    return Packed.windows_of(tokenizer, list(df.text)), [index[l] for l in df.label], rows
+    if features is not None and rows is None:  # made per batch past FIT_TEXTS (a resumed big run's training split)
+        texts = list(df.text)
+        rows = features.rows(texts) if len(texts) <= FIT_TEXTS else TextRows(features, texts)
+    return packed(tokenizer, list(df.text), quiet=quiet), [index[l] for l in df.label], rows
 
 
 def picked(rows, idx):
@@ -166,7 +169,7 @@ def pretrain_phase(model, tokenizer, texts: list[str], val_texts: list[str], mod
     epochs, or the seconds end); the encoder it trains is the classifier's."""
     if train_cfg.pretrain_news:
         texts = texts + people_daily_paragraphs()
-    seqs = Packed.windows_of(tokenizer, texts, model_cfg.max_len - 2)
+    seqs = packed(tokenizer, texts, model_cfg.max_len - 2, quiet=opts.quiet)
     val_seqs = encode_texts(tokenizer, val_texts)
     cfg = replace(train_cfg, epochs=train_cfg.pretrain_epochs, time_budget=train_cfg.pretrain_seconds,
                   max_steps=train_cfg.pretrain_steps, lr=train_cfg.pretrain_lr or train_cfg.lr, label_smoothing=0.0,
@@ -357,16 +360,19 @@ class Predictor:
 # -----------------------------------------------------------------------------
 # Dense vs MoE at equal active parameters, and the TF-IDF baseline, on the same split
 
-def tfidf_model(train):
-    """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame: the linear baseline."""
+def tfidf_model(train, max_texts: int = FIT_TEXTS):
+    """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame (on every k-th row, about
+    `max_texts` of them, past that: the wide part's sample): the linear baseline."""
+    train = train.iloc[::sample_step(len(train), max_texts)]
     return make_pipeline(TfidfVectorizer(**VECTORIZER), LinearSVC(C=SVC_C)).fit(train.text, train.label)
 
 
 def tfidf_baseline(splits) -> dict:
-    """The linear baseline fit on train, scored on val and test."""
+    """The linear baseline fit on train (fit_rows: the rows it was fitted on), scored on val and test."""
     t0 = time.time()
     clf = tfidf_model(splits["train"])
-    out = {"train_seconds": time.time() - t0}
+    fit_rows = len(range(0, len(splits["train"]), sample_step(len(splits["train"]))))
+    out = {"train_seconds": time.time() - t0, "fit_rows": fit_rows}
     for s in ("val", "test"):
         pred = clf.predict(splits[s].text)
         out[f"{s}_acc"] = float(accuracy_score(splits[s].label, pred))
@@ -381,7 +387,7 @@ class ClsData(TaskData):
     """Each split as token ids, class indices and, for a wide & deep model, TF-IDF rows. The TF-IDF vocabulary
     is fitted on the training split (a resumed or upcycled run keeps its checkpoint's)."""
 
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, where: str, start=None):
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, where: str, start=None, quiet: bool = True):
         self.tokenizer, self.splits, self.cfg = tokenizer, splits, model_cfg
         self.names = label_names(splits["train"].label)
         if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
@@ -394,7 +400,7 @@ class ClsData(TaskData):
                 self.features = TfidfFeatures.from_dict(saved)
             else:
                 self.features, rows["train"] = TfidfFeatures.fit(list(splits["train"].text))
-        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]", self.features, rows.get(s))
+        self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]", self.features, rows.get(s), quiet)
                         for s, df in splits.items()}
 
     def sized(self, model_cfg: ModelConfig) -> ModelConfig:
@@ -479,7 +485,7 @@ class ClsTask(Task):
         return replace(model_cfg, vocab_size=tokenizer.n_vocab, num_classes=len(label_names(splits["train"].label)))
 
     def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> ClsData:
-        return ClsData(tokenizer, splits, model_cfg, opts.data or "reviews", start)
+        return ClsData(tokenizer, splits, model_cfg, opts.data or "reviews", start, opts.quiet)
 
     def phases(self, train_cfg: TrainConfig) -> list[str]:
         return ["pretrain"] if train_cfg.pretrain_epochs else []

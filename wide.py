@@ -7,7 +7,8 @@ scikit-learn fits the vocabulary and the IDF once; after that the features are c
 vocabulary list and IDF array, which is all a checkpoint or an ONNX file carries (nothing pickled).
 
 A text's features are a sparse row: (ids, values) of its n-grams found in the vocabulary; a split's rows are kept
-together in CSR form (`SparseRows`). The model reads a batch of them as two padded (B, F) arrays, id 0 / value
+together in CSR form (`SparseRows`), or, for a training split past FIT_TEXTS texts, made a batch at a time
+(`TextRows`). The model reads a batch of them as two padded (B, F) arrays, id 0 / value
 0.0 in the padding (models.Classifier.wide_logits).
 """
 from __future__ import annotations
@@ -25,9 +26,14 @@ WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run
 VECTORIZER = dict(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
 SVC_C = 0.5
 # Past this many training texts, the vocabulary and IDF are counted and the LinearSVC is fitted on an even sample
-# of about this many (the rows of every text are still made): their memory and time grow with the texts, and
+# of about this many, and the training rows are made per batch: their memory and time grow with the texts, and
 # 200k (twice the built-in training split) is far more than the n-gram statistics need
 FIT_TEXTS = 200_000
+
+
+def sample_step(n: int, max_texts: int = FIT_TEXTS) -> int:
+    """k for an even sample of about `max_texts` of `n` texts (every k-th); 1 (all) when they are fewer."""
+    return max(1, -(-n // max_texts)) if max_texts else 1
 
 
 class SparseRows:
@@ -43,12 +49,6 @@ class SparseRows:
         return cls(np.cumsum([0] + [len(i) for i, _ in rows]),
                    np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, np.int32),
                    np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32))
-
-    @classmethod
-    def concat(cls, parts: list["SparseRows"]) -> "SparseRows":
-        ends = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
-        return cls(np.concatenate([[0]] + [p.indptr[1:] + e for p, e in zip(parts, ends)]),
-                   np.concatenate([p.ids for p in parts]), np.concatenate([p.values for p in parts]))
 
     def __len__(self) -> int:
         return len(self.indptr) - 1
@@ -71,6 +71,20 @@ class SparseRows:
         return csr_matrix((self.values, self.ids, self.indptr), shape=(len(self), n_features))
 
 
+class TextRows:
+    """Texts' TF-IDF rows made when asked, a batch at a time: a big training split's, which stored would take
+    ~2 KB a text (1M texts of ~160 characters: ~2 GB). Same interface as SparseRows where the model reads it."""
+
+    def __init__(self, features: "TfidfFeatures", texts: list[str]):
+        self.features, self.texts = features, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.features.row(self.texts[i]) for i in indices]
+
+
 class TfidfFeatures:
     """A fitted TF-IDF vocabulary: n-gram -> column, and each column's IDF."""
 
@@ -85,22 +99,22 @@ class TfidfFeatures:
         return len(self.vocab)
 
     @classmethod
-    def fit(cls, texts: list[str], max_texts: int = FIT_TEXTS) -> tuple["TfidfFeatures", SparseRows]:
-        """Vocabulary (VECTORIZER's n-grams in at least min_df texts) and IDF from `texts` (or from every k-th
-        text, about `max_texts` of them, when there are more), by scikit-learn -> (the features, the rows of all
-        `texts`: scikit-learn's own)."""
+    def fit(cls, texts: list[str], max_texts: int = FIT_TEXTS) -> tuple["TfidfFeatures", SparseRows | TextRows]:
+        """Vocabulary (VECTORIZER's n-grams in at least min_df texts) and IDF from `texts`, by scikit-learn ->
+        (the features, the rows of all `texts`: scikit-learn's own, stored). Past `max_texts` texts both the
+        counting and the stored rows would grow with the texts: the vocabulary and IDF come from every k-th
+        text (about `max_texts` of them), and the rows are made a batch at a time (TextRows)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         vec = TfidfVectorizer(**VECTORIZER, dtype=np.float32)
-        step = -(-len(texts) // max_texts) if max_texts else 1
-        if step <= 1:
-            parts = [vec.fit_transform(texts)]
-        else:  # the vocabulary's n-gram counting is what grows with the texts: count on a sample
+        step = sample_step(len(texts), max_texts)
+        if step > 1:
             vec.fit(texts[::step])
-            parts = [vec.transform(texts[i:i + 50_000]) for i in range(0, len(texts), 50_000)]
-        for X in parts:
-            X.sort_indices()
-        rows = SparseRows.concat([SparseRows(X.indptr, X.indices, X.data) for X in parts])
-        return cls(list(vec.get_feature_names_out()), vec.idf_, VECTORIZER["ngram_range"]), rows
+            features = cls(list(vec.get_feature_names_out()), vec.idf_, VECTORIZER["ngram_range"])
+            return features, TextRows(features, texts)
+        X = vec.fit_transform(texts)
+        X.sort_indices()
+        features = cls(list(vec.get_feature_names_out()), vec.idf_, VECTORIZER["ngram_range"])
+        return features, SparseRows(X.indptr, X.indices, X.data)
 
     def grams(self, text: str):
         """The text's n-grams one by one, as scikit-learn's char analyzer makes them."""
@@ -153,16 +167,17 @@ def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(values)
 
 
-def fit_linear(rows: SparseRows, labels: list[int], n_features: int, num_classes: int, C: float = SVC_C,
+def fit_linear(rows: SparseRows | TextRows, labels: list[int], n_features: int, num_classes: int, C: float = SVC_C,
                max_texts: int = FIT_TEXTS) -> tuple[np.ndarray, np.ndarray]:
     """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows (every k-th, about `max_texts`,
     when there are more) -> (weight (n_features, classes), bias (classes,)) as logits: for two classes the
     decision f becomes logits (-f/2, f/2), whose difference is f."""
     from sklearn.svm import LinearSVC
-    X, y = rows.matrix(n_features), np.asarray(labels)
-    step = -(-len(y) // max_texts) if max_texts else 1
+    y = np.asarray(labels)
+    step = sample_step(len(y), max_texts)
     if step > 1:  # liblinear copies the matrix as float64: a sample bounds its memory and time
-        X, y = X[::step], y[::step]
+        rows, y = SparseRows.of(rows.take(range(0, len(y), step))), y[::step]
+    X = rows.matrix(n_features)
     svc = LinearSVC(C=C).fit(X, y)
     coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
     if num_classes == 2:

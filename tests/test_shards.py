@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import data
 import shards
 from data import people_daily_paragraphs
 from errors import DataError
@@ -31,7 +32,7 @@ def small_blocks(monkeypatch, tmp_path):
     """Blocks of 20 kB and shards of 30k tokens, so a 1 MB corpus makes many of each; shards go to tmp_path."""
     monkeypatch.setattr(shards, "BLOCK_BYTES", 20_000)
     monkeypatch.setattr(shards, "SHARD_TOKENS", 30_000)
-    monkeypatch.setattr(shards, "TABLE_ROWS", 300)
+    monkeypatch.setattr(data, "TABLE_ROWS", 300)
     monkeypatch.setattr(shards, "DATASET_DIR", str(tmp_path / "dataset"))
 
 

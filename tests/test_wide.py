@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.svm import LinearSVC
 
 import data
 import task_cls
@@ -14,7 +15,7 @@ from config import ClassifierConfig
 from models import Classifier
 from test_cli import run_main
 from tokenizer import train_tokenizer
-from wide import VECTORIZER, SparseRows, TfidfFeatures, pad_rows
+from wide import SVC_C, VECTORIZER, SparseRows, TextRows, TfidfFeatures, fit_linear, pad_rows
 
 ODD_TEXTS = ["  多个   空格\t和\n换行 ", "ABC abc AbC", "", "a", "😀表情😀", "好好好好好好"]
 
@@ -50,11 +51,16 @@ def test_a_big_training_split_is_counted_on_an_even_sample(splits):
     train = list(splits["train"].text)  # 600 texts; a cap of 200 counts every 3rd
     features, rows = TfidfFeatures.fit(train, max_texts=200)
     vec = TfidfVectorizer(**VECTORIZER).fit(train[::3])
-    assert features.vocab == list(vec.get_feature_names_out()) and len(rows) == 600  # rows for every text
-    np.testing.assert_allclose(rows.matrix(len(features)).toarray(), vec.transform(train).toarray(), atol=1e-6)
-    joined = SparseRows.concat([features.rows(train[:250]), features.rows(train[250:])])
-    np.testing.assert_allclose(joined.matrix(len(features)).toarray(), rows.matrix(len(features)).toarray(), atol=1e-6)
-    assert [len(i) for i, _ in joined.take([0, 599])] == [len(rows[0][0]), len(rows[599][0])]
+    assert features.vocab == list(vec.get_feature_names_out())
+    assert isinstance(rows, TextRows) and len(rows) == 600  # rows for every text, made when asked
+    made = SparseRows.of(rows.take(range(600)))
+    np.testing.assert_allclose(made.matrix(len(features)).toarray(), vec.transform(train).toarray(), atol=1e-6)
+    assert [len(i) for i, _ in rows.take([0, 599])] == [len(made[0][0]), len(made[599][0])]
+    # and the linear model that starts the wide part is fitted on the same every-3rd rows
+    labels = [int(l == "positive") for l in splits["train"].label]
+    weight, bias = fit_linear(rows, labels, len(features), 2, max_texts=200)
+    svc = LinearSVC(C=SVC_C).fit(made.matrix(len(features))[::3], labels[::3])
+    np.testing.assert_allclose(weight[:, 1] - weight[:, 0], svc.coef_[0], atol=1e-5)
 
 
 def test_a_fresh_model_is_the_fitted_linear_model(splits):
