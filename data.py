@@ -24,7 +24,7 @@ from wide import pad_rows
 
 DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset")
 SPLITS = ("train", "val", "test")
-HELD_OUT_ROWS = 20_000  # val and test of a single labelled file: 10% of its rows each, at most this many
+HELD_OUT_ROWS = 20_000  # val and test of a single labelled or pair file: 10% (pairs: 5%) each, at most this many
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -74,15 +74,15 @@ def read_table(path: str) -> pd.DataFrame:
 TABLE_ROWS = 50_000  # table rows read at a time
 
 
-def table_chunks(path: str, columns: list[str]):
-    """A csv/tsv/jsonl/parquet file's `columns`, TABLE_ROWS rows at a time as DataFrames, never the whole table;
-    a missing column is a one-line error (the flag that picks it: --text_col or --label_col)."""
+def table_chunks(path: str, columns: list[str] | None = None):
+    """A csv/tsv/jsonl/parquet file's `columns` (None: all), TABLE_ROWS rows at a time as DataFrames, never the
+    whole table; a missing column is a one-line error (the flag that picks it: --text_col or --label_col)."""
     fmt, rows = FORMATS[os.path.splitext(path)[1].lower()], TABLE_ROWS
 
     def checked(chunk: pd.DataFrame) -> pd.DataFrame:
-        for name in columns:
+        for name in columns or ():
             column(chunk, name, path)
-        return chunk[columns]
+        return chunk[columns] if columns else chunk
 
     try:
         if fmt == "parquet":
@@ -411,10 +411,23 @@ class Packed:
             encode_texts(tokenizer, texts[i:i + chunk]) if size is None
             else windows(encode_texts(tokenizer, texts[i:i + chunk]), size)))
 
+    def truncated(self, size: int) -> "Packed":
+        """Each sequence cut to its first `size` ids."""
+        lengths = np.minimum(np.diff(self.offsets), size)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        # the kept ids' positions: each sequence's start, plus 0 .. its kept length - 1
+        keep = np.repeat(self.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Packed.of_arrays(self.ids[keep], offsets)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> list[int]:
+    def __getitem__(self, i: int | slice) -> list[int] | list[list[int]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
 
     def __iter__(self):
@@ -521,26 +534,38 @@ def review_pinyin_test(n: int = 1000, seed: int = 1337, quiet: bool = False) -> 
 
 
 def pair_frame(path: str) -> pd.DataFrame:
-    """A table's source/target (or question/answer) columns as a DataFrame[source, target]; no empty side."""
-    df = read_table(path)
-    cols = next((c for c in PAIR_COLUMNS if set(c) <= set(df.columns)), None)
-    if cols is None:
-        have = ", ".join(map(str, df.columns))
-        raise DataError(f"{path}: need columns source and target (or question and answer); columns: {have}")
-    out = pd.DataFrame({"source": df[cols[0]].astype(str).str.strip(), "target": df[cols[1]].astype(str).str.strip()})
-    for side, name in zip(("source", "target"), cols):
-        empty = out.index[(out[side] == "") | (out[side] == "nan")]
-        if len(empty):
-            raise DataError(f"{path}: row {empty[0] + 1} has an empty {name!r} ({len(empty)} such rows)")
-    return out
+    """A table's source/target (or question/answer) columns as a DataFrame[source, target]; no empty side. Read
+    TABLE_ROWS rows at a time: only the two columns, as stripped strings, are ever held whole."""
+    check_table(path)
+    parts, read, cols = [], 0, None
+    for chunk in table_chunks(path):
+        if cols is None:
+            cols = next((c for c in PAIR_COLUMNS if set(c) <= set(chunk.columns)), None)
+            if cols is None:
+                have = ", ".join(map(str, chunk.columns))
+                raise DataError(f"{path}: need columns source and target (or question and answer); columns: {have}")
+        part = pd.DataFrame({"source": chunk[cols[0]].astype(str).str.strip().tolist(),
+                             "target": chunk[cols[1]].astype(str).str.strip().tolist()})
+        for side, name in zip(("source", "target"), cols):
+            empty = np.flatnonzero(((part[side] == "") | (part[side] == "nan")).to_numpy())
+            if len(empty):
+                raise DataError(f"{path}: row {read + empty[0] + 1} has an empty {name!r}; give every row both sides")
+        parts.append(part)
+        read += len(part)
+    if read == 0:
+        raise DataError(f"{path}: no rows")
+    return pd.concat(parts, ignore_index=True)
 
 
 def user_pair_splits(path: str, seed: int) -> dict:
-    """The user's pairs, shuffled with a fixed seed and split 90/5/5 (train/val/test)."""
+    """The user's pairs, shuffled with a fixed seed and split 90/5/5 (train/val/test; val and test at most
+    HELD_OUT_ROWS each)."""
     df = pair_frame(path)
     if len(df) < 20:
         raise DataError(f"{path}: only {len(df)} pairs; need at least 20 to split 90/5/5")
     df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     a, b = int(len(df) * 0.9), int(len(df) * 0.95)
+    if len(df) - b > HELD_OUT_ROWS:  # a big table: val and test of HELD_OUT_ROWS pairs each
+        a, b = len(df) - 2 * HELD_OUT_ROWS, len(df) - HELD_OUT_ROWS
     return {"train": df[:a].reset_index(drop=True), "val": df[a:b].reset_index(drop=True),
             "test": df[b:].reset_index(drop=True)}

@@ -25,6 +25,7 @@ from fsio import atomic_write_csv
 from moe import MoE
 from pinyin import close_sentence, lexicon_pairs, open_pinyin_sources, pinyin_spans, word_logprob
 from runtime import autocast
+from shards import packed
 from task import Task, TaskData
 from tokenizer import even_sample, load_or_train
 
@@ -54,12 +55,13 @@ def load_splits(data: str | None, seed: int, quiet: bool, lexicon: int = 0) -> d
 
 
 class Pairs:
-    """A split as token ids: sources truncated to max_len, targets to max_len - 1 (room for <bos>/<eos>)."""
+    """A split as token ids (Packed: encoded once, 4 bytes an id): sources truncated to max_len, targets to
+    max_len - 1 (room for <bos>/<eos>)."""
 
-    def __init__(self, tokenizer, df, max_len: int):
+    def __init__(self, tokenizer, df, max_len: int, quiet: bool = True):
         self.sources, self.targets = list(df.source), list(df.target)
-        self.src = [s[:max_len] for s in tokenizer.encode_batch(self.sources)]
-        self.tgt = [t[:max_len - 1] for t in tokenizer.encode_batch(self.targets)]
+        self.src = packed(tokenizer, self.sources, quiet=quiet).truncated(max_len)
+        self.tgt = packed(tokenizer, self.targets, quiet=quiet).truncated(max_len - 1)
 
     def __len__(self):
         return len(self.src)
@@ -80,7 +82,7 @@ def collate(tokenizer, src: list[list[int]], tgt: list[list[int]] | None, device
 def batch_stream(tokenizer, pairs: Pairs, batch_size: int, seed: int, device):
     """Endless length-bucketed batches, reshuffled every epoch from one seeded RNG (replayable for --resume)."""
     rng = random.Random(seed)
-    lengths = [len(s) + len(t) for s, t in zip(pairs.src, pairs.tgt)]
+    lengths = (pairs.src.lengths() + pairs.tgt.lengths()).tolist()
     while True:
         for idx in length_bucketed_batches(lengths, batch_size, rng):
             yield collate(tokenizer, [pairs.src[i] for i in idx], [pairs.tgt[i] for i in idx], device)
@@ -283,9 +285,9 @@ def candidates(model, tokenizer, ckpt: dict, text: str, device, beam: int = 4, l
 class Seq2SeqData(TaskData):
     """Each split as token-id pairs; training reads length-bucketed batches."""
 
-    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, user_data: bool):
+    def __init__(self, tokenizer, splits: dict, model_cfg: ModelConfig, user_data: bool, quiet: bool = True):
         self.tokenizer, self.frames = tokenizer, splits
-        self.pairs = {s: Pairs(tokenizer, df, model_cfg.max_len) for s, df in splits.items()}
+        self.pairs = {s: Pairs(tokenizer, df, model_cfg.max_len, quiet) for s, df in splits.items()}
         self.source = "text" if user_data else "pinyin"  # "pinyin": --infer may normalise what a user types
 
     def describe(self) -> str:
@@ -346,7 +348,7 @@ class Seq2SeqTask(Task):
         return replace(model_cfg, vocab_size=tokenizer.n_vocab)
 
     def data(self, tokenizer, splits: dict, model_cfg: ModelConfig, opts: Options, start=None) -> Seq2SeqData:
-        return Seq2SeqData(tokenizer, splits, model_cfg, user_data=bool(opts.data))
+        return Seq2SeqData(tokenizer, splits, model_cfg, user_data=bool(opts.data), quiet=opts.quiet)
 
     def infer(self, opts: Options, device) -> dict:
         """Convert one --text (pinyin for the default model; any source text for a model trained on your pairs)."""

@@ -92,3 +92,28 @@ def test_the_linear_baseline_past_its_sample_size_fits_every_kth_row(reviews):
     assert sampled[0].vocabulary_ == direct[0].vocabulary_
     np.testing.assert_allclose(sampled[-1].coef_, direct[-1].coef_, atol=1e-4)  # liblinear's own shuffling
     assert task_cls.tfidf_baseline(splits)["fit_rows"] == 3000
+
+
+def test_packed_sequences_cut_to_a_length(reviews):
+    tok = BPETokenizer.train(list(reviews.text[:300]), 300)
+    seqs = Packed.windows_of(tok, list(reviews.text[:200]))
+    cut = seqs.truncated(7)
+    assert len(cut) == 200 and all(cut[i] == seqs[i][:7] for i in range(200))
+    assert cut[3:6] == [seqs[i][:7] for i in range(3, 6)] and (cut.lengths() <= 7).all()
+
+
+def test_pairs_read_in_chunks_and_split_with_capped_held_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "TABLE_ROWS", 100)
+    pairs = pd.DataFrame({"question": [f"第{i}问" for i in range(1000)], "answer": [f"答{i}" for i in range(1000)]})
+    path = tmp_path / "qa.jsonl"
+    pairs.to_json(path, orient="records", lines=True, force_ascii=False)
+    got = data.pair_frame(str(path))
+    assert list(got.source) == list(pairs.question) and list(got.target) == list(pairs.answer)
+    assert [len(s) for s in data.user_pair_splits(str(path), seed=1).values()] == [900, 50, 50]
+    monkeypatch.setattr(data, "HELD_OUT_ROWS", 30)
+    splits = data.user_pair_splits(str(path), seed=1)
+    assert [len(s) for s in splits.values()] == [940, 30, 30]
+    pairs.loc[734, "answer"] = " "
+    pairs.to_json(path, orient="records", lines=True, force_ascii=False)
+    with pytest.raises(DataError, match="row 735 has an empty 'answer'"):
+        data.pair_frame(str(path))
