@@ -11,7 +11,7 @@
     python bench.py --only profile       # where a training step's time goes, per preset (torch.profiler)
     python bench.py --only budget        # default MoE LM vs --preset babygpt, char level, at 60 s and 300 s (~25 min)
     python bench.py --only pinyin        # seq2seq checkpoint vs the Pinyin2Hanzi engine on the same test sentences
-    python bench.py --only scale         # the LM's data path at 10 MB, 100 MB and 1 GB of text (~15 min)
+    python bench.py --only scale         # the LM's and classifier's data paths at 10 MB, 100 MB and 1 GB of text
     python bench.py --only sentiment     # classifier vs TF-IDF + LinearSVC on tests/everyday_sentiment.tsv
     python bench.py --only gpu --device cuda   # a lent GPU: bf16 eager vs compiled, MoE vs dense, fp16, an OOM
 """
@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -41,8 +42,8 @@ import task_s2s
 from blocks import Attention
 from checkpoint import load_checkpoint, load_trained
 from config import ModelConfig, Options
-from data import (DATASET_DIR, encode_texts, news_splits, pair_frame, people_daily_paragraphs, pinyin_splits,
-                  review_pinyin_test, reviews_splits, shipped_texts, tokenizer_cache, windows)
+from data import (DATASET_DIR, encode_texts, extra_sentiment, news_splits, pair_frame, people_daily_paragraphs,
+                  pinyin_splits, review_pinyin_test, reviews_splits, shipped_texts, tokenizer_cache, windows)
 from fsio import atomic_write_text
 from models import build_model, LanguageModel, MaskedLM
 from moe import FeedForward, MoE
@@ -557,40 +558,70 @@ def synthetic_corpus(path: str, mb: float, seed: int = 0) -> None:
             size += len(block.encode())
 
 
-def bench_scale(sizes=(10, 100, 1000), steps: int = 30) -> dict:
-    """The LM's data path at 10 MB .. 1 GB of synthetic text (`--only scale`): the tokenizer on its even
-    sample (in this process), then `--train --task lm --data` twice, cold (the shards are prepared) and cached
-    (they are reused): seconds to the first step, preparation MB/s, peak memory, steps/s. The corpus and its
-    shards are removed after each size. Writes runs/bench_scale/scale.png."""
+def synthetic_table(path: str, mb: float, seed: int = 0) -> None:
+    """About `mb` MB of labelled csv rows (text, label), each row two shipped reviews of the same label joined
+    (so the label stays true), every text different, written as it goes."""
+    import csv
+    splits = reviews_splits(quiet=True)
+    df = pd.concat([splits["train"], extra_sentiment()], ignore_index=True)
+    groups = {label: [" ".join(t.split())[:80] for t in g.text] for label, g in df.groupby("label")}
+    labels, rng, seen, size = sorted(groups), random.Random(seed), set(), 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        while size < mb * 1e6:
+            label = rng.choice(labels)
+            text = rng.choice(groups[label]) + "，" + rng.choice(groups[label])
+            if hash(text) not in seen:
+                seen.add(hash(text))
+                out.writerow([text, label])
+                size += len(text.encode()) + len(label) + 2
+
+
+def bench_scale(sizes=(10, 100, 1000), steps: int = 30, tasks=("lm", "cls")) -> dict:
+    """Each task's data path at 10 MB .. 1 GB of synthetic text (`--only scale`): the LM on a text file, the
+    classifier on a labelled csv. The tokenizer on its even sample (in this process), then `--train --data`
+    twice, cold (the shards or packed arrays are prepared) and cached (they are reused): seconds to the first
+    step, preparation MB/s, peak memory, steps/s. The corpus and what was prepared from it are removed after each
+    size. Writes runs/bench_scale/scale.png."""
     import shutil
-    _, mcfg, tcfg = cli.resolve_config("lm", "default")
     out, rows = {}, []
-    for mb in sizes:
-        with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
-            path = os.path.join(tmp, f"corpus_{mb:g}MB.txt")
-            synthetic_corpus(path, mb)
-            corpus = Corpus.of(path)
-            t0 = time.perf_counter()  # trained as --train would, and cached where it looks: the runs reuse it
-            tok = task_lm.TASK.new_tokenizer(Options(task="lm", data=path, quiet=True), tcfg, mcfg, corpus)
-            row = {"mb": mb, "tokenizer_s": time.perf_counter() - t0}
-            args = ("--train", "--task", "lm", "--data", path, "--max_steps", str(steps), "--quiet",
-                    "--out_dir", os.path.join(tmp, "run"), "--checkpoint", os.path.join(tmp, "m.pt"))
-            runs = {}
-            for name in ("cold", "cached"):
-                t0 = time.perf_counter()
-                summary = run_main(*args)
-                # seconds from the command's start (imports included) to its first step
-                runs[name] = time.perf_counter() - t0 - (summary["wall_seconds"] - summary["setup_seconds"]), summary
-                shutil.rmtree(os.path.join(tmp, "run"))
-            shutil.rmtree(shard_dir(corpus, tok), ignore_errors=True)
-        (cold_s, cold), (cached_s, cached) = runs["cold"], runs["cached"]
-        row.update(cold_first_step_s=cold_s, prepare_MB_per_s=mb / cold["setup_seconds"],
-                   cached_first_step_s=cached_s, peak_rss_mb_cold=cold["peak_rss_mb"],
-                   peak_rss_mb_cached=cached["peak_rss_mb"],
-                   steps_per_s=cached["tokens_per_s"] / (tcfg.batch_size * mcfg.max_len))
-        rows.append(row)
-        out.update({f"scale_{k}_{mb:g}MB": v for k, v in row.items() if k != "mb"})
-        print(json.dumps(row), file=sys.stderr)
+    prepared = os.path.join(DATASET_DIR, "prepared")
+    for task in tasks:
+        _, mcfg, tcfg = cli.resolve_config(task, "default")
+        for mb in sizes:
+            with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+                path = os.path.join(tmp, f"corpus_{mb:g}MB.{'txt' if task == 'lm' else 'csv'}")
+                (synthetic_corpus if task == "lm" else synthetic_table)(path, mb)
+                kept = set(os.listdir(prepared)) if os.path.isdir(prepared) else set()
+                opts = Options(task=task, data=path, quiet=True)
+                corpus = Corpus.of(path) if task == "lm" else TASKS[task].splits(opts, tcfg)
+                t0 = time.perf_counter()  # trained as --train would, and cached where it looks: the runs reuse it
+                tok = TASKS[task].new_tokenizer(opts, tcfg, mcfg, corpus)
+                row = {"task": task, "mb": mb, "tokenizer_s": time.perf_counter() - t0}
+                del corpus
+                args = ("--train", "--task", task, "--data", path, "--max_steps", str(steps), "--quiet",
+                        "--out_dir", os.path.join(tmp, "run"), "--checkpoint", os.path.join(tmp, "m.pt"))
+                runs = {}
+                for name in ("cold", "cached"):
+                    t0 = time.perf_counter()
+                    summary = run_main(*args)
+                    # seconds from the command's start (imports included) to its first step
+                    runs[name] = time.perf_counter() - t0 - (summary["wall_seconds"] - summary["setup_seconds"]), summary
+                    shutil.rmtree(os.path.join(tmp, "run"))
+                if task == "lm":
+                    shutil.rmtree(shard_dir(Corpus.of(path), tok), ignore_errors=True)
+                for name in set(os.listdir(prepared)) - kept if os.path.isdir(prepared) else ():
+                    os.remove(os.path.join(prepared, name))
+            (cold_s, cold), (cached_s, cached) = runs["cold"], runs["cached"]
+            row.update(cold_first_step_s=cold_s, prepare_MB_per_s=mb / cold["setup_seconds"],
+                       cached_first_step_s=cached_s, peak_rss_mb_cold=cold["peak_rss_mb"],
+                       peak_rss_mb_cached=cached["peak_rss_mb"],
+                       steps_per_s=(cached["tokens_per_s"] / (tcfg.batch_size * mcfg.max_len) if task == "lm"
+                                    else cached["steps"] / cached["train_seconds"]))
+            rows.append(row)
+            out.update({f"scale_{task}_{k}_{mb:g}MB": v for k, v in row.items() if k not in ("task", "mb")})
+            print(json.dumps(row), file=sys.stderr)
     out["scale_plot"] = plots.scale_plot(rows, "runs/bench_scale/scale.png")
     return out
 
@@ -743,6 +774,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for the moe, train and gpu benchmarks")
     ap.add_argument("--gpu_preset", default="default", help="gpu benchmark: the preset of each task")
     ap.add_argument("--scale_mb", default="10,100,1000", help="scale benchmark: corpus sizes in MB")
+    ap.add_argument("--scale_tasks", default="lm,cls", help="scale benchmark: the tasks, of lm and cls")
     ap.add_argument("--gpu_steps", type=int, default=200, help="gpu benchmark: steps per measurement")
     ap.add_argument("--gpu_tasks", default="cls,lm,seq2seq", help="gpu benchmark: the tasks")
     ap.add_argument("--gpu_compile", default="on", choices=("on", "off"), help="gpu benchmark: also time torch.compile")
@@ -786,7 +818,7 @@ def main(argv=None) -> int:
     if args.only == "budget":  # not in the default set: it trains eight models
         results.update(bench_budget(tuple(float(b) for b in args.budgets.split(","))))
     if args.only == "scale":  # not in the default set: it writes and reads up to 1 GB of text
-        results.update(bench_scale(tuple(float(s) for s in args.scale_mb.split(","))))
+        results.update(bench_scale(tuple(float(s) for s in args.scale_mb.split(",")), tasks=args.scale_tasks.split(",")))
     if args.only == "sentiment":  # not in the default set: it needs a trained classifier
         results.update(bench_sentiment(args.checkpoint))
     if args.only == "pinyin":  # not in the default set: it needs the Pinyin2Hanzi package

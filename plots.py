@@ -215,15 +215,18 @@ def routing_report(layers: list[dict], num_experts: int, out_dir: str, pair_shar
 def scale_plot(rows: list[dict], path: str) -> str:
     """bench.py --only scale: seconds and megabytes against corpus size, log-log."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    mb = [r["mb"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("tokenizer_s", "tokenizer (on its sample)"), ("cold_first_step_s", "first step, cold"),
-                       ("cached_first_step_s", "first step, cached shards")):
-        left.plot(mb, [r[key] for r in rows], "o-", label=label)
-    left.set_ylabel("seconds")
-    for key, label in (("peak_rss_mb_cold", "peak RSS, preparing + training"),
-                       ("peak_rss_mb_cached", "peak RSS, training on cached shards")):
-        right.plot(mb, [r[key] for r in rows], "o-", label=label)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for task, style in (("lm", "o-"), ("cls", "s--")):
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
+        mb = [r["mb"] for r in mine]
+        for key, label in (("tokenizer_s", "tokenizer (on its sample)"), ("cold_first_step_s", "first step, cold"),
+                           ("cached_first_step_s", "first step, cached")):
+            left.plot(mb, [r[key] for r in mine], style, label=f"{task}: {label}")
+        for key, label in (("peak_rss_mb_cold", "peak RSS, preparing + training"),
+                           ("peak_rss_mb_cached", "peak RSS, training on what was prepared")):
+            right.plot(mb, [r[key] for r in mine], style, label=f"{task}: {label}")
     right.set_ylabel("MB")
     for ax in (left, right):
         ax.set_xscale("log")
@@ -231,5 +234,5 @@ def scale_plot(rows: list[dict], path: str) -> str:
         ax.set_xlabel("corpus (MB of text)")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    fig.suptitle("the language model's data path against corpus size")
+    fig.suptitle("the data paths against corpus size (lm: text file; cls: labelled csv)")
     return _save(fig, path)

@@ -43,3 +43,16 @@ def test_the_profile_splits_a_training_step_and_writes_its_table(tmp_path, monke
     assert min(shares[1], shares[2], shares[4]) > 0.01  # forward, backward, optimizer
     assert 0 < result["profile_lm_tiny_b4_moe_forward_share"] < result["profile_lm_tiny_b4_forward_share"]
     assert "aten::" in (tmp_path / "runs" / "bench_profile" / "lm_tiny_b4.txt").read_text()
+
+
+def test_the_scale_benchmark_writes_a_labelled_table_and_runs_the_classifier_on_it(tmp_path, monkeypatch):
+    path = tmp_path / "t.csv"
+    bench.synthetic_table(str(path), 0.3)
+    import pandas as pd
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert 0.28e6 < path.stat().st_size < 0.32e6 and df.text.is_unique
+    assert set(df.label) == {"negative", "positive"} and all("，" in t for t in df.text[:50])
+    monkeypatch.chdir(tmp_path)
+    result = bench.bench_scale(sizes=(0.2,), steps=2, tasks=("cls",))
+    assert result["scale_cls_cached_first_step_s_0.2MB"] > 0 and result["scale_cls_steps_per_s_0.2MB"] > 0
+    assert result["scale_cls_peak_rss_mb_cold_0.2MB"] > 100 and (tmp_path / "runs/bench_scale/scale.png").exists()
