@@ -124,3 +124,12 @@ def test_a_run_that_stops_before_writing_leaves_no_empty_folder(tmp_path, monkey
     err = error_of(capsys, "--data", "empty.txt")  # refused by the data loader, after the run folder was locked
     assert "empty.txt" in err
     assert os.listdir("runs/lm") == []
+
+
+def test_a_split_is_hashed_a_chunk_at_a_time_to_the_same_digest_as_whole():
+    import hashlib
+    import pandas as pd
+    df = pd.DataFrame({"text": [f"文本{i}，\"引号\"" for i in range(1234)], "label": ["a", "b"] * 617})
+    for split in (df, df[:0], [f"第{i}行" for i in range(1234)], []):
+        whole = split.to_csv(index=False) if isinstance(split, pd.DataFrame) else "\n".join(map(str, split))
+        assert runs.rows_digest(split, chunk=100) == hashlib.sha256(whole.encode()).hexdigest()
