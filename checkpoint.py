@@ -1,14 +1,20 @@
-"""Checkpoints: one file per model, plain data + tensors, written atomically, read with weights_only=True.
+"""Checkpoints: one file per model, plain data + tensors, written atomically.
 
 A checkpoint holds the task, the resolved model and training configs, the tokenizer, the weights and the
-metrics; `<checkpoint>.last.pt` next to it adds the state that --resume continues from.
+metrics. A model that is published (a run's best model, checkpoints/<task>.pt) is written as safetensors: the
+tensors, and everything else as one JSON string in the file's metadata, so loading it never unpickles anything
+(`torch.load`'s weights_only has been bypassed before: CVE-2025-32434, CVE-2026-24747). `<checkpoint>.last.pt`
+next to it adds the state that --resume continues from (optimizer moments, RNG states) and stays a torch file,
+read with weights_only=True, as do checkpoints written before safetensors; the file's first bytes tell which.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,16 +29,87 @@ from wide import TfidfFeatures
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path: str, payload: dict) -> None:
+TENSOR = "__tensor__"  # in a safetensors checkpoint's JSON: {"__tensor__": name} stands where a tensor was
+
+
+def save_checkpoint(path: str, payload: dict, safetensors: bool = False) -> None:
+    """The payload as a torch file, or with `safetensors` (a published model: no resume state) as safetensors."""
+    payload = {"format_version": CHECKPOINT_VERSION, **payload}
     with atomic_write(path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
-        torch.save({"format_version": CHECKPOINT_VERSION, **payload}, tmp)
+        if safetensors:
+            from safetensors.torch import save_file
+            tensors = {}
+            text = json.dumps(split_tensors(payload, "", tensors, set()), ensure_ascii=False, default=plain)
+            save_file(tensors, tmp, metadata={"checkpoint": text})
+        else:
+            torch.save(payload, tmp)
+
+
+def split_tensors(value, name: str, tensors: dict, seen: set):
+    """`value` with each tensor moved into `tensors` under its path (a.b.c) and a {TENSOR: path} left in its
+    place. safetensors stores no two tensors on the same memory (tied weights): a second view is copied."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+        return {TENSOR: name}
+    if isinstance(value, dict):
+        return {k: split_tensors(v, f"{name}.{k}" if name else str(k), tensors, seen) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, f"{name}.{i}", tensors, seen) for i, v in enumerate(value)]
+    return value
+
+
+def plain(value):
+    """json.dumps' fallback: numpy scalars as Python numbers; anything else is a bug to hear about."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a checkpoint field of type {type(value).__name__} cannot be written as JSON")
+
+
+def join_tensors(value, tensors: dict):
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
+def is_safetensors(path: str) -> bool:
+    """safetensors: an 8-byte header length, then a JSON header; a torch file is a zip ("PK")."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_safetensors(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device="cpu") as f:
+        text = (f.metadata() or {}).get("checkpoint")
+        if text is None:
+            raise ValueError("no checkpoint metadata")
+        return join_tensors(json.loads(text), {k: f.get_tensor(k) for k in f.keys()})
+
+
+def checkpoint_meta(path: str) -> dict:
+    """A checkpoint's plain fields without its tensors (cheap: the weights are not read)."""
+    if is_safetensors(path):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {}).get("checkpoint", "{}"))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_checkpoint(path: str, train_hint: str) -> dict:
     if not os.path.exists(path):
         raise DataError(f"{path}: no checkpoint; train one first with: {train_hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_safetensors(path) if is_safetensors(path) else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
@@ -56,7 +133,12 @@ def load_trained(path: str, task: str, train_hint: str, device):
     if ckpt.get("task") != task:
         raise DataError(f"{path}: a {ckpt.get('task')!r} checkpoint, not a {task!r} one")
     model = build_model(task, model_config(task, ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # a tensor missing, unexpected or of another shape than the config makes
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"{path}: its weights do not fit its model config ({lines[1] if len(lines) > 1 else lines[0]})"
+                        ) from None
     if "wide_features" in ckpt:  # a wide & deep classifier reads each text's TF-IDF row with its own vocabulary
         model.features = TfidfFeatures.from_dict(ckpt["wide_features"])
     return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), ckpt

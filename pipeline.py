@@ -167,7 +167,7 @@ def score_on_test(run: Run, best: dict, log: MetricsLog, opts: Options, device) 
     ckpt.update(kept)
     metrics.update(scores)
     ckpt["metrics"] = metrics
-    save_checkpoint(run.checkpoint, ckpt)
+    save_checkpoint(run.checkpoint, ckpt, safetensors=True)
     outputs = data.report(model, log.rows, test, opts.out_dir)
     log.close([p for p in outputs.values() if isinstance(p, str) and p.endswith(".png")])
     return metrics, outputs

@@ -14,6 +14,7 @@ import time
 import pandas as pd
 import torch
 
+from checkpoint import checkpoint_meta
 from errors import DataError
 from fsio import atomic_write
 
@@ -88,8 +89,8 @@ def publish(best: str, target: str) -> str | None:
     aside = None
     if os.path.exists(target):
         try:
-            # mmap: only the small dict is read, not the weights
-            run_dir = torch.load(target, map_location="cpu", weights_only=True, mmap=True).get("run_dir")
+            # only the small dict is read, not the weights
+            run_dir = checkpoint_meta(target).get("run_dir")
         except Exception:  # unreadable: keep it as it is
             run_dir = None
         if not (run_dir and os.path.exists(os.path.join(run_dir, MODEL))):

@@ -411,7 +411,7 @@ class ClsData(TaskData):
         if self.features is None:
             return
         _, labels, rows = self.encoded["train"]
-        weight, bias = fit_linear(rows, labels, len(self.features), len(self.names))
+        weight, bias = fit_linear(rows, labels, len(self.features), len(self.names), nb=self.cfg.wide_fit == "nbsvm")
         with torch.no_grad():
             model.wide.weight.copy_(torch.from_numpy(weight))
             model.wide_bias.copy_(torch.from_numpy(bias))

@@ -190,7 +190,7 @@ class Checkpointer:
 
     def save_best(self, metrics: dict) -> None:
         if self.best_path:
-            save_checkpoint(self.best_path, self.payload(metrics))
+            save_checkpoint(self.best_path, self.payload(metrics), safetensors=True)
 
     def save_last(self, metrics: dict, resume: dict) -> None:
         if self.last_path:

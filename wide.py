@@ -25,6 +25,8 @@ WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run
 # The TF-IDF + LinearSVC baseline's settings (task_cls.tfidf_model): the wide part starts as that very model
 VECTORIZER = dict(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
 SVC_C = 0.5
+# NBSVM (fit_linear's nb): naive-Bayes smoothing and its own C, chosen on the built-in validation split (0.1 .. 1.0)
+NB_ALPHA, NB_C = 1.0, 0.3
 # Past this many training texts, the vocabulary and IDF are counted and the LinearSVC is fitted on an even sample
 # of about this many, and the training rows are made per batch: their memory and time grow with the texts, and
 # 200k (twice the built-in training split) is far more than the n-gram statistics need
@@ -167,19 +169,41 @@ def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, t
     return torch.from_numpy(ids), torch.from_numpy(values)
 
 
+def nb_ratios(X, y: np.ndarray, alpha: float = NB_ALPHA) -> np.ndarray:
+    """Each feature's naive-Bayes log-count ratio for the texts where y is true against the rest (Wang & Manning
+    2012): log of its share among the features present in the one, over its share in the other (counts + alpha)."""
+    present = (X > 0).astype(np.float32)
+    p = alpha + np.asarray(present[y].sum(0)).ravel()
+    q = alpha + np.asarray(present[~y].sum(0)).ravel()
+    return np.log((p / p.sum()) / (q / q.sum())).astype(np.float32)
+
+
 def fit_linear(rows: SparseRows | TextRows, labels: list[int], n_features: int, num_classes: int, C: float = SVC_C,
-               max_texts: int = FIT_TEXTS) -> tuple[np.ndarray, np.ndarray]:
+               max_texts: int = FIT_TEXTS, nb: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A LinearSVC (the TF-IDF baseline's, same C) fitted on the training rows (every k-th, about `max_texts`,
     when there are more) -> (weight (n_features, classes), bias (classes,)) as logits: for two classes the
-    decision f becomes logits (-f/2, f/2), whose difference is f."""
+    decision f becomes logits (-f/2, f/2), whose difference is f.
+
+    With `nb`, NBSVM: one class against the rest at a time, the SVM (C=NB_C) is fitted on the features times the
+    class's naive-Bayes ratios r, and w·(x∘r) = (w∘r)·x puts r back into the weights: the same features, so
+    nothing else changes (checkpoint, ONNX, serving)."""
     from sklearn.svm import LinearSVC
     y = np.asarray(labels)
     step = sample_step(len(y), max_texts)
     if step > 1:  # liblinear copies the matrix as float64: a sample bounds its memory and time
         rows, y = SparseRows.of(rows.take(range(0, len(y), step))), y[::step]
     X = rows.matrix(n_features)
-    svc = LinearSVC(C=C).fit(X, y)
-    coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
+    if nb:
+        fitted = []
+        for c in ([1] if num_classes == 2 else range(num_classes)):
+            r = nb_ratios(X, y == c)
+            svc = LinearSVC(C=NB_C).fit(X.multiply(r).tocsr(), (y == c).astype(int))
+            fitted.append((svc.coef_[0] * r, svc.intercept_[0]))
+        coef = np.stack([w for w, _ in fitted]).astype(np.float32)
+        intercept = np.array([b for _, b in fitted], np.float32)
+    else:
+        svc = LinearSVC(C=C).fit(X, y)
+        coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
     if num_classes == 2:
         return np.stack([-coef[0] / 2, coef[0] / 2], 1), np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
     if coef.shape[0] != num_classes:  # a class absent from the training labels: keep the ones it fitted

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import task_cls
+from checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "reviews_small.csv")
@@ -61,7 +62,7 @@ def test_train_writes_checkpoint_plots_and_summary(trained_cls):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert summary["params_active"] < summary["params_total"]
-    data = torch.load(ckpt, weights_only=True)
+    data = load_checkpoint(ckpt, "")
     assert data["label_names"] == ["negative", "positive"]
     assert data["model_config"]["num_experts"] == 4 and data["tokenizer"]["kind"] == "bpe"
     assert data["train_config"]["dtype"] == "fp32"  # "auto" resolved for this CPU, and recorded as such
@@ -134,7 +135,7 @@ def test_train_on_user_data_with_string_labels(tmp_path):
                     "--set", "vocab_size=300", "--num_layers", "0")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 4
-    assert torch.load(ckpt, weights_only=True)["label_names"] == ["好评", "差评"]
+    assert load_checkpoint(ckpt, "")["label_names"] == ["好评", "差评"]
     res = json.loads(run_main("--infer", "--text", "很好", "--json", "--checkpoint", ckpt).stdout)
     assert set(res["probs"]) == {"好评", "差评"}
 
@@ -146,7 +147,7 @@ def test_fractional_labels_warn(tmp_path):
                     "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--set", "vocab_size=300",
                     "--num_layers", "0")
     assert "fractional numbers (0.5, 1.7)" in proc.stderr
-    assert torch.load(tmp_path / "m.pt", weights_only=True)["label_names"] == ["0.5", "1.7"]
+    assert load_checkpoint(tmp_path / "m.pt", "")["label_names"] == ["0.5", "1.7"]
 
 
 # ---- bad input: one line on stderr, exit code 2, no traceback, nothing written
@@ -343,7 +344,7 @@ def test_cls_resume_continues_exactly(tmp_path, halt, optimizer):
     momentum = [s for s in state["resume"]["optimizer"]["state"].values() if "momentum_buffer" in s]
     assert bool(momentum) == (optimizer == "muon")  # Muon's state in pretraining, AdamW's in fine-tuning
     resumed = run("halted", "--resume")
-    assert torch.load(str(resumed / "m.pt"), weights_only=True)["metrics"]["test_acc"] > 0  # the run ended
+    assert load_checkpoint(str(resumed / "m.pt"), "")["metrics"]["test_acc"] > 0  # the run ended
     a = torch.load(last_path(str(straight / "m.pt")), weights_only=True)  # the final weights (the best
     b = torch.load(last_path(str(resumed / "m.pt")), weights_only=True)  # checkpoint may differ: the halt evaluates)
     assert a["phase"] == b["phase"] == "finetune" and b["resume"]["step"] == 8

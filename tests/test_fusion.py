@@ -11,6 +11,7 @@ import data
 import main
 import pinyin
 import task_s2s
+from checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_the_ngram_model_is_a_distribution_and_never_reads_a_held_out_text(lm):
 
 @pytest.fixture()
 def pinyin_ckpt(trained_s2s, tmp_path):
-    state = torch.load(trained_s2s[0], weights_only=True)
+    state = load_checkpoint(trained_s2s[0], "")
     state["source"] = "pinyin"  # what a model trained on the built-in pinyin pairs records: fusion on by default
     path = str(tmp_path / "pinyin.pt")
     torch.save(state, path)

@@ -10,6 +10,7 @@ import torch
 
 import data
 import task_cls
+from checkpoint import load_checkpoint
 from test_cli import run_main
 from config import TrainConfig
 
@@ -61,7 +62,7 @@ def test_temperature_ece_and_unsure_threshold_on_known_numbers():
 
 def test_calibration_lowers_ece_and_infer_says_unsure(trained_cls, tmp_path):
     ckpt, _, summary = trained_cls
-    saved = torch.load(ckpt, weights_only=True)
+    saved = load_checkpoint(ckpt, "")
     cal = saved["calibration"]
     assert cal["temperature"] > 0 and 0.5 < cal["unsure_below"] <= 1.0
     assert summary["test_ece"] < summary["test_ece_raw"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_trained
+from checkpoint import load_checkpoint, load_trained
 from config import LMConfig
 from data import news_splits
 from models import LanguageModel
@@ -90,7 +90,7 @@ def test_lm_training_lowers_loss_and_writes_outputs(trained_lm):
     assert summary["test_bpc"] == pytest.approx(bpc, rel=1e-9)
     for png in ("loss_curve.png", "expert_heatmap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
-    data = torch.load(ckpt, weights_only=True)
+    data = load_checkpoint(ckpt, "")
     assert data["task"] == "lm" and "causal" not in data["model_config"] and "pooling" not in data["model_config"]
 
 
@@ -148,7 +148,7 @@ def test_char_tokenizer_and_user_text(tmp_path):
     proc = run_main("--train", "--task", "lm", "--preset", "tiny", "--data", str(src), "--tokenizer", "char",
                     "--checkpoint", ckpt, "--out_dir", str(tmp_path / "run"), "--max_steps", "10")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["tokenizer"] == "char"
-    assert torch.load(ckpt, weights_only=True)["tokenizer"]["kind"] == "char"
+    assert load_checkpoint(ckpt, "")["tokenizer"]["kind"] == "char"
 
 
 @pytest.mark.parametrize("content,expect", [
@@ -182,7 +182,7 @@ def test_compiled_training_equals_eager(tmp_path):
         runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs["compiled"]["steps"] == runs["eager"]["steps"] == 20
     assert runs["compiled"]["val_loss"] == pytest.approx(runs["eager"]["val_loss"], abs=1e-4)
-    assert torch.load(tmp_path / "compiled.pt", weights_only=True)["train_config"]["compile"] == "on"
+    assert load_checkpoint(tmp_path / "compiled.pt", "")["train_config"]["compile"] == "on"
     rows = [json.loads(line) for line in open(tmp_path / "compiled" / "metrics.jsonl", encoding="utf-8")]
     logged = [r for r in rows if "expert_load" in r]  # the compiled MoE still returns its routing statistics
     assert logged and all(len(r["expert_load"]) == 2 and r["aux_balance"] > 0.5 for r in logged)
@@ -301,7 +301,7 @@ def test_upcycling_a_dense_checkpoint_through_main(tmp_path):
     upcycled, up_run = train("up", "--init_from", dense, "--max_steps", "2", "--lr", "1e-4", "--set", "moe_layers=odd")
     _, fresh_run = train("fresh", "--max_steps", "2", "--lr", "1e-4")
     assert up_run["val_loss"] < dense_run["val_loss"] + 0.05 < fresh_run["val_loss"] - 0.5
-    saved, source = torch.load(upcycled, weights_only=True), torch.load(dense, weights_only=True)
+    saved, source = load_checkpoint(upcycled, ""), load_checkpoint(dense, "")
     assert saved["model_config"]["num_experts"] == 4 and saved["model_config"]["moe_layers"] == "odd"
     assert saved["model_config"]["d_ff"] == saved["model_config"]["dense_ff"] == 64  # the dense width, top_k * 32
     assert saved["train_config"]["init_from"] == dense and saved["tokenizer"] == source["tokenizer"]

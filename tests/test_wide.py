@@ -15,7 +15,7 @@ from config import ClassifierConfig
 from models import Classifier
 from test_cli import run_main
 from tokenizer import train_tokenizer
-from wide import SVC_C, VECTORIZER, SparseRows, TextRows, TfidfFeatures, fit_linear, pad_rows
+from wide import NB_C, SVC_C, VECTORIZER, SparseRows, TextRows, TfidfFeatures, fit_linear, nb_ratios, pad_rows
 
 ODD_TEXTS = ["  多个   空格\t和\n换行 ", "ABC abc AbC", "", "a", "😀表情😀", "好好好好好好"]
 
@@ -68,7 +68,7 @@ def test_a_fresh_model_is_the_fitted_linear_model(splits):
     is the baseline's decision function, on texts it never saw."""
     tokenizer = train_tokenizer("char", list(splits["train"].text), 300)
     cfg = ClassifierConfig(vocab_size=tokenizer.n_vocab, max_len=32, d_model=16, n_heads=2, num_layers=1, d_ff=16,
-                           num_experts=2, top_k=1, dropout=0.0, wide=True)
+                           num_experts=2, top_k=1, dropout=0.0, wide=True, wide_fit="svm")
     cls_data = task_cls.ClsData(tokenizer, splits, cfg, "reviews")
     cfg = cls_data.sized(cfg)
     assert cfg.wide_vocab == len(cls_data.features)
@@ -183,3 +183,22 @@ def test_what_the_deep_part_learns_from(training):
         assert head.abs().max() == 0
     else:  # at deep_scale 0 the summed loss sends the encoder nothing: what it gets is its own loss's
         torch.testing.assert_close(head, own)
+
+
+def test_nbsvm_folds_the_naive_bayes_ratios_into_the_weights(splits):
+    """wide_fit=nbsvm: the SVM fitted on the features times their NB log-count ratios r; w·(x∘r) = (w∘r)·x, so
+    the model's logits on the plain features equal that SVM's decision on the scaled ones."""
+    train = list(splits["train"].text)
+    features, rows = TfidfFeatures.fit(train)
+    labels = np.array([int(l == "positive") for l in splits["train"].label])
+    X = rows.matrix(len(features))
+    r = nb_ratios(X, labels == 1)
+    assert r[features.index["好"]] > 0 > r[features.index["差"]]  # the ratio has the sentiment's sign
+    weight, bias = fit_linear(rows, list(labels), len(features), 2, nb=True)
+    svc = LinearSVC(C=NB_C).fit(X.multiply(r).tocsr(), labels)
+    val = features.rows(list(splits["val"].text)).matrix(len(features))
+    ours = val @ (weight[:, 1] - weight[:, 0]) + (bias[1] - bias[0])
+    np.testing.assert_allclose(ours, svc.decision_function(val.multiply(r).tocsr()), atol=1e-4)
+    three = np.array([0, 1, 2] * 200)  # more classes: one against the rest each, one column a class
+    weight3, bias3 = fit_linear(rows, list(three), len(features), 3, nb=True)
+    assert weight3.shape == (len(features), 3) and bias3.shape == (3,)
