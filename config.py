@@ -118,9 +118,10 @@ class ClassifierConfig(ModelConfig):
                                   # as the LinearSVC fitted on the training split, plus the encoder's logits times
                                   # a scale that starts at 0
     wide_vocab: int = 0           # its n-gram vocabulary size: set from the training split (not a user setting)
-    wide_fit: str = "nbsvm"       # how the linear part is fitted: "svm", the LinearSVC of the TF-IDF baseline;
+    wide_fit: str = "auto"        # how the linear part is fitted: "svm", the LinearSVC of the TF-IDF baseline;
                                   # "nbsvm", the same features times their naive-Bayes log-count ratios (NBSVM,
-                                  # Wang & Manning 2012), folded back into the weights (wide.fit_linear)
+                                  # Wang & Manning 2012), folded back into the weights (wide.fit_linear); "auto":
+                                  # both, the one more accurate on the validation split kept
     deep_training: str = "own"    # wide & deep: what the deep part learns from. "joint": the loss of the summed
                                   # logits (it learns the linear model's residual on the training texts, which the
                                   # linear model fits too well); "own": its own logits' cross-entropy, the summed
@@ -138,8 +139,8 @@ class ClassifierConfig(ModelConfig):
             raise ValueError(f"pooling={self.pooling!r} must be 'cls' or 'mean'")
         if self.deep_training not in ("joint", "own", "both"):
             raise ValueError(f"deep_training={self.deep_training!r} must be joint, own or both")
-        if self.wide_fit not in ("svm", "nbsvm"):
-            raise ValueError(f"wide_fit={self.wide_fit!r} must be svm or nbsvm")
+        if self.wide_fit not in ("auto", "svm", "nbsvm"):
+            raise ValueError(f"wide_fit={self.wide_fit!r} must be auto, svm or nbsvm")
 
 
 @dataclass

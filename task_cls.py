@@ -1,6 +1,8 @@
 """The sentiment-classification task: data -> tokenizer -> MiniBERT-MoE -> train/evaluate; infer, classify, compare."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -20,21 +22,21 @@ from analyze import ANALYZE_TEXTS, Recorder
 from api import field
 from checkpoint import load_trained
 from config import ENDLESS_EPOCHS, ModelConfig, Options, TrainConfig
-from data import (EXTRA_SENTIMENT, collate_cls, column, encode_texts, label_names, length_bucketed_batches,
-                  mask_tokens, people_daily_paragraphs, read_table, read_text_lines, reviews_splits, shipped_texts,
-                  tokenizer_cache, user_splits, with_extra_sentiment)
+from data import (DATASET_DIR, EXTRA_SENTIMENT, collate_cls, column, encode_texts, label_names,
+                  length_bucketed_batches, mask_tokens, people_daily_paragraphs, read_table, read_text_lines,
+                  reviews_splits, shipped_texts, texts_digest, tokenizer_cache, user_splits, with_extra_sentiment)
 from distributed import is_main_process
 from errors import DataError
 from fsio import atomic_write_csv
 from models import MaskedLM
 from onnx_export import onnx_path, OnnxClassifier
 from runtime import autocast
-from shards import packed
+from shards import PACKED_MIN_TEXTS, packed
 from task import Phase, Task, TaskData
 from tokenizer import even_sample, load_or_train
 from tracking import MetricsLog
 from trainer import FitResult
-from wide import FIT_TEXTS, SVC_C, VECTORIZER, TextRows, TfidfFeatures, fit_linear, sample_step
+from wide import FIT_TEXTS, NB_ALPHA, NB_C, SVC_C, VECTORIZER, TextRows, TfidfFeatures, fit_wide, sample_step
 
 TRAIN_HINT = "python main.py --train --task cls"
 
@@ -393,35 +395,51 @@ class ClsData(TaskData):
         if start and start[1].get("label_names") != self.names:  # resumed or upcycled: the same classes
             raise DataError(f"{start[0]}: the data's classes {self.names} are not those of the model it starts "
                             f"from ({start[1].get('label_names')}); use the same --data")
-        self.features, rows = None, {}
+        self.features, self.linear, self.wide_fit, rows = None, None, None, {}
         if model_cfg.wide:
             saved = start[1].get("wide_features") if start else None
             if saved:
                 self.features = TfidfFeatures.from_dict(saved)
-            else:
-                self.features, rows["train"] = TfidfFeatures.fit(list(splits["train"].text))
+            else:  # a fresh model: its wide part is fitted here (init_model sets it)
+                self.features, rows["train"], self.linear, self.wide_fit = self.fit_wide(splits["train"],
+                                                                                          splits["val"])
         self.encoded = {s: encode_split(tokenizer, df, self.names, f"{where} [{s}]", self.features, rows.get(s), quiet)
                         for s, df in splits.items()}
+
+    def fit_wide(self, train, val):
+        """wide.fit_wide on the training split (auto: chosen on `val`); saved under dataset/prepared/ (named by
+        the texts, the labels and the fit) when the split is as big as shards.packed saves (so tiny test splits
+        write nothing)."""
+        index = {n: i for i, n in enumerate(self.names)}
+        texts, labels = list(train.text), [index[l] for l in train.label]
+        val_labels = [index.get(l, -1) for l in val.label]  # a class only in val: never right
+        cache = None
+        if len(texts) >= PACKED_MIN_TEXTS:
+            how = json.dumps([self.cfg.wide_fit, VECTORIZER, SVC_C, NB_C, NB_ALPHA, FIT_TEXTS])
+            digests = " ".join(texts_digest(map(str, part)) for part in (texts, labels, val.text, val_labels))
+            key = hashlib.sha256(f"{digests} {how}".encode()).hexdigest()
+            cache = os.path.join(DATASET_DIR, "prepared", f"wide_{key[:32]}.npz")
+        return fit_wide(texts, labels, len(self.names), self.cfg.wide_fit, (list(val.text), val_labels), cache)
 
     def sized(self, model_cfg: ModelConfig) -> ModelConfig:
         return replace(model_cfg, wide_vocab=len(self.features)) if self.features else model_cfg
 
     def init_model(self, model) -> None:
-        """A fresh wide & deep model's wide part: the LinearSVC fitted on the training split's TF-IDF rows."""
-        if self.features is None:
+        """A fresh wide & deep model's wide part: the linear model fitted on the training split's TF-IDF rows."""
+        if self.linear is None:
             return
-        _, labels, rows = self.encoded["train"]
-        weight, bias = fit_linear(rows, labels, len(self.features), len(self.names), nb=self.cfg.wide_fit == "nbsvm")
+        weight, bias = self.linear
         with torch.no_grad():
             model.wide.weight.copy_(torch.from_numpy(weight))
             model.wide_bias.copy_(torch.from_numpy(bias))
 
     def describe(self) -> str:
         sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
-        return f"classes {self.names}; train/val/test {sizes}"
+        return f"classes {self.names}; train/val/test {sizes}" + (f"; wide part: {self.wide_fit}" if self.wide_fit else "")
 
     def extra(self) -> dict:
-        return {"label_names": self.names, **({"wide_features": self.features.to_dict()} if self.features else {})}
+        return {"label_names": self.names, **({"wide_features": self.features.to_dict()} if self.features else {}),
+                **({"wide_fit": self.wide_fit} if self.wide_fit else {})}
 
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
         return -(-len(self.encoded["train"][0]) // (cfg.batch_size * cfg.accum_steps))
@@ -443,7 +461,8 @@ class ClsData(TaskData):
         if val["_wide_logits"] is not None:
             factor = blend_deep(val, val_labels)
             deep_sign = 1.0 if float(model.deep_scale.detach()) >= 0 else -1.0
-            parts = {"deep_blend": factor, **scores(test["_wide_logits"], test_labels, "test_wide"),
+            parts = {"deep_blend": factor, **({"wide_fit": self.wide_fit} if self.wide_fit else {}),
+                     **scores(test["_wide_logits"], test_labels, "test_wide"),
                      **scores(deep_sign * (test["_logits"] - test["_wide_logits"]), test_labels, "test_deep")}
             with torch.no_grad():
                 model.deep_scale.mul_(factor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 
 import numpy as np
@@ -157,6 +158,44 @@ class TfidfFeatures:
     def to_json(self) -> dict:
         """For the ONNX file's metadata (plain JSON)."""
         return {"vocab": self.vocab, "idf": self.idf.astype(np.float32).tolist(), "ngram_range": list(self.ngram_range)}
+
+
+def fit_wide(texts: list[str], labels: list[int], num_classes: int, fit: str, val: tuple[list[str], list[int]],
+             cache: str | None = None):
+    """The wide part of a fresh model, fitted on the training split -> (features, the split's rows, (weight,
+    bias), the fit used). `fit`: "svm", "nbsvm" (fit_linear's nb), or "auto": both, and the one more accurate on
+    the validation split `val` (texts, labels) is kept, the plain SVM on a tie. With `cache` (a .npz path named
+    by what the fit depends on), read from there when a run already fitted it, else fitted and saved there: the
+    vocabulary counting and the linear fit are most of a big table's start."""
+    if cache:
+        try:
+            with np.load(cache) as saved:
+                features = TfidfFeatures(saved["vocab"].tolist(), saved["idf"], tuple(saved["ngram_range"]))
+                linear, used = (saved["weight"], saved["bias"]), str(saved["fit"])
+            rows = features.rows(texts) if len(texts) <= FIT_TEXTS else TextRows(features, texts)
+            return features, rows, linear, used
+        except (OSError, ValueError, KeyError):  # none yet, or unreadable: fit again
+            pass
+    features, rows = TfidfFeatures.fit(texts)
+    fits = {f: fit_linear(rows, labels, len(features), num_classes, nb=f == "nbsvm")
+            for f in (("svm", "nbsvm") if fit == "auto" else (fit,))}
+    if len(fits) > 1:
+        X, y = features.rows(val[0]).matrix(len(features)), np.asarray(val[1])
+        right = {f: int(((X @ w + b).argmax(1) == y).sum()) for f, (w, b) in fits.items()}
+        used = max(fits, key=lambda f: (right[f], f == "svm"))
+    else:
+        used = fit
+    weight, bias = fits[used]
+    if cache:
+        from fsio import atomic_write
+        try:
+            with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, vocab=np.array(features.vocab, dtype=str), idf=features.idf, weight=weight, bias=bias,
+                         ngram_range=np.array(features.ngram_range), fit=np.array(used))
+        except OSError as e:
+            print(f"note: cannot save the wide part to {cache} ({e.strerror or e}); a later run fits it again",
+                  file=sys.stderr)
+    return features, rows, (weight, bias), used
 
 
 def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 a fresh model equal to the fitted linear model, the blend on validation never below the linear model, texts the
 vocabulary does not know, and checkpoints from before the wide part."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sklearn.svm import LinearSVC
 
 import data
 import task_cls
+import wide
 from config import ClassifierConfig
 from models import Classifier
 from test_cli import run_main
@@ -202,3 +204,31 @@ def test_nbsvm_folds_the_naive_bayes_ratios_into_the_weights(splits):
     three = np.array([0, 1, 2] * 200)  # more classes: one against the rest each, one column a class
     weight3, bias3 = fit_linear(rows, list(three), len(features), 3, nb=True)
     assert weight3.shape == (len(features), 3) and bias3.shape == (3,)
+
+
+def test_the_wide_part_is_fitted_once_and_read_back(splits, tmp_path, monkeypatch):
+    train = list(splits["train"].text)
+    labels = [int(l == "positive") for l in splits["train"].label]
+    val = (list(splits["val"].text), [int(l == "positive") for l in splits["val"].label])
+    cache = str(tmp_path / "wide.npz")
+    features, rows, (weight, bias), used = wide.fit_wide(train, labels, 2, "auto", val, cache=cache)
+    right = {}  # auto kept the fit more accurate on validation
+    for fit in ("svm", "nbsvm"):
+        w, b = fit_linear(rows, labels, len(features), 2, nb=fit == "nbsvm")
+        right[fit] = int(((features.rows(val[0]).matrix(len(features)) @ w + b).argmax(1) == val[1]).sum())
+    assert right[used] == max(right.values()) and (used == "svm" or right["nbsvm"] > right["svm"])
+    monkeypatch.setattr(wide, "fit_linear", lambda *a, **k: pytest.fail("fitted again"))
+    again, rows2, (weight2, bias2), used2 = wide.fit_wide(train, labels, 2, "auto", val, cache=cache)
+    assert used2 == used and again.vocab == features.vocab and np.array_equal(again.idf, features.idf)
+    assert np.array_equal(weight2, weight) and np.array_equal(bias2, bias) and again.ngram_range == (1, 3)
+    np.testing.assert_allclose(rows2.matrix(len(again)).toarray(), rows.matrix(len(features)).toarray(), atol=1e-6)
+    # ClsData names the file by the split, the labels and the fit: another fit is another file
+    monkeypatch.undo()
+    monkeypatch.setattr(task_cls, "DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(task_cls, "PACKED_MIN_TEXTS", 100)
+    tokenizer = train_tokenizer("char", train, 300)
+    for fit in ("svm", "auto", "svm"):
+        cfg = ClassifierConfig(vocab_size=tokenizer.n_vocab, max_len=32, d_model=16, n_heads=2, num_layers=1,
+                               d_ff=16, num_experts=2, top_k=1, wide=True, wide_fit=fit)
+        task_cls.ClsData(tokenizer, splits, cfg, "reviews")
+    assert len([f for f in os.listdir(tmp_path / "prepared") if f.startswith("wide_")]) == 2
