@@ -48,27 +48,13 @@ def check_table(path: str) -> str:
 
 
 def read_table(path: str) -> pd.DataFrame:
-    """Read csv/tsv/jsonl/parquet into a DataFrame of strings, with one-line errors for every bad case."""
-    fmt = check_table(path)
-    try:
-        if fmt == "csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif fmt == "tsv":
-            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
-        elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-        else:
-            try:
-                df = pd.read_parquet(path)
-            except ImportError:
-                raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-    except DataError:
-        raise
-    except (ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: cannot parse as {fmt}: {str(e).splitlines()[0]}") from None
-    if len(df) == 0:
+    """Read csv/tsv/jsonl/parquet into a DataFrame of strings, with one-line errors for every bad case (read
+    through table_chunks, as the big tables are)."""
+    check_table(path)
+    chunks = [chunk for chunk in table_chunks(path) if len(chunk)]
+    if not chunks:
         raise DataError(f"{path}: no rows")
-    return df
+    return pd.concat(chunks, ignore_index=True)
 
 
 TABLE_ROWS = 50_000  # table rows read at a time

@@ -461,8 +461,7 @@ class ClsData(TaskData):
         if val["_wide_logits"] is not None:
             factor = blend_deep(val, val_labels)
             deep_sign = 1.0 if float(model.deep_scale.detach()) >= 0 else -1.0
-            parts = {"deep_blend": factor, **({"wide_fit": self.wide_fit} if self.wide_fit else {}),
-                     **scores(test["_wide_logits"], test_labels, "test_wide"),
+            parts = {"deep_blend": factor, **scores(test["_wide_logits"], test_labels, "test_wide"),
                      **scores(deep_sign * (test["_logits"] - test["_wide_logits"]), test_labels, "test_deep")}
             with torch.no_grad():
                 model.deep_scale.mul_(factor)

@@ -8,8 +8,8 @@ vocabulary list and IDF array, which is all a checkpoint or an ONNX file carries
 
 A text's features are a sparse row: (ids, values) of its n-grams found in the vocabulary; a split's rows are kept
 together in CSR form (`SparseRows`), or, for a training split past FIT_TEXTS texts, made a batch at a time
-(`TextRows`). The model reads a batch of them as two padded (B, F) arrays, id 0 / value
-0.0 in the padding (models.Classifier.wide_logits).
+(`TextRows`). The model reads a batch of them as two padded (B, F) arrays, id 0 / value 0.0 in the padding
+(models.Classifier.wide_logits).
 """
 from __future__ import annotations
 
