@@ -21,6 +21,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from fsio import atomic_write
+
 WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run of 2+ whitespace one space
 
 # The TF-IDF + LinearSVC baseline's settings (task_cls.tfidf_model): the wide part starts as that very model
@@ -187,7 +189,6 @@ def fit_wide(texts: list[str], labels: list[int], num_classes: int, fit: str, va
         used = fit
     weight, bias = fits[used]
     if cache:
-        from fsio import atomic_write
         try:
             with atomic_write(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, vocab=np.array(features.vocab, dtype=str), idf=features.idf, weight=weight, bias=bias,

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from test_cli import ROOT, run_main
 
 COMMON = ["--train", "--task", "lm", "--preset", "tiny", "--max_steps", "6", "--quiet",
@@ -44,7 +45,7 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path, single):
     assert losses[0] == pytest.approx(train_losses(single)[0], abs=1e-5)  # same weights, same data
     assert losses == pytest.approx(train_losses(single), abs=2e-3)
     assert losses[-1] < losses[0]
-    ckpt = torch.load(multi / "lm.pt", weights_only=True)
+    ckpt = load_checkpoint(multi / "lm.pt", "")
     assert ckpt["train_config"]["batch_size"] == 8  # the global batch is what the checkpoint records
     assert sorted(os.listdir(multi)) == sorted(os.listdir(single))  # one set of outputs, no per-rank copies
 
@@ -77,7 +78,7 @@ def test_expert_parallel_training_halts_resumes_and_matches_one_process(tmp_path
     losses = train_losses(ep)
     assert len(losses) == 6
     assert losses == pytest.approx(train_losses(single), abs=2e-3)
-    ckpt = torch.load(ep / "lm.pt", weights_only=True)
+    ckpt = load_checkpoint(ep / "lm.pt", "")
     assert ckpt["state_dict"]["blocks.0.ffn.experts.w_up"].shape[0] == ckpt["model_config"]["num_experts"] == 4
     state = torch.load(ep / "lm.last.pt", weights_only=True)["resume"]["optimizer"]["state"]
     assert {tuple(s["exp_avg"].shape) for s in state.values()} >= {(4, 32, 32)}

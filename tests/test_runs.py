@@ -11,6 +11,7 @@ import torch
 
 import main
 import runs
+from checkpoint import load_checkpoint
 from fsio import exclusive
 from test_cli import ROOT
 
@@ -65,7 +66,7 @@ def test_what_a_run_would_replace_is_moved_aside(tmp_path, monkeypatch):
     assert [open(p, "rb").read() for p in kept] == [b"a model at --checkpoint"]
     aside = [p for p in os.listdir("checkpoints") if p not in ("lm.pt",)]
     assert [open(os.path.join("checkpoints", p), "rb").read() for p in aside] == [b"a model trained before run folders"]
-    assert torch.load("checkpoints/lm.pt", weights_only=True)["run_dir"] == os.path.join("runs", "lm", "b")
+    assert load_checkpoint("checkpoints/lm.pt", "")["run_dir"] == os.path.join("runs", "lm", "b")
 
 
 def test_resume_goes_on_with_the_latest_unfinished_run(tmp_path, monkeypatch, capsys):
@@ -101,7 +102,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_killed_run_leaves_no_l
 def test_every_checkpoint_records_its_provenance(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main.main([*TINY, "--name", "p"]) == 0
-    saved = torch.load("runs/lm/p/model.pt", weights_only=True)
+    saved = load_checkpoint("runs/lm/p/model.pt", "")
     prov = saved["provenance"]
     assert prov["version"] == runs.version() != "" and prov["torch"] == torch.__version__
     assert prov["command"] == "main.py " + " ".join([*TINY, "--name", "p"])

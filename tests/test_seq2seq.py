@@ -11,7 +11,7 @@ import data
 import main
 import pinyin
 import task_s2s
-from checkpoint import load_trained
+from checkpoint import load_checkpoint, load_trained
 from config import Seq2SeqConfig
 from models import Seq2Seq
 from task_s2s import edit_distance, score
@@ -310,7 +310,7 @@ def test_infer_and_classify_through_main(trained_s2s, pairs_file, tmp_path):
 
 def test_pinyin_input_is_normalised_and_candidates_are_ranked(trained_s2s, tmp_path, capsys):
     ckpt, _, _ = trained_s2s
-    state = torch.load(ckpt, weights_only=True)
+    state = load_checkpoint(ckpt, "")
     state["source"] = "pinyin"  # what a model trained on the built-in pinyin pairs records
     pinyin_ckpt = str(tmp_path / "pinyin.pt")
     torch.save(state, pinyin_ckpt)

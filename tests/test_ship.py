@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+from checkpoint import load_checkpoint
 from test_cli import ROOT, run_main
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -43,7 +44,7 @@ def review_texts():
 
 @pytest.fixture(scope="module")
 def cls_onnx(models):
-    ckpt = torch.load(models / "cls.pt", weights_only=True)
+    ckpt = load_checkpoint(models / "cls.pt", "")
     if float(ckpt["state_dict"]["deep_scale"]) == 0:  # the tiny run's blend dropped its deep part: give it one,
         ckpt["state_dict"]["deep_scale"] = torch.tensor(0.7)  # so that parity covers both parts of the graph
         torch.save(ckpt, models / "cls.pt")

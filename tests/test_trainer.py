@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import main
-from checkpoint import last_path
+from checkpoint import last_path, load_checkpoint
 from config import LMConfig, TrainConfig
 from models import LanguageModel
 from test_cli import run_main
@@ -158,7 +158,7 @@ def test_checkpointer_keeps_the_best_and_the_resume_state(tmp_path):
                  1, evaluate=lambda: {"val_loss": next(scores)}, select="-val_loss", device=torch.device("cpu"),
                  log=MetricsLog(None), checkpointer=checkpointer, quiet=True)
     assert (result.best["val_loss"], result.best["step"], result.steps, result.halted) == (0.3, 2, 3, False)
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    best = load_checkpoint(tmp_path / "best.pt", "")
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (best["metrics"]["val_loss"], best["metrics"]["step"]) == (0.3, 2) and "resume" not in best
     assert last["resume"]["step"] == 3 and last["resume"]["best"]["val_loss"] == 0.3

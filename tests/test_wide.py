@@ -13,6 +13,7 @@ from sklearn.svm import LinearSVC
 import data
 import task_cls
 import wide
+from checkpoint import load_checkpoint
 from config import ClassifierConfig
 from models import Classifier
 from test_cli import run_main
@@ -118,7 +119,7 @@ def test_wide_run_reports_its_parts_and_unknown_text_is_unsure(trained_cls):
     ckpt_path, _, summary = trained_cls
     assert summary["test_wide_acc"] > 0.8 and summary["test_deep_acc"] is not None
     assert summary["test_acc"] >= summary["test_wide_acc"] - 0.02 and 0 <= summary["deep_blend"] <= 2
-    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, "")
     assert ckpt["model_config"]["wide_vocab"] == len(ckpt["wide_features"]["vocab"]) > 1000
     # no character of this text occurs in the training reviews: the linear part knows none of its n-grams
     got = json.loads(run_main("--infer", "--checkpoint", ckpt_path, "--text", "ⅦⅧⅨ", "--json").stdout)
@@ -127,7 +128,7 @@ def test_wide_run_reports_its_parts_and_unknown_text_is_unsure(trained_cls):
 
 def test_checkpoint_from_before_the_wide_part_still_loads_and_answers(trained_cls, tmp_path):
     """A checkpoint as the project wrote it before Step 11: no wide config fields, weights or vocabulary."""
-    ckpt = torch.load(trained_cls[0], weights_only=True)
+    ckpt = load_checkpoint(trained_cls[0], "")
     for key in ("wide", "wide_vocab"):
         ckpt["model_config"].pop(key)
     ckpt.pop("wide_features")
