@@ -13,10 +13,10 @@ together in CSR form (`SparseRows`), or, for a training split past FIT_TEXTS tex
 """
 from __future__ import annotations
 
-import math
 import re
 import sys
 from collections import Counter
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -137,12 +137,14 @@ class TfidfFeatures:
     def row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One text -> (column ids int64, TF-IDF values float32), ids ascending; both empty when no n-gram of the
         text is in the vocabulary."""
-        found = sorted((self.index[g], c) for g, c in self.ngrams(text).items() if g in self.index)
-        if not found:
+        counts = self.ngrams(text)
+        ids = np.fromiter(map(self.index.get, counts, repeat(-1)), np.int64, len(counts))  # -1: not in the vocabulary
+        found = ids >= 0
+        if not found.any():
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids = np.fromiter((i for i, _ in found), np.int64, len(found))
-        tf = np.fromiter((1.0 + math.log(c) for _, c in found), np.float64, len(found))
-        values = tf * self.idf[ids]
+        ids, counts = ids[found], np.fromiter(counts.values(), np.float64, len(counts))[found]
+        order = np.argsort(ids)
+        ids, values = ids[order], (1.0 + np.log(counts[order])) * self.idf[ids[order]]
         return ids, (values / np.linalg.norm(values)).astype(np.float32)
 
     def rows(self, texts: list[str]) -> SparseRows:
