@@ -17,6 +17,8 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from config import Options, TrainConfig, model_config
 from errors import DataError
@@ -37,7 +39,6 @@ def save_checkpoint(path: str, payload: dict, safetensors: bool = False) -> None
     payload = {"format_version": CHECKPOINT_VERSION, **payload}
     with atomic_write(path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
         if safetensors:
-            from safetensors.torch import save_file
             tensors = {}
             text = json.dumps(split_tensors(payload, "", tensors, set()), ensure_ascii=False, default=plain)
             save_file(tensors, tmp, metadata={"checkpoint": text})
@@ -87,7 +88,6 @@ def is_safetensors(path: str) -> bool:
 
 
 def read_safetensors(path: str) -> dict:
-    from safetensors import safe_open
     with safe_open(path, framework="pt", device="cpu") as f:
         text = (f.metadata() or {}).get("checkpoint")
         if text is None:
@@ -98,7 +98,6 @@ def read_safetensors(path: str) -> dict:
 def checkpoint_meta(path: str) -> dict:
     """A checkpoint's plain fields without its tensors (cheap: the weights are not read)."""
     if is_safetensors(path):
-        from safetensors import safe_open
         with safe_open(path, framework="pt", device="cpu") as f:
             return json.loads((f.metadata() or {}).get("checkpoint", "{}"))
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
