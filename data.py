@@ -242,11 +242,12 @@ def check_labels(labels: pd.Series, path: str, label_col: str, first_row: int = 
         rows = [first_row + i for i, is_bad in enumerate(bad) if is_bad]
         shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
         raise DataError(f"{path}: empty or NaN {label_col!r} in data row(s) {shown}; give every row a label")
-    numbers = pd.to_numeric(labels, errors="coerce")
+    distinct = pd.Series(labels.unique())  # a million rows hold a handful of labels: parse each once
+    numbers = pd.to_numeric(distinct, errors="coerce")
     fractional = numbers.notna() & (numbers != numbers.round())
     if fractional.any() and warn:
         print(f"warning: {path}: column {label_col!r} has fractional numbers "
-              f"({', '.join(map(str, labels[fractional].unique()[:3]))}); each distinct value is trained as a "
+              f"({', '.join(map(str, distinct[fractional][:3]))}); each distinct value is trained as a "
               "class of its own", file=sys.stderr)
     return bool(fractional.any())
 
@@ -299,7 +300,7 @@ def user_splits(path: str, text_col: str, label_col: str, seed: int) -> dict:
 
 def label_names(labels) -> list[str]:
     """Sorted label names; integer labels sort numerically (0, 1, 2, 10), others as text."""
-    uniq = set(labels)
+    uniq = set(labels.unique() if isinstance(labels, pd.Series) else labels)
     if all(str(l).lstrip("-").isdigit() for l in uniq):
         return sorted(uniq, key=lambda l: int(l))
     return sorted(uniq)

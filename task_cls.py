@@ -55,7 +55,7 @@ def load_splits(data: str | None, text_col: str, label_col: str, seed: int, quie
 def pretrain_texts(splits: dict, cfg: TrainConfig) -> list[str]:
     """The masked-LM phase's texts: the training split, and with pretrain_shipped every review text the project
     ships, less any text of the val or test split (so pretraining never reads a held-out text)."""
-    texts = list(splits["train"].text)
+    texts = splits["train"].text.tolist()
     if cfg.pretrain_shipped:
         seen = set(texts) | set(splits["val"].text) | set(splits["test"].text)
         texts += [t for t in dict.fromkeys(shipped_texts()) if t not in seen]
@@ -66,13 +66,13 @@ def encode_split(tokenizer, df, names: list[str], where: str, features: TfidfFea
                  quiet: bool = True):
     """A split as (token ids, class indices, TF-IDF rows or None); `rows`: the split's rows when already made."""
     index = {n: i for i, n in enumerate(names)}
-    unknown = sorted(set(df.label) - set(index))
+    texts, labels = df.text.tolist(), df.label.tolist()  # lists: iterating a Series costs ~1 µs an item
+    unknown = sorted(set(labels) - set(index))
     if unknown:
         raise DataError(f"{where}: label(s) {unknown} do not occur in the training split ({names})")
     if features is not None and rows is None:  # made per batch past FIT_TEXTS (a resumed big run's training split)
-        texts = list(df.text)
         rows = features.rows(texts) if len(texts) <= FIT_TEXTS else TextRows(features, texts)
-    return packed(tokenizer, list(df.text), quiet=quiet), [index[l] for l in df.label], rows
+    return packed(tokenizer, texts, quiet=quiet), [index[l] for l in labels], rows
 
 
 def picked(rows, idx):
@@ -411,15 +411,15 @@ class ClsData(TaskData):
         the texts, the labels and the fit) when the split is as big as shards.packed saves (so tiny test splits
         write nothing)."""
         index = {n: i for i, n in enumerate(self.names)}
-        texts, labels = list(train.text), [index[l] for l in train.label]
-        val_labels = [index.get(l, -1) for l in val.label]  # a class only in val: never right
+        texts, labels = train.text.tolist(), [index[l] for l in train.label.tolist()]
+        val_texts, val_labels = val.text.tolist(), [index.get(l, -1) for l in val.label.tolist()]  # -1: only in val
         cache = None
         if len(texts) >= PACKED_MIN_TEXTS:
             how = json.dumps([self.cfg.wide_fit, VECTORIZER, SVC_C, NB_C, NB_ALPHA, FIT_TEXTS])
-            digests = " ".join(texts_digest(map(str, part)) for part in (texts, labels, val.text, val_labels))
+            digests = " ".join(texts_digest(map(str, part)) for part in (texts, labels, val_texts, val_labels))
             key = hashlib.sha256(f"{digests} {how}".encode()).hexdigest()
             cache = os.path.join(DATASET_DIR, "prepared", f"wide_{key[:32]}.npz")
-        return fit_wide(texts, labels, len(self.names), self.cfg.wide_fit, (list(val.text), val_labels), cache)
+        return fit_wide(texts, labels, len(self.names), self.cfg.wide_fit, (val_texts, val_labels), cache)
 
     def sized(self, model_cfg: ModelConfig) -> ModelConfig:
         return replace(model_cfg, wide_vocab=len(self.features)) if self.features else model_cfg
@@ -495,7 +495,7 @@ class ClsTask(Task):
 
     def new_tokenizer(self, opts: Options, train_cfg: TrainConfig, model_cfg: ModelConfig, splits: dict):
         corpus = "+".join(["reviews"] + [name.split(".")[0] for name in EXTRA_SENTIMENT] * train_cfg.extra_labelled)
-        texts = even_sample(list(splits["train"].text), train_cfg.tokenizer_sample_mb)
+        texts = even_sample(splits["train"].text.tolist(), train_cfg.tokenizer_sample_mb)
         cache = tokenizer_cache(None if opts.data else corpus, train_cfg.tokenizer, model_cfg.vocab_size, texts)
         return load_or_train(train_cfg.tokenizer, texts, model_cfg.vocab_size, cache, progress=not opts.quiet)
 
@@ -511,7 +511,7 @@ class ClsTask(Task):
     def phase(self, name: str, model, data: ClsData, train_cfg: TrainConfig, opts: Options, device,
               resume: bool) -> Phase:
         return pretrain_phase(model, data.tokenizer, pretrain_texts(data.splits, train_cfg),
-                              list(data.splits["val"].text), data.cfg, train_cfg, opts, device, resume)
+                              data.splits["val"].text.tolist(), data.cfg, train_cfg, opts, device, resume)
 
     def baselines(self, opts: Options, train_cfg: TrainConfig) -> dict:
         """The linear baseline of --compare, on the same split."""
