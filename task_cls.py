@@ -366,7 +366,7 @@ def tfidf_model(train, max_texts: int = FIT_TEXTS):
     """TF-IDF over character 1-3-grams + LinearSVC, fit on a text/label frame (on every k-th row, about
     `max_texts` of them, past that: the wide part's sample): the linear baseline."""
     train = train.iloc[::sample_step(len(train), max_texts)]
-    return make_pipeline(TfidfVectorizer(**VECTORIZER), LinearSVC(C=SVC_C)).fit(train.text, train.label)
+    return make_pipeline(TfidfVectorizer(**VECTORIZER), LinearSVC(C=SVC_C, random_state=0)).fit(train.text, train.label)
 
 
 def tfidf_baseline(splits) -> dict:
@@ -435,7 +435,8 @@ class ClsData(TaskData):
 
     def describe(self) -> str:
         sizes = "/".join(str(len(self.encoded[s][0])) for s in ("train", "val", "test"))
-        return f"classes {self.names}; train/val/test {sizes}" + (f"; wide part: {self.wide_fit}" if self.wide_fit else "")
+        wide = f"; wide part: {self.wide_fit}" if self.wide_fit else ""
+        return f"classes {self.names}; train/val/test {sizes}{wide}"
 
     def extra(self) -> dict:
         return {"label_names": self.names, **({"wide_features": self.features.to_dict()} if self.features else {}),

@@ -228,7 +228,8 @@ def fit_linear(rows: SparseRows | TextRows, labels: list[int], n_features: int, 
 
     With `nb`, NBSVM: one class against the rest at a time, the SVM (C=NB_C) is fitted on the features times the
     class's naive-Bayes ratios r, and w·(x∘r) = (w∘r)·x puts r back into the weights: the same features, so
-    nothing else changes (checkpoint, ONNX, serving)."""
+    nothing else changes (checkpoint, ONNX, serving). liblinear's shuffling is seeded (random_state 0): the same
+    rows give the same weights whatever the process did before (numpy's global generator is not seeded per run)."""
     from sklearn.svm import LinearSVC
     y = np.asarray(labels)
     step = sample_step(len(y), max_texts)
@@ -239,12 +240,12 @@ def fit_linear(rows: SparseRows | TextRows, labels: list[int], n_features: int, 
         fitted = []
         for c in ([1] if num_classes == 2 else range(num_classes)):
             r = nb_ratios(X, y == c)
-            svc = LinearSVC(C=NB_C).fit(X.multiply(r).tocsr(), (y == c).astype(int))
+            svc = LinearSVC(C=NB_C, random_state=0).fit(X.multiply(r).tocsr(), (y == c).astype(int))
             fitted.append((svc.coef_[0] * r, svc.intercept_[0]))
         coef = np.stack([w for w, _ in fitted]).astype(np.float32)
         intercept = np.array([b for _, b in fitted], np.float32)
     else:
-        svc = LinearSVC(C=C).fit(X, y)
+        svc = LinearSVC(C=C, random_state=0).fit(X, y)
         coef, intercept = svc.coef_.astype(np.float32), svc.intercept_.astype(np.float32)
     if num_classes == 2:
         return np.stack([-coef[0] / 2, coef[0] / 2], 1), np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
