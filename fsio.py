@@ -6,8 +6,10 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import sys
 import tempfile
 
+import numpy as np
 import pandas as pd
 
 from errors import DataError
@@ -48,6 +50,26 @@ def atomic_write_text(text: str, path: str) -> None:
 def atomic_write_csv(df: pd.DataFrame, path: str, **to_csv) -> None:
     with atomic_write(path) as tmp:
         df.to_csv(tmp, index=False, **to_csv)
+
+
+def read_cache(path: str, *names: str) -> tuple | None:
+    """The arrays `names` of a cache file written by write_cache, or None when it is not there, is unreadable
+    or lacks one of them (the caller then makes them again)."""
+    try:
+        with np.load(path) as saved:
+            return tuple(saved[name] for name in names)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_cache(path: str, what: str, **arrays) -> None:
+    """Save arrays as an .npz cache file, atomically. A cache that cannot be written costs a later run the work
+    again, nothing else: one note, no error."""
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as e:
+        print(f"note: cannot save {what} to {path} ({e.strerror or e}); a later run makes it again", file=sys.stderr)
 
 
 def writable_dir(path: str, flag: str, shown: str | None = None) -> None:

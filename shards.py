@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import DATASET_DIR, FORMATS, SPLITS, Packed, not_utf8, table_chunks, texts_digest, windows
 from errors import DataError
-from fsio import atomic_write, atomic_write_text, exclusive
+from fsio import atomic_write, atomic_write_text, exclusive, read_cache, write_cache
 from tokenizer import tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -335,11 +335,9 @@ def packed(tokenizer, texts: list[str], size: int | None = None, workers: int | 
         return Packed.windows_of(tokenizer, texts, size)
     key = hashlib.sha256(f"{texts_digest(texts)} {tokenizer_digest(tokenizer)} {size}".encode()).hexdigest()
     path = os.path.join(DATASET_DIR, "prepared", f"{key[:32]}.npz")
-    try:
-        with np.load(path) as saved:
-            return Packed.of_arrays(saved["ids"], saved["offsets"])
-    except (OSError, ValueError, KeyError):  # none yet, or unreadable: encode again
-        pass
+    saved = read_cache(path, "ids", "offsets")
+    if saved:
+        return Packed.of_arrays(*saved)
     chunks = [texts[i:i + PACKED_CHUNK] for i in range(0, len(texts), PACKED_CHUNK)]
     with ProcessPoolExecutor(workers or os.cpu_count() or 1, initializer=_start_worker,
                              initargs=(tokenizer.to_dict(),)) as pool:
@@ -347,12 +345,7 @@ def packed(tokenizer, texts: list[str], size: int | None = None, workers: int | 
                          desc=f"encoding {len(texts):,} texts", disable=quiet, mininterval=1.0))
     ids = np.concatenate([i for i, _ in done])
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([n for _, n in done]))])
-    try:
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, ids=ids, offsets=offsets)
-    except OSError as e:  # a cache that cannot be written costs the next run the encoding, nothing else
-        print(f"note: cannot save the encoded texts to {path} ({e.strerror or e}); a later run encodes again",
-              file=sys.stderr)
+    write_cache(path, "the encoded texts", ids=ids, offsets=offsets)
     return Packed.of_arrays(ids, offsets)
 
 

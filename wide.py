@@ -14,14 +14,13 @@ together in CSR form (`SparseRows`), or, for a training split past FIT_TEXTS tex
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from itertools import repeat
 
 import numpy as np
 import torch
 
-from fsio import atomic_write
+from fsio import read_cache, write_cache
 
 WHITESPACE = re.compile(r"\s\s+")  # scikit-learn's char analyzer makes each run of 2+ whitespace one space
 
@@ -171,15 +170,12 @@ def fit_wide(texts: list[str], labels: list[int], num_classes: int, fit: str, va
     the validation split `val` (texts, labels) is kept, the plain SVM on a tie. With `cache` (a .npz path named
     by what the fit depends on), read from there when a run already fitted it, else fitted and saved there: the
     vocabulary counting and the linear fit are most of a big table's start."""
-    if cache:
-        try:
-            with np.load(cache) as saved:
-                features = TfidfFeatures(saved["vocab"].tolist(), saved["idf"], tuple(saved["ngram_range"]))
-                linear, used = (saved["weight"], saved["bias"]), str(saved["fit"])
-            rows = features.rows(texts) if len(texts) <= FIT_TEXTS else TextRows(features, texts)
-            return features, rows, linear, used
-        except (OSError, ValueError, KeyError):  # none yet, or unreadable: fit again
-            pass
+    saved = read_cache(cache, "vocab", "idf", "ngram_range", "weight", "bias", "fit") if cache else None
+    if saved:
+        vocab, idf, ngram_range, weight, bias, used = saved
+        features = TfidfFeatures(vocab.tolist(), idf, tuple(ngram_range))
+        rows = features.rows(texts) if len(texts) <= FIT_TEXTS else TextRows(features, texts)
+        return features, rows, (weight, bias), str(used)
     features, rows = TfidfFeatures.fit(texts)
     fits = {f: fit_linear(rows, labels, len(features), num_classes, nb=f == "nbsvm")
             for f in (("svm", "nbsvm") if fit == "auto" else (fit,))}
@@ -191,13 +187,8 @@ def fit_wide(texts: list[str], labels: list[int], num_classes: int, fit: str, va
         used = fit
     weight, bias = fits[used]
     if cache:
-        try:
-            with atomic_write(cache) as tmp, open(tmp, "wb") as f:
-                np.savez(f, vocab=np.array(features.vocab, dtype=str), idf=features.idf, weight=weight, bias=bias,
-                         ngram_range=np.array(features.ngram_range), fit=np.array(used))
-        except OSError as e:
-            print(f"note: cannot save the wide part to {cache} ({e.strerror or e}); a later run fits it again",
-                  file=sys.stderr)
+        write_cache(cache, "the wide part", vocab=np.array(features.vocab, dtype=str), idf=features.idf,
+                    weight=weight, bias=bias, ngram_range=np.array(features.ngram_range), fit=np.array(used))
     return features, rows, (weight, bias), used
 
 
