@@ -87,19 +87,20 @@ def is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_safetensors(path: str) -> dict:
+def read_safetensors(path: str, tensors: bool = True) -> dict:
+    """A safetensors checkpoint's dict; without `tensors`, its plain fields only (the weights are not read)."""
     with safe_open(path, framework="pt", device="cpu") as f:
         text = (f.metadata() or {}).get("checkpoint")
         if text is None:
             raise ValueError("no checkpoint metadata")
-        return join_tensors(json.loads(text), {k: f.get_tensor(k) for k in f.keys()})
+        plain_fields = json.loads(text)
+        return join_tensors(plain_fields, {k: f.get_tensor(k) for k in f.keys()}) if tensors else plain_fields
 
 
 def checkpoint_meta(path: str) -> dict:
-    """A checkpoint's plain fields without its tensors (cheap: the weights are not read)."""
+    """A checkpoint's plain fields without reading its weights."""
     if is_safetensors(path):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return json.loads((f.metadata() or {}).get("checkpoint", "{}"))
+        return read_safetensors(path, tensors=False)
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 

@@ -400,7 +400,7 @@ class Packed:
 
     def truncated(self, size: int) -> "Packed":
         """Each sequence cut to its first `size` ids."""
-        lengths = np.minimum(np.diff(self.offsets), size)
+        lengths = np.minimum(self.lengths(), size)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         # the kept ids' positions: each sequence's start, plus 0 .. its kept length - 1
         keep = np.repeat(self.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
